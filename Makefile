@@ -1,0 +1,34 @@
+# tuneloop: `make demo` runs the whole loop, `make test` the tests. Both set up first.
+SHELL := /bin/bash
+PY := .venv/bin/python
+export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
+# Keep model caches and temp files inside the project.
+export HF_HOME := $(CURDIR)/.tuneloop/cache/hf
+export HF_HUB_OFFLINE := 1
+export VLLM_CACHE_ROOT := $(CURDIR)/.tuneloop/cache/vllm
+
+.PHONY: setup proto test test-heavy drill demo bench lint-chart clean
+
+setup:
+	@scripts/setup.sh
+
+proto: setup
+	$(PY) scripts/gen_proto.py
+
+test: setup
+	$(PY) -m pytest -q
+
+test-heavy: setup
+	$(PY) -m pytest -q -m heavy
+
+drill: setup
+	$(PY) -m pytest -q -m heavy tests/test_drills.py
+
+demo: setup
+	.venv/bin/tuneloop demo
+
+bench: setup
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf .tuneloop/run .tuneloop/demo
