@@ -87,3 +87,7 @@ def demo() -> None:
     from tuneloop.demo import main
 
     main()
+
+
+if __name__ == "__main__":
+    app()

@@ -22,14 +22,20 @@ def retry_service_config(service: str, attempts: int = 4, timeout_s: float | Non
     return json.dumps({"methodConfig": [method]})
 
 
+def channel_options(service: str, attempts: int = 4, timeout_s: float | None = None) -> list[tuple[str, object]]:
+    return [
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", retry_service_config(service, attempts, timeout_s)),
+        ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+        ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ]
+
+
 def make_channel(target: str, service: str, attempts: int = 4, timeout_s: float | None = None) -> grpc.Channel:
     """An insecure channel to `target` (host:port) for the full service name `service`."""
-    return grpc.insecure_channel(
-        target,
-        options=[
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", retry_service_config(service, attempts, timeout_s)),
-            ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-            ("grpc.max_send_message_length", 16 * 1024 * 1024),
-        ],
-    )
+    return grpc.insecure_channel(target, options=channel_options(service, attempts, timeout_s))
+
+
+def make_aio_channel(target: str, service: str, attempts: int = 4, timeout_s: float | None = None) -> grpc.aio.Channel:
+    """The asyncio flavour of `make_channel`, for async servers such as the gateway."""
+    return grpc.aio.insecure_channel(target, options=channel_options(service, attempts, timeout_s))

@@ -1,0 +1,377 @@
+"""The HTTP face of tuneloop: OpenAI-compatible chat completions, A/B comparisons, feedback,
+API keys with tenancy and rate limits, health, metrics."""
+
+
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import grpc
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+
+from tuneloop.common.errors import field_of
+from tuneloop.common.grpc_client import make_aio_channel
+from tuneloop.gateway import convert
+from tuneloop.gateway.auth import ApiKey, KeyStore, RateLimiter, load_keys, retry_after_header
+from tuneloop.gateway.schemas import ChatCompletionRequest, ComparisonRequest, FeedbackBatch, FeedbackIn
+from tuneloop.gateway.settings import GatewaySettings
+from tuneloop.v1 import feedback_pb2, feedback_pb2_grpc, generation_pb2, generation_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+REQUESTS = Counter("tuneloop_gateway_requests_total", "HTTP requests.", ["route", "status"])
+LATENCY = Histogram(
+    "tuneloop_gateway_request_duration_seconds", "HTTP request latency.", ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+
+# gRPC status → (HTTP status, OpenAI error type).
+GRPC_TO_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (422, "invalid_request_error"),
+    grpc.StatusCode.OUT_OF_RANGE: (422, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (422, "invalid_request_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    # OpenAI's error shape, so its clients raise their own exception types.
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def from_rpc(err: grpc.RpcError) -> ApiError:
+    status, type_ = GRPC_TO_HTTP.get(err.code(), (502, "upstream_error"))
+    field = field_of(err) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
+    return ApiError(status, err.details() or err.code().name, type_, field)
+
+
+class TenancyIndex:
+    """Which tenant each completion served through this gateway belongs to (bounded LRU).
+
+    Ids unknown here (served by another replica, or evicted) pass through: the preference
+    store checks tenancy durably against the completion log and dead-letters a mismatch.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, str] = OrderedDict()
+
+    def add(self, completion_id: str, tenant: str) -> None:
+        if self.size == 0:
+            return
+        self._ids[completion_id] = tenant
+        self._ids.move_to_end(completion_id)
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+
+    def foreign(self, completion_id: str, tenant: str) -> bool:
+        owner = self._ids.get(completion_id)
+        return owner is not None and owner != tenant
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for bodies over the limit, whether or not they declare a length."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = declared is not None and declared.isdigit() and int(declared) > self.max_bytes
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise _TooLarge()
+            return message
+
+        if not too_big:
+            try:
+                return await self.app(scope, counted, send)
+            except _TooLarge:
+                pass
+        body = json.dumps(error_body(f"request body over {self.max_bytes} bytes", "invalid_request_error")).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: GatewaySettings) -> FastAPI:
+    if settings.api_keys_file is None:
+        raise ValueError("api_keys_file (TUNELOOP_GATEWAY_API_KEYS_FILE) is required: the gateway never runs open")
+    keys = KeyStore(load_keys(settings.api_keys_file))
+    limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    tenancy = TenancyIndex(settings.tenancy_cache_size)
+    channels: dict[str, grpc.aio.Channel] = {}
+
+    app = FastAPI(
+        title="tuneloop gateway",
+        version="1",
+        description="OpenAI-compatible chat completions that feed a preference loop.",
+    )
+    app.state.settings = settings
+
+    def stub(kind: str):
+        # Channels are created lazily inside the server's event loop (grpc.aio needs it).
+        if kind not in channels:
+            target, service = {
+                "generation": (settings.generation_target, "tuneloop.v1.Generation"),
+                "feedback": (settings.feedback_target, "tuneloop.v1.Feedback"),
+            }[kind]
+            channels[kind] = make_aio_channel(target, service)
+        ch = channels[kind]
+        return generation_pb2_grpc.GenerationStub(ch) if kind == "generation" else feedback_pb2_grpc.FeedbackStub(ch)
+
+    @app.on_event("shutdown")
+    async def _close() -> None:
+        for ch in channels.values():
+            await ch.close()
+
+    @app.middleware("http")
+    async def _metrics(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        LATENCY.labels(path).observe(time.perf_counter() - start)
+        REQUESTS.labels(path, str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, err.type, err.param), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first["loc"] if p not in ("body",)]
+        param = ".".join(loc) or None
+        return JSONResponse(
+            error_body(f"{param or 'body'}: {first['msg']}", "invalid_request_error", param), status_code=422
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        # Never a stack trace in a response; the log has it.
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal error", "server_error"), status_code=500)
+
+    def authed(role: str):
+        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+            token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
+            key = keys.lookup(token)
+            if key is None:
+                raise ApiError(401, "missing or invalid API key", "authentication_error")
+            if role not in key.roles and "lead" not in key.roles:
+                raise ApiError(403, f"this key lacks the '{role}' role", "permission_error")
+            wait = limiter.acquire(key.sha256)
+            if wait > 0:
+                raise ApiError(429, "rate limit exceeded", "rate_limit_error",
+                               headers={"Retry-After": retry_after_header(wait)})
+            return key
+
+        return check
+
+    def deadline() -> float:
+        return settings.request_timeout_s
+
+    @app.post("/v1/chat/completions", tags=["completions"])
+    async def chat_completions(
+        body: ChatCompletionRequest,
+        key: Annotated[ApiKey, Depends(authed("app"))],
+        x_tuneloop_conversation_id: Annotated[str | None, Header(max_length=128)] = None,
+    ):
+        req = generation_pb2.GenerateRequest(
+            prompt=convert.prompt_of(body.messages),
+            sampling=convert.sampling_of(body, n=body.n, logprobs=body.logprobs),
+            model=convert.model_ref(body.model),
+            tenant=key.tenant,
+            conversation_id=x_tuneloop_conversation_id or "",
+        )
+        created = int(time.time())
+        gen = stub("generation")
+        if not body.stream:
+            try:
+                resp = await gen.Generate(req, timeout=deadline())
+            except grpc.RpcError as err:
+                raise from_rpc(err) from None
+            for c in resp.completions:
+                tenancy.add(c.completion_id, key.tenant)
+            return convert.chat_completion_json(resp, created)
+
+        call = gen.GenerateStream(req, timeout=deadline())
+        try:
+            # Wait for the first chunk so a bad request still gets a proper HTTP status.
+            first = await call.read()
+        except grpc.RpcError as err:
+            raise from_rpc(err) from None
+
+        async def events() -> AsyncIterator[bytes]:
+            chunk = first
+            try:
+                while chunk is not grpc.aio.EOF:
+                    tenancy.add(chunk.completion_id, key.tenant)
+                    yield f"data: {json.dumps(convert.chunk_json(chunk, created))}\n\n".encode()
+                    chunk = await call.read()
+            except grpc.RpcError as err:
+                api = from_rpc(err)
+                yield f"data: {json.dumps(error_body(api.message, api.type, api.param))}\n\n".encode()
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/comparisons", tags=["completions"])
+    async def comparisons(body: ComparisonRequest, key: Annotated[ApiKey, Depends(authed("app"))]):
+        """Two candidates for one prompt, with both completion ids, for A/B choices."""
+        gen = stub("generation")
+        prompt = convert.prompt_of(body.messages)
+
+        def request(model: str, n: int) -> generation_pb2.GenerateRequest:
+            return generation_pb2.GenerateRequest(
+                prompt=prompt, sampling=convert.sampling_of(body, n=n), model=convert.model_ref(model),
+                tenant=key.tenant,
+            )
+
+        try:
+            if body.model_b is None:
+                resps = [await gen.Generate(request(body.model, 2), timeout=deadline())]
+            else:
+                resps = await asyncio.gather(
+                    gen.Generate(request(body.model, 1), timeout=deadline()),
+                    gen.Generate(request(body.model_b, 1), timeout=deadline()),
+                )
+        except grpc.RpcError as err:
+            raise from_rpc(err) from None
+        candidates = []
+        for resp in resps:
+            for c in resp.completions:
+                tenancy.add(c.completion_id, key.tenant)
+                candidates.append({"completion_id": c.completion_id, "model": convert.model_name(resp.model),
+                                   "content": c.text, "finish_reason": convert.FINISH.get(c.finish_reason, "stop")})
+        return {"object": "comparison", "created": int(time.time()), "candidates": candidates[:2]}
+
+    async def submit(items: list, key: ApiKey) -> list[dict]:
+        for item in items:
+            for cid in convert.completion_ids_of(item):
+                if tenancy.foreign(cid, key.tenant):
+                    raise ApiError(403, f"completion {cid} belongs to another tenant", "permission_error",
+                                   "completion_id")
+        batch = feedback_pb2.SubmitBatchRequest(events=[convert.feedback_event(i, key) for i in items])
+        try:
+            resp = await stub("feedback").SubmitBatch(batch, timeout=deadline())
+        except grpc.RpcError as err:
+            raise from_rpc(err) from None
+        names = {feedback_pb2.SUBMIT_STATUS_ACCEPTED: "accepted", feedback_pb2.SUBMIT_STATUS_DUPLICATE: "duplicate",
+                 feedback_pb2.SUBMIT_STATUS_REJECTED: "rejected"}
+        return [
+            {"event_id": r.event_id, "status": names.get(r.status, "rejected"),
+             "field": convert.PROTO_TO_JSON_FIELD.get(r.field, r.field) or None, "reason": r.reason or None}
+            for r in resp.results
+        ]
+
+    @app.post("/v1/feedback", tags=["feedback"])
+    async def feedback(body: FeedbackIn | FeedbackBatch, key: Annotated[ApiKey, Depends(authed("app"))]):
+        """One event, or {"events": [...]}. Each is accepted, a duplicate, or rejected with its field."""
+        items = body.events if isinstance(body, FeedbackBatch) else [body]
+        if len(items) > settings.max_feedback_batch:
+            raise ApiError(422, f"at most {settings.max_feedback_batch} events per request", "invalid_request_error",
+                           "events")
+        results = await submit(items, key)
+        if not isinstance(body, FeedbackBatch) and results[0]["status"] == "rejected":
+            r = results[0]
+            raise ApiError(422, f"{r['field']}: {r['reason']}", "invalid_request_error", r["field"])
+        return {"object": "feedback.result", "results": results}
+
+    @app.get("/v1/models", tags=["models"])
+    async def models(key: Annotated[ApiKey, Depends(authed("app"))]):
+        try:
+            resp = await stub("generation").ListModels(generation_pb2.ListModelsRequest(), timeout=10)
+        except grpc.RpcError as err:
+            raise from_rpc(err) from None
+        return {
+            "object": "list",
+            "data": [
+                {"id": convert.model_name(m.model), "object": "model", "owned_by": "tuneloop",
+                 "aliases": list(m.aliases), "engine": m.engine}
+                for m in resp.models
+            ],
+        }
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz():
+        async def check(kind: str) -> bool:
+            stub(kind)  # creates the channel on first use
+            h = health_pb2_grpc.HealthStub(channels[kind])
+            try:
+                r = await h.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                return r.status == health_pb2.HealthCheckResponse.SERVING
+            except grpc.RpcError:
+                return False
+
+        ready = {k: await check(k) for k in ("generation", "feedback")}
+        return JSONResponse({"ready": all(ready.values()), "backends": ready}, status_code=200 if all(ready.values()) else 503)
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def metrics():
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    try:
+        from tuneloop.gateway.workbench import mount as mount_workbench
+    except ModuleNotFoundError:
+        pass
+    else:
+        mount_workbench(app, keys, stub, settings)
+
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def main(port: int | None = None) -> None:
+    import uvicorn
+
+    from tuneloop.common.logs import configure_logging
+    from tuneloop.common.settings import SettingsError, load_settings
+
+    configure_logging("gateway")
+    try:
+        settings = load_settings(GatewaySettings, port=port)
+        app = create_app(settings)
+    except (SettingsError, ValueError) as err:
+        raise SystemExit(f"gateway: {err}") from None
+    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=20)

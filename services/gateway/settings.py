@@ -1,0 +1,31 @@
+"""Gateway settings (env prefix TUNELOOP_GATEWAY_)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_GATEWAY_")
+
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    generation_target: str = Field("127.0.0.1:50051", description="host:port of the Generation service.")
+    feedback_target: str = Field("127.0.0.1:50053", description="host:port of the Feedback service.")
+    api_keys_file: Path | None = Field(
+        None, description="YAML or JSON file of API keys (sha256 hashes, tenant, roles), e.g. from a Secret."
+    )
+    rate_limit_per_minute: float = Field(600, gt=0, description="Sustained requests per minute per API key.")
+    rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once before being limited.")
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
+    max_feedback_batch: int = Field(500, ge=1, description="Most feedback events in one request.")
+    request_timeout_s: float = Field(120, gt=0, description="Deadline of each call to a backend service.")
+    tenancy_cache_size: int = Field(
+        200_000, ge=0, description="Completion ids remembered with their tenant, for 403 on foreign feedback."
+    )
+    workbench_projects_dir: Path | None = Field(
+        None, description="Folder of annotation project files served by /workbench."
+    )
