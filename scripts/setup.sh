@@ -34,4 +34,13 @@ if [ ! -x .tools/bin/helm ] || ! .tools/bin/helm version --short 2>/dev/null | g
   mkdir -p .tools/bin
   GOBIN=$ROOT/.tools/bin go install "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
 fi
+# Debian's chromium for the workbench's browser tests (Playwright drives it; no browser download).
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+  else
+    echo "setup: chromium missing and not root: the workbench browser tests will be skipped" >&2
+  fi
+fi
 echo "setup: ok"

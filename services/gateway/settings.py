@@ -27,5 +27,8 @@ class GatewaySettings(BaseSettings):
         200_000, ge=0, description="Completion ids remembered with their tenant, for 403 on foreign feedback."
     )
     workbench_projects_dir: Path | None = Field(
-        None, description="Folder of annotation project files served by /workbench."
+        None, description="Folder of annotation project files (YAML) served by /workbench."
+    )
+    workbench_runs_dir: Path | None = Field(
+        None, description="Folder of retrain run directories, for the workbench's before/after review."
     )

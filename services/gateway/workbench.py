@@ -1,0 +1,287 @@
+"""The annotation workbench: labelling queues from project files, calibration rounds, anchor
+items mixed in unmarked, a calibration view for leads and a before/after review view.
+
+Judgements go through the Feedback service like any app feedback, so they land in the same
+Kafka topic and preference store; agreement figures come from the Feedback service's
+GetAgreement (the store's numbers), never recomputed here.
+"""
+
+import csv
+import io
+import json
+import random
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import grpc
+import yaml
+from fastapi import Depends, FastAPI, Header, Query
+from fastapi.responses import HTMLResponse, PlainTextResponse
+from google.protobuf.timestamp_pb2 import Timestamp
+from pydantic import BaseModel, Field
+
+from tuneloop.gateway.auth import ApiKey, KeyStore
+from tuneloop.v1 import feedback_pb2
+
+CHOICES = {"a": feedback_pb2.PAIRWISE_CHOICE_A, "b": feedback_pb2.PAIRWISE_CHOICE_B,
+           "tie": feedback_pb2.PAIRWISE_CHOICE_TIE, "both_bad": feedback_pb2.PAIRWISE_CHOICE_BOTH_BAD}
+
+
+class Response(BaseModel):
+    completion_id: str
+    text: str
+
+
+class Criterion(BaseModel):
+    name: str
+    description: str
+    borderline: str = ""
+
+
+class Item(BaseModel):
+    id: str
+    prompt: str
+    a: Response
+    b: Response
+    anchor: Literal["a", "b", "tie", "both_bad"] | None = Field(None, description="Known answer of an anchor item.")
+
+
+class Project(BaseModel):
+    """A labelling project file (YAML) in the workbench projects folder."""
+
+    project: str
+    tenant: str
+    overlap: int = Field(3, ge=1, description="Annotators per regular item.")
+    annotators: list[str] = Field(default_factory=list, description="Allowed annotator key names (empty: any).")
+    rubric: list[Criterion] = Field(min_length=1, max_length=5)
+    calibration: list[str] = Field(default_factory=list, description="Item ids every annotator judges first.")
+    items: list[Item]
+
+
+class Judgement(BaseModel):
+    item_id: str = Field(min_length=1, max_length=256)
+    choice: Literal["a", "b", "tie", "both_bad"]
+    marks: dict[str, float] = Field(default_factory=dict, description="Optional per-criterion marks, 1-5.")
+    comment: str = Field("", max_length=4096)
+
+
+@dataclass
+class ProjectState:
+    """Who judged what, persisted as JSON lines so a restart keeps every queue's progress."""
+
+    path: Path
+    judged: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))  # item → annotator → choice
+    times: list[tuple[float, str, str, str]] = field(default_factory=list)  # (t, annotator, item, choice)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def load(self) -> "ProjectState":
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip():
+                    r = json.loads(line)
+                    self._add(r["t"], r["annotator"], r["item"], r["choice"])
+        return self
+
+    def _add(self, t: float, annotator: str, item: str, choice: str) -> None:
+        self.judged[item][annotator] = choice
+        self.times.append((t, annotator, item, choice))
+
+    def record(self, annotator: str, item: str, choice: str) -> None:
+        with self.lock:
+            t = time.time()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"t": t, "annotator": annotator, "item": item, "choice": choice}) + "\n")
+            self._add(t, annotator, item, choice)
+
+
+class Workbench:
+    def __init__(self, projects_dir: Path) -> None:
+        self.dir = projects_dir
+        self.projects: dict[str, Project] = {}
+        for path in sorted(projects_dir.glob("*.y*ml")):
+            p = Project.model_validate(yaml.safe_load(path.read_text()))
+            self.projects[p.project] = p
+        self.states = {name: ProjectState(projects_dir / ".state" / f"{name}.jsonl").load() for name in self.projects}
+
+    def visible(self, key: ApiKey) -> list[Project]:
+        return [p for p in self.projects.values()
+                if p.tenant == key.tenant and (not p.annotators or key.name in p.annotators or "lead" in key.roles)]
+
+    def project(self, name: str, key: ApiKey) -> Project | None:
+        return next((p for p in self.visible(key) if p.project == name), None)
+
+    def queue(self, p: Project, annotator: str) -> list[Item]:
+        """What this annotator still has to judge, in order: the calibration round first, then
+        the regular items (anchors among them, unmarked) in an order shuffled per annotator."""
+        state = self.states[p.project]
+        by_id = {i.id: i for i in p.items}
+        todo = [by_id[i] for i in p.calibration if annotator not in state.judged.get(i, {})]
+        rest = [i for i in p.items if i.id not in p.calibration and annotator not in state.judged.get(i.id, {})]
+        random.Random(f"{p.project}/{annotator}").shuffle(rest)
+        for item in rest:
+            # Anchors go to everyone (they measure each annotator); regular items until overlap is met.
+            if item.anchor is not None or len(state.judged.get(item.id, {})) < p.overlap:
+                todo.append(item)
+        return todo
+
+    def progress(self, p: Project, annotator: str) -> dict:
+        todo = self.queue(p, annotator)
+        done = sum(1 for judges in self.states[p.project].judged.values() if annotator in judges)
+        return {"done": done, "remaining": len(todo), "calibration_remaining": sum(i.id in p.calibration for i in todo)}
+
+    def disagreements(self, p: Project, calibration_only: bool) -> list[dict]:
+        ids = set(p.calibration) if calibration_only else {i.id for i in p.items}
+        rows = []
+        for item_id, judges in self.states[p.project].judged.items():
+            if item_id in ids and len(judges) >= 2:
+                counts = Counter(judges.values())
+                rows.append({"item_id": item_id, "judges": len(judges), "votes": dict(counts),
+                             "agreement": max(counts.values()) / len(judges)})
+        return sorted(rows, key=lambda r: (r["agreement"], r["item_id"]))
+
+    def anchor_history(self, p: Project) -> dict[str, list[dict]]:
+        known = {i.id: i.anchor for i in p.items if i.anchor is not None}
+        history: dict[str, list[dict]] = defaultdict(list)
+        for t, annotator, item, choice in self.states[p.project].times:
+            if item in known:
+                history[annotator].append({"t": t, "item_id": item, "correct": choice == known[item]})
+        return history
+
+
+def _event(p: Project, item: Item, j: Judgement, key: ApiKey) -> feedback_pb2.FeedbackEvent:
+    ts = Timestamp()
+    ts.GetCurrentTime()
+    return feedback_pb2.FeedbackEvent(
+        event_id=uuid.uuid4().hex,
+        created_at=ts,
+        tenant=key.tenant,
+        source=feedback_pb2.FEEDBACK_SOURCE_ANNOTATOR,
+        annotator_id=key.name,
+        project=p.project,
+        pairwise=feedback_pb2.PairwiseJudgement(
+            completion_a_id=item.a.completion_id, completion_b_id=item.b.completion_id, choice=CHOICES[j.choice]
+        ),
+        criteria=[c.name for c in p.rubric],
+        marks=[feedback_pb2.CriterionMark(criterion=c, value=v) for c, v in j.marks.items()],
+        comment=j.comment,
+        calibration=item.id in p.calibration,
+        anchor=item.anchor is not None,
+        item_id=f"{p.project}/{item.id}",
+    )
+
+
+def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
+    """Adds /workbench (the page) and /workbench/api/* to the gateway, if projects are configured."""
+    if settings.workbench_projects_dir is None:
+        return
+    from tuneloop.gateway.app import ApiError, from_rpc  # the gateway's own error mapping
+
+    bench = Workbench(settings.workbench_projects_dir)
+    page = (Path(__file__).parent / "static" / "workbench.html").read_text()
+
+    def member(role: str):
+        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+            token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
+            key = keys.lookup(token)
+            if key is None:
+                raise ApiError(401, "missing or invalid API key", "authentication_error")
+            if role not in key.roles and "lead" not in key.roles:
+                raise ApiError(403, f"this key lacks the '{role}' role", "permission_error")
+            return key
+
+        return check
+
+    def project_or_404(name: str, key: ApiKey) -> Project:
+        p = bench.project(name, key)
+        if p is None:  # another tenant's project looks exactly like a missing one
+            raise ApiError(404, f"no project {name!r}", "not_found_error", "project")
+        return p
+
+    @app.get("/workbench", response_class=HTMLResponse, include_in_schema=False)
+    async def workbench_page() -> str:
+        return page
+
+    @app.get("/workbench/api/me", tags=["workbench"])
+    async def me(key: Annotated[ApiKey, Depends(member("annotator"))]):
+        return {"name": key.name, "tenant": key.tenant, "roles": sorted(key.roles),
+                "projects": [{"project": p.project, **bench.progress(p, key.name)} for p in bench.visible(key)]}
+
+    @app.get("/workbench/api/projects/{name}/next", tags=["workbench"])
+    async def next_item(name: str, key: Annotated[ApiKey, Depends(member("annotator"))]):
+        p = project_or_404(name, key)
+        todo = bench.queue(p, key.name)
+        item = todo[0] if todo else None
+        return {
+            "project": p.project,
+            "rubric": [c.model_dump() for c in p.rubric],
+            "progress": bench.progress(p, key.name),
+            "item": None if item is None else {
+                "id": item.id, "prompt": item.prompt, "a": item.a.text, "b": item.b.text,
+                "calibration": item.id in p.calibration,  # anchors stay unmarked
+            },
+        }
+
+    @app.post("/workbench/api/projects/{name}/judgements", tags=["workbench"])
+    async def judge(name: str, body: Judgement, key: Annotated[ApiKey, Depends(member("annotator"))]):
+        p = project_or_404(name, key)
+        item = next((i for i in p.items if i.id == body.item_id), None)
+        if item is None:
+            raise ApiError(422, f"item_id: no item {body.item_id!r} in {name}", "invalid_request_error", "item_id")
+        unknown = set(body.marks) - {c.name for c in p.rubric}
+        if unknown:
+            raise ApiError(422, f"marks: unknown criteria {sorted(unknown)}", "invalid_request_error", "marks")
+        try:
+            result = await stub("feedback").Submit(_event(p, item, body, key), timeout=30)
+        except grpc.RpcError as err:
+            raise from_rpc(err) from None
+        bench.states[p.project].record(key.name, item.id, body.choice)
+        return {"event_id": result.event_id, "progress": bench.progress(p, key.name)}
+
+    @app.get("/workbench/api/projects/{name}/calibration", tags=["workbench"])
+    async def calibration(name: str, key: Annotated[ApiKey, Depends(member("lead"))], calibration_only: bool = True):
+        p = project_or_404(name, key)
+        try:
+            report = await stub("feedback").GetAgreement(
+                feedback_pb2.AgreementRequest(project=p.project, calibration_only=calibration_only), timeout=30)
+        except grpc.RpcError as err:
+            raise from_rpc(err) from None
+        return {
+            "project": p.project,
+            "agreement": {"items": report.items, "judgements": report.judgements, "annotators": report.annotators,
+                          "percent_agreement": report.percent_agreement, "kappa": report.kappa,
+                          "kappa_method": report.kappa_method},
+            "annotators": [{"annotator_id": q.annotator_id, "anchors": q.anchors,
+                            "anchor_accuracy": q.anchor_accuracy, "recent_anchor_accuracy": q.recent_anchor_accuracy,
+                            "majority_agreement": q.majority_agreement} for q in report.annotators_quality],
+            "disagreements": bench.disagreements(p, calibration_only)[:20],
+            "anchor_history": bench.anchor_history(p),
+        }
+
+    @app.get("/workbench/api/projects/{name}/export.csv", tags=["workbench"], response_class=PlainTextResponse)
+    async def export(name: str, key: Annotated[ApiKey, Depends(member("lead"))]):
+        p = project_or_404(name, key)
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["item_id", "calibration", "annotator", "choice", "judged_at"])
+        for t, annotator, item, choice in bench.states[p.project].times:
+            w.writerow([item, item in p.calibration, annotator, choice,
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))])
+        return out.getvalue()
+
+    @app.get("/workbench/api/review", tags=["workbench"])
+    async def review(key: Annotated[ApiKey, Depends(member("lead"))], run: Annotated[str, Query(min_length=1, max_length=128)]):
+        """Before/after answers of a retrain run, from the run's report in the runs folder."""
+        runs = settings.workbench_runs_dir
+        if runs is None:
+            raise ApiError(404, "no runs folder configured", "not_found_error", "run")
+        path = (runs / run / "report.json").resolve()
+        if runs.resolve() not in path.parents or not path.exists():
+            raise ApiError(404, f"no report for run {run!r}", "not_found_error", "run")
+        report = json.loads(path.read_text())
+        return {"run": run, "verdict": report.get("verdict"), "samples": report.get("samples", [])}
