@@ -1,0 +1,239 @@
+"""The Feedback gRPC service: validates feedback events and writes them to Kafka.
+
+An event is acknowledged ACCEPTED only once the broker has it (idempotent producer,
+acks=all). A Kafka failure answers UNAVAILABLE for the whole call: the client retries with
+the same event ids, which is safe because accepted ids come back as DUPLICATE here and the
+preference store deduplicates by event id in any case.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+from kafka import KafkaProducer
+from kafka.errors import KafkaError
+from kafka.producer.future import FutureRecordMetadata
+from prometheus_client import Counter, Histogram
+
+from tuneloop.common.errors import FieldError, abort_invalid
+from tuneloop.common.grpc_server import GrpcServer
+from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer
+from tuneloop.common.logs import configure_logging
+from tuneloop.common.settings import SettingsError, load_settings
+from tuneloop.feedback.dedup import RecentIds, warm_from_topic
+from tuneloop.feedback.settings import FeedbackSettings
+from tuneloop.feedback.validation import Limits, field_label, fill_item_id, validate
+from tuneloop.v1 import feedback_pb2, feedback_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
+
+# Module level: tests run several servers in one process, and a metric registers once.
+EVENTS = Counter(
+    "tuneloop_feedback_events_total",
+    "Feedback events handled, by judgement kind and outcome (accepted, duplicate, rejected, unavailable).",
+    ["kind", "status"],
+)
+REJECTIONS = Counter(
+    "tuneloop_feedback_rejections_total",
+    "Rejected feedback events by offending field path (list indexes dropped).",
+    ["field"],
+)
+PRODUCE_SECONDS = Histogram(
+    "tuneloop_feedback_produce_duration_seconds",
+    "From handing a call's events to the producer until the broker acknowledged all of them.",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+
+_ACCEPTED = feedback_pb2.SUBMIT_STATUS_ACCEPTED
+_DUPLICATE = feedback_pb2.SUBMIT_STATUS_DUPLICATE
+_REJECTED = feedback_pb2.SUBMIT_STATUS_REJECTED
+
+
+def _kind(event: feedback_pb2.FeedbackEvent) -> str:
+    return event.WhichOneof("judgement") or "none"
+
+
+class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
+    def __init__(self, settings: FeedbackSettings, producer: KafkaProducer, recent: RecentIds) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.recent = recent
+        self.limits = Limits(
+            max_clock_skew_s=settings.max_clock_skew_s,
+            max_id_chars=settings.max_id_chars,
+            max_comment_chars=settings.max_comment_chars,
+            max_criteria=settings.max_criteria,
+            max_marks=settings.max_marks,
+            max_ranked=settings.max_ranked,
+        )
+
+    def Submit(self, request: feedback_pb2.FeedbackEvent, context: grpc.ServicerContext) -> feedback_pb2.SubmitResult:
+        (result,) = self._submit([request], context)
+        if result.status == _REJECTED:
+            abort_invalid(context, FieldError(result.field, result.reason))
+        return result
+
+    def SubmitBatch(
+        self, request: feedback_pb2.SubmitBatchRequest, context: grpc.ServicerContext
+    ) -> feedback_pb2.SubmitBatchResponse:
+        if not request.events:
+            abort_invalid(context, FieldError("events", "no events"))
+        if len(request.events) > self.settings.max_batch_events:
+            abort_invalid(context, FieldError("events", f"more than {self.settings.max_batch_events} events"))
+        return feedback_pb2.SubmitBatchResponse(results=self._submit(request.events, context))
+
+    def SubmitStream(
+        self, request_iterator: Iterator[feedback_pb2.FeedbackEvent], context: grpc.ServicerContext
+    ) -> feedback_pb2.SubmitBatchResponse:
+        # The whole stream is read before anything is produced, so a stream refused for its
+        # length leaves nothing behind in Kafka; the cap bounds the memory this takes.
+        events: list[feedback_pb2.FeedbackEvent] = []
+        for event in request_iterator:
+            if len(events) == self.settings.max_batch_events:
+                abort_invalid(context, FieldError("events", f"more than {self.settings.max_batch_events} events"))
+            events.append(event)
+        return feedback_pb2.SubmitBatchResponse(results=self._submit(events, context))
+
+    def GetAgreement(
+        self, request: feedback_pb2.AgreementRequest, context: grpc.ServicerContext
+    ) -> feedback_pb2.AgreementReport:
+        # Imported on first use: it brings the store's Parquet stack, which ingestion never needs.
+        from tuneloop.feedback import agreement
+
+        return agreement.report(self.settings.store_root, request.project, request.calibration_only)
+
+    def close(self) -> None:
+        """Deliver what the producer still holds (records of calls that timed out), then close it."""
+        try:
+            self.producer.close(timeout=self.settings.produce_timeout_s)
+        except KafkaError as err:
+            log.warning("producer closed with records undelivered", extra={"fields": {"error": str(err)}})
+
+    def _submit(
+        self, events: Sequence[feedback_pb2.FeedbackEvent], context: grpc.ServicerContext
+    ) -> list[feedback_pb2.SubmitResult]:
+        """Validate each event, produce the valid new ones, wait for every ack, answer in order."""
+        now = time.time()
+        results = [feedback_pb2.SubmitResult(event_id=event.event_id) for event in events]
+        sent: list[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]] = []
+        in_call: set[str] = set()
+        start = time.perf_counter()
+        for event, result in zip(events, results, strict=True):
+            kind = _kind(event)
+            try:
+                validate(event, now, self.limits)
+            except FieldError as err:
+                result.status, result.field, result.reason = _REJECTED, err.field, err.reason
+                EVENTS.labels(kind, "rejected").inc()
+                REJECTIONS.labels(field_label(err.field)).inc()
+                continue
+            if event.event_id in in_call or event.event_id in self.recent:
+                result.status = _DUPLICATE
+                EVENTS.labels(kind, "duplicate").inc()
+                continue
+            in_call.add(event.event_id)
+            try:
+                sent.append((result, kind, self._produce(event)))
+            except KafkaError as err:
+                self._abort_unavailable(context, sent, err)
+        self._await_acks(context, sent, start)
+        return results
+
+    def _produce(self, event: feedback_pb2.FeedbackEvent) -> FutureRecordMetadata:
+        stored = feedback_pb2.FeedbackEvent()
+        stored.CopyFrom(event)
+        fill_item_id(stored)
+        # Key = item id. Every judgement of one item (each annotator's, a corrected one, each
+        # calibration round's) then lands in one partition in the order it was accepted, so
+        # the store reads them in that order ("an annotator's latest judgement of an item"
+        # means the latest accepted). The event names completions, not their prompt, and the
+        # item id is the stable name of what is judged (by default the sorted completion ids,
+        # so A/B shown swapped is the same key); an item gets a handful of judgements, so no
+        # key grows hot enough to skew the partitions.
+        future = self.producer.send(self.settings.topic, key=stored.item_id.encode(), value=stored.SerializeToString())
+        # A record whose call already answered UNAVAILABLE may still land later; remembering
+        # it then turns the client's retry into DUPLICATE instead of a second copy.
+        future.add_callback(lambda _metadata, event_id=event.event_id: self.recent.add(event_id))
+        return future
+
+    def _await_acks(
+        self,
+        context: grpc.ServicerContext,
+        sent: list[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]],
+        start: float,
+    ) -> None:
+        if not sent:
+            return
+        deadline = time.monotonic() + self.settings.produce_timeout_s
+        for _result, _kind_name, future in sent:
+            try:
+                future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except KafkaError as err:
+                self._abort_unavailable(context, sent, err)
+        PRODUCE_SECONDS.observe(time.perf_counter() - start)
+        for result, kind, _future in sent:
+            # The callback adds too, but it may run after get() returns; a retry arriving in
+            # between must already see the id.
+            self.recent.add(result.event_id)
+            result.status = _ACCEPTED
+            EVENTS.labels(kind, "accepted").inc()
+
+    def _abort_unavailable(
+        self,
+        context: grpc.ServicerContext,
+        sent: Iterable[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]],
+        err: KafkaError,
+    ) -> None:
+        for _result, kind, future in sent:
+            EVENTS.labels(kind, "accepted" if future.succeeded() else "unavailable").inc()
+        log.warning("kafka did not acknowledge", extra={"fields": {"error": repr(err), "topic": self.settings.topic}})
+        context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            f"feedback not acknowledged by Kafka ({type(err).__name__}); retry with the same event ids",
+        )
+
+
+def build_server(settings: FeedbackSettings, kafka: KafkaSettings) -> GrpcServer:
+    """A Feedback server bound to its ports, connected to Kafka, not yet started."""
+    if settings.create_topic:
+        ensure_topics(kafka, [settings.topic])
+    producer = make_producer(kafka)
+    try:
+        # Fetch the topic's metadata now: a send then never blocks on it, even with the
+        # broker down, and a missing topic fails the start instead of the first call.
+        producer.partitions_for(settings.topic)
+        recent = RecentIds(settings.dedup_window_size, settings.dedup_ttl_s)
+        if settings.warm_dedup_records and settings.dedup_window_size:
+            loaded = warm_from_topic(recent, kafka, settings.topic, settings.warm_dedup_records)
+            log.info("dedup window warmed", extra={"fields": {"records": loaded, "ids": len(recent)}})
+        service = FeedbackService(settings, producer, recent)
+
+        def register(server: grpc.Server) -> list[str]:
+            feedback_pb2_grpc.add_FeedbackServicer_to_server(service, server)
+            return [SERVICE_NAME]
+
+        return GrpcServer(
+            "feedback", register, settings.port, settings.metrics_port,
+            host=settings.host, grace_seconds=settings.grace_seconds, on_stop=service.close,
+        )
+    except BaseException:
+        producer.close(timeout=0)
+        raise
+
+
+def main(port: int | None = None, metrics_port: int | None = None) -> None:
+    """`tuneloop serve feedback`: serve until SIGTERM, then drain calls and flush the producer."""
+    try:
+        settings = load_settings(FeedbackSettings, port=port, metrics_port=metrics_port)
+        kafka = load_settings(KafkaSettings)
+    except SettingsError as err:
+        print(err, file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging("feedback", settings.log_level)
+    build_server(settings, kafka).run_forever()
