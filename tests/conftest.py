@@ -1,0 +1,50 @@
+"""Shared fixtures: one real Kafka broker per test session, on free loopback ports."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from tuneloop.common.broker import LocalBroker, free_port, install
+from tuneloop.common.kafka import KafkaSettings
+
+__all__ = ["free_port"]
+
+
+@pytest.fixture(scope="session")
+def _session_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBroker]:
+    broker = LocalBroker(tmp_path_factory.mktemp("kafka"), home=install())
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_session_broker: LocalBroker) -> str:
+    """host:port of the session's broker (stable across restarts)."""
+    return _session_broker.bootstrap
+
+
+@pytest.fixture
+def kafka_broker(_session_broker: LocalBroker) -> Iterator[LocalBroker]:
+    """The session's broker itself, for drills that stop, crash or restart it."""
+    yield _session_broker
+    # A drill that failed half-way must not leave the broker down for the tests after it.
+    if not _session_broker.running:
+        _session_broker.start()
+
+
+@pytest.fixture
+def kafka_settings(kafka_bootstrap: str) -> KafkaSettings:
+    return KafkaSettings(bootstrap_servers=kafka_bootstrap)
+
+
+@pytest.fixture
+def unique_topic(request: pytest.FixtureRequest) -> str:
+    """A topic name no other test uses (not created: see ensure_topics)."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:180]
+    return f"test.{name}.{uuid.uuid4().hex[:8]}"
