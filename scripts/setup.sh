@@ -30,7 +30,8 @@ fi
 
 # helm, built from the Go module proxy.
 HELM_VERSION=v4.3.1
-if [ ! -x .tools/bin/helm ] || ! .tools/bin/helm version --short 2>/dev/null | grep -q "${HELM_VERSION}"; then
+# `helm version` prints no patch number for a `go install` build; the module version does.
+if [ ! -x .tools/bin/helm ] || ! go version -m .tools/bin/helm | grep -q "helm.sh/helm/v4[[:space:]]*${HELM_VERSION}"; then
   mkdir -p .tools/bin
   GOBIN=$ROOT/.tools/bin go install "helm.sh/helm/v4/cmd/helm@${HELM_VERSION}"
 fi

@@ -1,0 +1,131 @@
+{{/* Names, labels and the pieces every pod shares. */}}
+
+{{- define "tuneloop.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tuneloop.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Object name of one component, e.g. "tuneloop-generation". Args: (dict "root" $ "name" "generation") */}}
+{{- define "tuneloop.componentName" -}}
+{{- printf "%s-%s" (include "tuneloop.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "tuneloop.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selects every pod of this release; NetworkPolicies use it to mean "inside tuneloop". */}}
+{{- define "tuneloop.instanceSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "tuneloop.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Args: (dict "root" $ "name" "generation") */}}
+{{- define "tuneloop.selectorLabels" -}}
+{{ include "tuneloop.instanceSelectorLabels" .root }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+
+{{/* Args: (dict "root" $ "name" "generation"); name may be empty for release-wide objects. */}}
+{{- define "tuneloop.labels" -}}
+helm.sh/chart: {{ include "tuneloop.chart" .root }}
+{{ include "tuneloop.instanceSelectorLabels" .root }}
+{{- if .name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: tuneloop
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Image of a component: its own image block, falling back field by field to .Values.image.
+Args: (dict "root" $ "image" .Values.generation.image) */}}
+{{- define "tuneloop.image" -}}
+{{- $g := .root.Values.image }}
+{{- $c := .image | default dict }}
+{{- $repo := $c.repository | default $g.repository }}
+{{- $digest := $c.digest | default $g.digest }}
+{{- if $digest }}
+{{- printf "%s@%s" $repo $digest }}
+{{- else }}
+{{- printf "%s:%s" $repo ($c.tag | default $g.tag | default .root.Chart.AppVersion) }}
+{{- end }}
+{{- end }}
+
+{{- define "tuneloop.imagePullPolicy" -}}
+{{- $c := .image | default dict }}
+{{- $c.pullPolicy | default .root.Values.image.pullPolicy }}
+{{- end }}
+
+{{- define "tuneloop.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "tuneloop.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tuneloop.trainerServiceAccountName" -}}
+{{- if .Values.trainer.serviceAccount.create }}
+{{- default (include "tuneloop.componentName" (dict "root" . "name" "trainer")) .Values.trainer.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.trainer.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "tuneloop.apiKeysSecretName" -}}
+{{- .Values.gateway.apiKeys.existingSecret | default (include "tuneloop.componentName" (dict "root" . "name" "api-keys")) }}
+{{- end }}
+
+{{- define "tuneloop.registryClaimName" -}}
+{{- .Values.persistence.registry.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "registry")) }}
+{{- end }}
+
+{{- define "tuneloop.storeClaimName" -}}
+{{- .Values.persistence.store.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "preferences")) }}
+{{- end }}
+
+{{/* gRPC target of a service inside the cluster, e.g. "tuneloop-generation:50051".
+Args: (dict "root" $ "name" "generation") */}}
+{{- define "tuneloop.grpcTarget" -}}
+{{- printf "%s:%v" (include "tuneloop.componentName" .) (index .root.Values .name).port }}
+{{- end }}
+
+{{/* Env every container gets: Kafka, a writable HOME and caches (the root filesystem is
+read-only), then the release-wide extraEnv. */}}
+{{- define "tuneloop.commonEnv" -}}
+- name: TUNELOOP_KAFKA_BOOTSTRAP_SERVERS
+  value: {{ .Values.kafka.bootstrapServers | quote }}
+- name: HOME
+  value: /tmp
+- name: XDG_CACHE_HOME
+  value: /tmp/.cache
+- name: HF_HOME
+  value: /tmp/.cache/huggingface
+- name: PYTHONDONTWRITEBYTECODE
+  value: "1"
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "tuneloop.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmp.sizeLimit }}
+{{- end }}

@@ -1,0 +1,121 @@
+{{/* The retrain Job spec, shared by the CronJob's jobTemplate and the one-off Job. */}}
+{{- define "tuneloop.trainer.jobSpec" -}}
+{{- $t := .Values.trainer }}
+{{- $ctx := dict "root" . "name" "trainer" }}
+{{- $shm := and $t.shmSize (ne (toString $t.shmSize) "0") -}}
+backoffLimit: {{ $t.backoffLimit }}
+activeDeadlineSeconds: {{ $t.activeDeadlineSeconds }}
+ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
+# A preempted or drained GPU node is not the run's fault: retry without spending the backoff.
+podFailurePolicy:
+  rules:
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+template:
+  metadata:
+    labels:
+      {{- include "tuneloop.selectorLabels" $ctx | nindent 6 }}
+      {{- with $t.podLabels }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    annotations:
+      checksum/config: {{ include (print .Template.BasePath "/trainer/configmap.yaml") . | sha256sum }}
+      {{- with $t.podAnnotations }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+  spec:
+    restartPolicy: Never
+    serviceAccountName: {{ include "tuneloop.trainerServiceAccountName" . }}
+    # The token is only needed to record the promoted version on the run's own Job.
+    automountServiceAccountToken: {{ $t.rbac.create }}
+    {{- with .Values.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    securityContext:
+      {{- toYaml .Values.podSecurityContext | nindent 6 }}
+    {{- with $t.priorityClassName }}
+    priorityClassName: {{ . }}
+    {{- end }}
+    {{- with $t.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $t.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with $t.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: trainer
+        image: {{ include "tuneloop.image" (dict "root" . "image" $t.image) | quote }}
+        imagePullPolicy: {{ include "tuneloop.imagePullPolicy" (dict "root" . "image" $t.image) }}
+        args:
+          - train
+          - retrain
+          - --config
+          - /etc/tuneloop/retrain.yaml
+          {{- range $t.extraArgs }}
+          - {{ . | quote }}
+          {{- end }}
+        env:
+          {{- include "tuneloop.commonEnv" . | nindent 10 }}
+          - name: TUNELOOP_REGISTRY_ROOT
+            value: {{ .Values.persistence.registry.mountPath | quote }}
+          - name: TUNELOOP_STORE_ROOT
+            value: {{ .Values.persistence.store.mountPath | quote }}
+          # Where the run records its promoted version (annotation tuneloop.dev/promoted-version).
+          - name: TUNELOOP_TRAINER_JOB_NAME
+            valueFrom:
+              fieldRef:
+                fieldPath: metadata.labels['batch.kubernetes.io/job-name']
+          - name: TUNELOOP_TRAINER_JOB_NAMESPACE
+            valueFrom:
+              fieldRef:
+                fieldPath: metadata.namespace
+          {{- with $t.extraEnv }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+        resources:
+          {{- toYaml $t.resources | nindent 10 }}
+        securityContext:
+          {{- toYaml .Values.securityContext | nindent 10 }}
+        volumeMounts:
+          - name: tmp
+            mountPath: /tmp
+          {{- if $shm }}
+          - name: dshm
+            mountPath: /dev/shm
+          {{- end }}
+          - name: config
+            mountPath: /etc/tuneloop
+            readOnly: true
+          - name: registry
+            mountPath: {{ .Values.persistence.registry.mountPath }}
+          - name: store
+            mountPath: {{ .Values.persistence.store.mountPath }}
+            readOnly: true
+    volumes:
+      {{- include "tuneloop.tmpVolume" . | nindent 6 }}
+      {{- if $shm }}
+      - name: dshm
+        emptyDir:
+          medium: Memory
+          sizeLimit: {{ $t.shmSize }}
+      {{- end }}
+      - name: config
+        configMap:
+          name: {{ include "tuneloop.componentName" $ctx }}
+      - name: registry
+        persistentVolumeClaim:
+          claimName: {{ include "tuneloop.registryClaimName" . }}
+      - name: store
+        persistentVolumeClaim:
+          claimName: {{ include "tuneloop.storeClaimName" . }}
+          readOnly: true
+{{- end }}
