@@ -62,6 +62,18 @@ class Project(BaseModel):
     calibration: list[str] = Field(default_factory=list, description="Item ids every annotator judges first.")
     items: list[Item]
 
+    def item_id(self, item: Item) -> str:
+        """The item id judgements carry (project-qualified: agreement is measured per item)."""
+        return f"{self.project}/{item.id}"
+
+    def anchor_answers(self) -> dict[str, str]:
+        """Known anchor answers as the preference store's anchors.json spells them: the
+        preferred completion id, or "tie" / "both_bad"."""
+        return {
+            self.item_id(i): {"a": i.a.completion_id, "b": i.b.completion_id}.get(i.anchor, i.anchor)
+            for i in self.items if i.anchor is not None
+        }
+
 
 class Judgement(BaseModel):
     item_id: str = Field(min_length=1, max_length=256)
@@ -172,7 +184,7 @@ def _event(p: Project, item: Item, j: Judgement, key: ApiKey) -> feedback_pb2.Fe
         comment=j.comment,
         calibration=item.id in p.calibration,
         anchor=item.anchor is not None,
-        item_id=f"{p.project}/{item.id}",
+        item_id=p.item_id(item),
     )
 
 
