@@ -1,0 +1,728 @@
+"""The preference store against a real broker: joins for every judgement kind, waiting and
+dead-lettering, exactly once across kill -9, snapshots, the TRL export, and the pair rules."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client import REGISTRY
+from typer.testing import CliRunner
+
+from tuneloop.common.kafka import KafkaSettings, make_producer
+from tuneloop.common.processes import ServiceProcess
+from tuneloop.feedback import agreement
+from tuneloop.feedback.pairs import PairRules, Rating, pairwise_pairs, ranking_pairs, rating_pairs
+from tuneloop.feedback.report import cli
+from tuneloop.feedback.snapshot import (
+    current_snapshot,
+    load_judgements,
+    load_rows,
+    parse_snapshot,
+    snapshot_id,
+    to_trl_dataset,
+)
+from tuneloop.feedback.store import PreferenceStore, StoreSettings
+from tuneloop.v1 import completion_pb2, dead_letter_pb2, feedback_pb2
+
+A, B, TIE, BOTH_BAD = (
+    feedback_pb2.PAIRWISE_CHOICE_A,
+    feedback_pb2.PAIRWISE_CHOICE_B,
+    feedback_pb2.PAIRWISE_CHOICE_TIE,
+    feedback_pb2.PAIRWISE_CHOICE_BOTH_BAD,
+)
+REASONS = ("unparseable", "invalid", "unknown_completion", "tenant_mismatch", "different_prompts")
+QUESTION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
+
+
+# --- builders ---
+
+
+def completion(
+    cid: str,
+    text: str,
+    *,
+    question: list[dict] = QUESTION,
+    tenant: str = "acme",
+    request_id: str = "req-1",
+    version: str = "v0001",
+    raw: str | None = None,
+) -> completion_pb2.CompletionRecord:
+    prompt = (
+        completion_pb2.Prompt(raw=raw)
+        if raw is not None
+        else completion_pb2.Prompt(
+            chat=completion_pb2.Conversation(messages=[completion_pb2.ChatMessage(**m) for m in question])
+        )
+    )
+    record = completion_pb2.CompletionRecord(
+        completion_id=cid,
+        request_id=request_id,
+        conversation_id=request_id,
+        tenant=tenant,
+        prompt=prompt,
+        rendered_prompt=f"<rendered {request_id}>",
+        completion=completion_pb2.Completion(completion_id=cid, text=text),
+        model=completion_pb2.ModelVersion(name="policy", version=version),
+    )
+    record.created_at.GetCurrentTime()
+    return record
+
+
+def event(
+    *,
+    pairwise: tuple[str, str, int] | None = None,
+    score: tuple[str, float] | None = None,
+    thumb: tuple[str, bool] | None = None,
+    ranking: list[str] | None = None,
+    event_id: str | None = None,
+    annotator: str = "ann-1",
+    tenant: str = "acme",
+    source: int = feedback_pb2.FEEDBACK_SOURCE_ANNOTATOR,
+    **extra: object,
+) -> feedback_pb2.FeedbackEvent:
+    ev = feedback_pb2.FeedbackEvent(
+        event_id=uuid.uuid4().hex if event_id is None else event_id,
+        tenant=tenant,
+        source=source,
+        annotator_id=annotator,
+        **extra,
+    )
+    ev.created_at.GetCurrentTime()
+    if pairwise:
+        ev.pairwise.CopyFrom(
+            feedback_pb2.PairwiseJudgement(completion_a_id=pairwise[0], completion_b_id=pairwise[1], choice=pairwise[2])
+        )
+    if score:
+        ev.rating.CopyFrom(feedback_pb2.RatingJudgement(completion_id=score[0], score=score[1]))
+    if thumb:
+        ev.rating.CopyFrom(feedback_pb2.RatingJudgement(completion_id=thumb[0], thumbs_up=thumb[1]))
+    if ranking:
+        ev.ranking.completion_ids.extend(ranking)
+    return ev
+
+
+def cid() -> str:
+    return "cmpl-" + uuid.uuid4().hex
+
+
+# --- fixtures and helpers ---
+
+
+@pytest.fixture
+def store_settings(tmp_path: Path) -> StoreSettings:
+    tag = uuid.uuid4().hex[:8]
+    return StoreSettings(
+        root=tmp_path / "store",
+        feedback_topic=f"test.feedback.{tag}",
+        completions_topic=f"test.completions.{tag}",
+        dlq_topic=f"test.dlq.{tag}",
+        group_id=f"test-store-{tag}",
+        batch_linger_s=0.1,
+        end_user_weight=0.5,
+    )
+
+
+@pytest.fixture
+def store(store_settings: StoreSettings, kafka_settings: KafkaSettings) -> Iterator[PreferenceStore]:
+    with PreferenceStore(store_settings, kafka_settings) as s:
+        yield s
+
+
+class Sender:
+    """Produces protobufs (or raw bytes) to the store's topics and waits for the acks."""
+
+    def __init__(self, kafka: KafkaSettings, settings: StoreSettings) -> None:
+        self.producer = make_producer(kafka)
+        self.settings = settings
+
+    def completions(self, *records: completion_pb2.CompletionRecord) -> None:
+        for r in records:
+            self.producer.send(
+                self.settings.completions_topic, key=r.conversation_id.encode(), value=r.SerializeToString()
+            )
+        self.producer.flush()
+
+    def feedback(self, *events: feedback_pb2.FeedbackEvent | bytes) -> None:
+        for e in events:
+            value = e if isinstance(e, bytes) else e.SerializeToString()
+            key = b"garbage" if isinstance(e, bytes) else (e.item_id or e.event_id).encode()
+            self.producer.send(self.settings.feedback_topic, key=key, value=value)
+        self.producer.flush()
+
+
+@pytest.fixture
+def send(kafka_settings: KafkaSettings, store_settings: StoreSettings) -> Iterator[Sender]:
+    sender = Sender(kafka_settings, store_settings)
+    yield sender
+    sender.producer.close()
+
+
+def drive(store: PreferenceStore, until: Callable[[], bool], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not until():
+        assert time.monotonic() < deadline, "store did not get there in time"
+        store.step()
+
+
+def rows_of(store: PreferenceStore) -> pd.DataFrame:
+    return load_rows(store.root)
+
+
+def dead_letters(
+    kafka: KafkaSettings, topic: str, count: int, timeout_s: float = 30.0
+) -> list[dead_letter_pb2.DeadLetter]:
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
+    try:
+        parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: list[dead_letter_pb2.DeadLetter] = []
+        deadline = time.monotonic() + timeout_s
+        while len(out) < count and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                out.extend(dead_letter_pb2.DeadLetter.FromString(r.value) for r in records)
+        return out
+    finally:
+        consumer.close()
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# --- pair rules (pure) ---
+
+
+def _rating(
+    eid: str,
+    completion_id: str,
+    value: float,
+    *,
+    kind: str = "score",
+    annotator: str = "a",
+    request: str = "r1",
+    prompt: str = "p1",
+    scale: tuple[float, float] = (1, 5),
+) -> Rating:
+    return Rating(eid, completion_id, "t", annotator, request, prompt, kind, value, *scale)  # type: ignore[arg-type]
+
+
+def test_pairwise_rule_keeps_order_ties_and_both_bad() -> None:
+    assert [(p.chosen_id, p.rejected_id, p.label) for p in pairwise_pairs(A, "x", "y")] == [("x", "y", "preference")]
+    assert [(p.chosen_id, p.rejected_id, p.label) for p in pairwise_pairs(B, "x", "y")] == [("y", "x", "preference")]
+    assert [p.label for p in pairwise_pairs(TIE, "x", "y")] == ["tie"]
+    assert [p.label for p in pairwise_pairs(BOTH_BAD, "x", "y")] == ["both_bad"]
+    with pytest.raises(ValueError):
+        pairwise_pairs(feedback_pb2.PAIRWISE_CHOICE_UNSPECIFIED, "x", "y")
+
+
+def test_ranking_rules_all_pairs_or_adjacent() -> None:
+    ranked = ["c1", "c2", "c3", "c4"]
+    every = ranking_pairs(ranked, PairRules(ranking="all"))
+    assert [(p.chosen_id, p.rejected_id) for p in every] == [
+        ("c1", "c2"),
+        ("c1", "c3"),
+        ("c1", "c4"),
+        ("c2", "c3"),
+        ("c2", "c4"),
+        ("c3", "c4"),
+    ]
+    assert {p.rule for p in every} == {"ranking_all"}
+    adjacent = ranking_pairs(ranked, PairRules(ranking="adjacent"))
+    assert [(p.chosen_id, p.rejected_id, p.rule) for p in adjacent] == [
+        ("c1", "c2", "ranking_adjacent"),
+        ("c2", "c3", "ranking_adjacent"),
+        ("c3", "c4", "ranking_adjacent"),
+    ]
+
+
+def test_rating_rule_margin_scale_scope_and_annotator() -> None:
+    rules = PairRules(rating_margin=1.0)
+    new = _rating("e9", "c9", 4.0)
+    earlier = [
+        _rating("e1", "c1", 2.0),  # gap 2: pair, new is better
+        _rating("e2", "c2", 5.0),  # gap 1 == margin: pair, old is better
+        _rating("e3", "c3", 3.5),  # gap 0.5 < margin: no pair
+        _rating("e4", "c4", 1.0, scale=(0, 10)),  # another scale: not comparable
+        _rating("e5", "c5", 1.0, annotator="b"),  # another annotator
+        _rating("e6", "c6", 1.0, prompt="p2", request="r2"),  # another prompt
+        _rating("e7", "c9", 1.0),  # the same completion
+        _rating("e8", "c8", 1.0, request="r2"),  # same prompt, another request
+    ]
+    made = {(p.chosen_id, p.rejected_id, p.other_event_id) for p in rating_pairs(new, earlier, rules)}
+    assert made == {("c9", "c1", "e1"), ("c2", "c9", "e2"), ("c9", "c8", "e8")}
+    by_request = rating_pairs(new, earlier, PairRules(rating_scope="request"))
+    assert {(p.chosen_id, p.rejected_id) for p in by_request} == {("c9", "c1"), ("c2", "c9")}
+    any_annotator = rating_pairs(new, earlier, PairRules(rating_same_annotator=False))
+    assert ("c9", "c5") in {(p.chosen_id, p.rejected_id) for p in any_annotator}
+    assert rating_pairs(new, earlier, PairRules(rating_pairs=False)) == []
+    assert {p.rule for p in rating_pairs(new, earlier, rules)} == {"rating_margin"}
+
+
+def test_thumbs_rule_pairs_up_with_down_only() -> None:
+    rules = PairRules()
+    up = _rating("e1", "c1", 1.0, kind="thumb")
+    others = [_rating("e2", "c2", 0.0, kind="thumb"), _rating("e3", "c3", 1.0, kind="thumb"), _rating("e4", "c4", 1.0)]
+    assert [(p.chosen_id, p.rejected_id, p.rule) for p in rating_pairs(up, others, rules)] == [("c1", "c2", "thumbs")]
+    down = _rating("e5", "c5", 0.0, kind="thumb")
+    assert [(p.chosen_id, p.rejected_id) for p in rating_pairs(down, [up], rules)] == [("c1", "c5")]
+    assert rating_pairs(down, [up], PairRules(thumbs_pairs=False)) == []
+
+
+# --- joins ---
+
+
+def test_every_kind_becomes_rows_and_judgements(store: PreferenceStore, send: Sender) -> None:
+    c = [cid() for _ in range(4)]
+    send.completions(*(completion(c[i], f"answer {i}", version=f"v000{i}") for i in range(4)))
+    before = {label: metric("tuneloop_store_rows_total", label=label) for label in ("preference", "tie", "both_bad")}
+    events = {
+        "a": event(pairwise=(c[0], c[1], A), criteria=["helpfulness"], calibration=True, project="q1"),
+        "b": event(pairwise=(c[0], c[1], B), anchor=True),
+        "tie": event(pairwise=(c[2], c[3], TIE)),
+        "both_bad": event(pairwise=(c[2], c[3], BOTH_BAD)),
+        "ranking": event(ranking=[c[2], c[0], c[1]]),
+        "r0": event(score=(c[0], 5.0)),
+        "r1": event(score=(c[1], 2.0)),
+        "r2": event(score=(c[2], 4.5)),
+        "up": event(thumb=(c[0], True), annotator="user-7", source=feedback_pb2.FEEDBACK_SOURCE_END_USER),
+        "down": event(thumb=(c[3], False), annotator="user-7", source=feedback_pb2.FEEDBACK_SOURCE_END_USER),
+    }
+    send.feedback(*events.values())
+    ids = {name: e.event_id for name, e in events.items()}
+    drive(store, lambda: len(load_judgements(store.root)) == len(events))
+    rows = rows_of(store)
+    by_event = {name: rows[rows["event_id"] == eid] for name, eid in ids.items()}
+
+    a = by_event["a"].iloc[0]
+    assert (a["chosen_id"], a["rejected_id"], a["label"], a["rule"], a["kind"]) == (
+        c[0],
+        c[1],
+        "preference",
+        "pairwise",
+        "pairwise",
+    )
+    assert (a["chosen"], a["rejected"], a["chosen_model"], a["rejected_model"]) == (
+        "answer 0",
+        "answer 1",
+        "policy@v0000",
+        "policy@v0001",
+    )
+    assert [dict(m) for m in a["prompt"]] == QUESTION and a["prompt_raw"] == ""
+    assert list(a["criteria"]) == ["helpfulness"] and a["calibration"] and not a["anchor"] and a["project"] == "q1"
+    assert a["item_id"] == "|".join(sorted(c[:2])) and a["tenant"] == "acme" and a["annotator_id"] == "ann-1"
+    assert list(a["source_event_ids"]) == [ids["a"]] and a["topic"] == store.settings.feedback_topic
+    b = by_event["b"].iloc[0]
+    assert (b["chosen_id"], b["rejected_id"], b["anchor"]) == (c[1], c[0], True)
+    for name in ("tie", "both_bad"):
+        (row,) = by_event[name].itertuples()
+        assert (row.label, row.chosen_id, row.rejected_id) == (name, c[2], c[3])
+    ranking = by_event["ranking"]
+    ranked_pairs = set(zip(ranking["chosen_id"], ranking["rejected_id"], strict=True))
+    assert ranked_pairs == {(c[2], c[0]), (c[2], c[1]), (c[0], c[1])}
+    assert set(ranking["rule"]) == {"ranking_all"}
+
+    # Ratings pair among themselves whichever arrived first: 5 vs 2 and 4.5 vs 2 differ by
+    # the margin, 5 vs 4.5 does not.
+    rated = rows[rows["kind"] == "rating"]
+    assert set(zip(rated["chosen_id"], rated["rejected_id"], strict=True)) == {(c[0], c[1]), (c[2], c[1])}
+    assert all(len(s) == 2 for s in rated["source_event_ids"])
+    thumbs = rows[rows["kind"] == "thumbs"]
+    assert list(zip(thumbs["chosen_id"], thumbs["rejected_id"], strict=True)) == [(c[0], c[3])]
+    assert thumbs.iloc[0]["source"] == "end_user" and set(thumbs.iloc[0]["source_event_ids"]) == {
+        ids["up"],
+        ids["down"],
+    }
+    assert thumbs.iloc[0]["weight"] == 0.5 and set(rows[rows["source"] == "annotator"]["weight"]) == {1.0}
+
+    judgements = load_judgements(store.root).set_index("event_id")
+    assert len(judgements) == len(events) and judgements.index.is_unique
+    assert judgements.at[ids["a"], "choice"] == c[0] and judgements.at[ids["tie"], "choice"] == "tie"
+    assert judgements.at[ids["r2"], "score"] == 4.5 and judgements.at[ids["down"], "choice"] == "down"
+    assert judgements.at[ids["ranking"], "choice"] == f"{c[2]}>{c[0]}>{c[1]}"
+    assert metric("tuneloop_store_rows_total", label="tie") - before["tie"] == 1
+    assert metric("tuneloop_store_rows_total", label="both_bad") - before["both_bad"] == 1
+    assert metric("tuneloop_store_rows_total", label="preference") - before["preference"] == len(rows) - 2
+
+
+def test_feedback_before_its_completion_waits_then_joins(store: PreferenceStore, send: Sender) -> None:
+    c1, c2 = cid(), cid()
+    ev = event(pairwise=(c1, c2, A))
+    send.feedback(ev)
+    drive(store, lambda: store.pending_count() == 1)
+    assert rows_of(store).empty
+    # The waiting event (offset 0) holds its partition's snapshot offset back.
+    assert list(current_snapshot(store.root).values()) == [0]
+
+    send.completions(completion(c1, "first"), completion(c2, "second"))
+    drive(store, lambda: store.pending_count() == 0)
+    (row,) = rows_of(store).itertuples()
+    assert (row.event_id, row.chosen, row.rejected) == (ev.event_id, "first", "second")
+    assert current_snapshot(store.root)[row.partition] == row.offset + 1
+
+
+def test_unknown_completion_is_dead_lettered_after_the_join_timeout(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    settings = store_settings.model_copy(update={"join_timeout_s": 0.5})
+    known, unknown = cid(), cid()
+    with PreferenceStore(settings, kafka_settings) as store:
+        send.completions(completion(known, "here"))
+        ev = event(pairwise=(known, unknown, A))
+        before = metric("tuneloop_store_dead_letters_total", reason="unknown_completion")
+        send.feedback(ev)
+        drive(store, lambda: metric("tuneloop_store_dead_letters_total", reason="unknown_completion") > before)
+        assert store.pending_count() == 0
+        (letter,) = dead_letters(kafka_settings, settings.dlq_topic, 1)
+        assert letter.reason.startswith(f"unknown completion id {unknown}")
+        assert letter.field == "pairwise.completion_b_id"
+        assert letter.topic == settings.feedback_topic and letter.value == ev.SerializeToString()
+        assert rows_of(store).empty
+
+
+def test_unusable_records_are_dead_lettered_with_field_and_reason(
+    store: PreferenceStore, send: Sender, kafka_settings: KafkaSettings
+) -> None:
+    c = [cid() for _ in range(4)]
+    other_question = [{"role": "user", "content": "What is the capital of Italy?"}]
+    send.completions(
+        completion(c[0], "a"),
+        completion(c[1], "b", tenant="globex"),
+        completion(c[2], "c", question=other_question),
+        completion(c[3], "d"),
+    )
+    send.producer.send(store.settings.completions_topic, key=b"k", value=b"\xff\xff not a protobuf")
+    good = event(pairwise=(c[0], c[3], A))
+    before = sum(metric("tuneloop_store_dead_letters_total", reason=r) for r in REASONS)
+    send.feedback(
+        b"\x08\x96\x01 garbage \xff",
+        event(pairwise=(c[0], c[1], A)),  # c1 belongs to another tenant
+        event(pairwise=(c[0], c[2], B)),  # c2 answers another prompt
+        event(ranking=[c[0], c[3], c[2]]),  # the ranking's third answers another prompt
+        event(pairwise=(c[0], c[3], A), event_id=""),  # no event id
+        good,
+    )
+    drive(store, lambda: sum(metric("tuneloop_store_dead_letters_total", reason=r) for r in REASONS) - before == 6)
+    letters = dead_letters(kafka_settings, store.settings.dlq_topic, 6)
+    found = sorted((letter.field, letter.reason.split(" ")[0]) for letter in letters)
+    assert found == sorted(
+        [
+            ("", "not"),
+            ("", "not"),
+            ("tenant", "feedback"),
+            ("pairwise.completion_b_id", "completions"),
+            ("ranking.completion_ids[2]", "completions"),
+            ("event_id", "required"),
+        ]
+    )
+    garbage = [letter for letter in letters if letter.field == "" and letter.topic == store.settings.completions_topic]
+    assert garbage and garbage[0].value == b"\xff\xff not a protobuf"
+    tenant = next(letter for letter in letters if letter.field == "tenant")
+    assert "globex" in tenant.reason
+    # The good event behind them was stored: unusable records block nothing.
+    drive(store, lambda: good.event_id in set(rows_of(store)["event_id"]))
+    assert len(rows_of(store)) == 1
+    assert metric("tuneloop_store_dead_letters_total", reason="tenant_mismatch") >= 1
+
+
+def test_an_event_sent_twice_is_stored_once_also_after_restart(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    c1, c2 = cid(), cid()
+    ev = event(pairwise=(c1, c2, B))
+    with PreferenceStore(store_settings, kafka_settings) as store:
+        send.completions(completion(c1, "x"), completion(c2, "y"))
+        send.feedback(ev, ev)
+        drive(store, lambda: sum(current_snapshot(store.root).values()) == 2)
+        assert len(rows_of(store)) == 1
+    send.feedback(ev)
+    with PreferenceStore(store_settings, kafka_settings) as store:
+        drive(store, lambda: sum(current_snapshot(store.root).values()) == 3)
+        assert list(rows_of(store)["event_id"]) == [ev.event_id]
+        assert len(load_judgements(store.root)) == 1
+
+
+# --- snapshots and export ---
+
+
+def test_rows_at_an_older_snapshot_do_not_change(store: PreferenceStore, send: Sender) -> None:
+    c = [cid() for _ in range(3)]
+    send.completions(*(completion(x, x) for x in c[:2]))
+    send.feedback(*(event(pairwise=(c[0], c[1], A)) for _ in range(5)))
+    drive(store, lambda: len(rows_of(store)) == 5)
+    old = current_snapshot(store.root)
+    assert parse_snapshot(snapshot_id(store.root, old)) == old
+    at_old = load_rows(store.root, old)
+
+    # More events, one of them waiting for a completion that comes later.
+    late = event(pairwise=(c[0], c[2], TIE))
+    send.feedback(late, *(event(pairwise=(c[0], c[1], B)) for _ in range(4)))
+    drive(store, lambda: len(load_judgements(store.root)) == 9 and store.pending_count() == 1)
+    # The current snapshot stops below the waiting event: rows after it in its partition are
+    # stored but not yet in a snapshot.
+    assert len(rows_of(store)) <= 9
+    send.completions(completion(c[2], "late"))
+    drive(store, lambda: store.pending_count() == 0)
+
+    assert len(load_rows(store.root)) == 10
+    pd.testing.assert_frame_equal(load_rows(store.root, old), at_old)
+    assert load_rows(store.root, {}).empty
+    # A JSON round trip (string partition keys) selects the same rows.
+    pd.testing.assert_frame_equal(load_rows(store.root, json.loads(json.dumps(old))), at_old)
+
+
+def _rows_for_export(store: PreferenceStore, send: Sender) -> pd.DataFrame:
+    c = [cid() for _ in range(2)]
+    send.completions(completion(c[0], "Paris."), completion(c[1], "It is Lyon, I think."))
+    send.feedback(
+        event(pairwise=(c[0], c[1], A)), event(pairwise=(c[0], c[1], TIE)), event(pairwise=(c[0], c[1], BOTH_BAD))
+    )
+    drive(store, lambda: len(rows_of(store)) == 3)
+    return rows_of(store)
+
+
+def test_trl_dataset_in_trl_conversational_preference_format(store: PreferenceStore, send: Sender) -> None:
+    from trl.data_utils import apply_chat_template, is_conversational
+
+    from tuneloop.common.models import tiny_tokenizer
+
+    rows = _rows_for_export(store, send)
+    dropped = to_trl_dataset(rows)
+    assert len(dropped) == 1 and dropped[0]["label"] == "preference"
+    kept = to_trl_dataset(rows, tie_policy="keep", both_bad_policy="keep")
+    assert sorted(kept["label"]) == ["both_bad", "preference", "tie"]
+    assert len(to_trl_dataset(rows, tie_policy="keep")) == 2
+    with pytest.raises(ValueError):
+        to_trl_dataset(rows, tie_policy="maybe")  # type: ignore[arg-type]
+
+    example = dropped[0]
+    assert is_conversational(example)
+    assert example["prompt"] == QUESTION
+    assert example["chosen"] == [{"role": "assistant", "content": "Paris."}]
+    assert example["rejected"] == [{"role": "assistant", "content": "It is Lyon, I think."}]
+    # TRL's own formatting of a conversational preference example (its three columns; the
+    # trainers carry the extra columns along).
+    text = apply_chat_template({k: example[k] for k in ("prompt", "chosen", "rejected")}, tiny_tokenizer())
+    assert text["prompt"].endswith("<|im_start|>assistant\n")
+    assert text["chosen"].startswith("Paris.") and text["rejected"].startswith("It is Lyon")
+
+
+@pytest.mark.heavy
+def test_trl_dataset_is_accepted_by_dpo_trainer(store: PreferenceStore, send: Sender, tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from tuneloop.common.models import tiny_tokenizer
+
+    dataset = to_trl_dataset(_rows_for_export(store, send), tie_policy="keep", both_bad_policy="keep")
+    tok = tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    args = DPOConfig(
+        output_dir=str(tmp_path / "dpo"),
+        bf16=False,
+        report_to=[],
+        per_device_train_batch_size=1,
+        gradient_checkpointing=False,
+        use_cpu=True,
+    )
+    trainer = DPOTrainer(
+        model=LlamaForCausalLM(config),
+        ref_model=LlamaForCausalLM(config),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+    )
+    assert len(trainer.train_dataset) == 3
+    tokenized = trainer.train_dataset[0]
+    assert tokenized["prompt_ids"] and tokenized["chosen_ids"] and tokenized["rejected_ids"]
+    assert tok.decode(tokenized["chosen_ids"]).startswith("Paris.")
+    assert trainer.train_dataset["label"] == dataset["label"]
+
+
+def test_raw_prompts_export_in_standard_format(store: PreferenceStore, send: Sender) -> None:
+    c1, c2 = cid(), cid()
+    send.completions(completion(c1, " blue.", raw="The sky is"), completion(c2, " green.", raw="The sky is"))
+    send.feedback(event(pairwise=(c1, c2, A)))
+    drive(store, lambda: len(rows_of(store)) == 1)
+    (example,) = to_trl_dataset(rows_of(store))
+    assert (example["prompt"], example["chosen"], example["rejected"]) == ("The sky is", " blue.", " green.")
+
+
+def test_cli_export_and_report(store: PreferenceStore, send: Sender, tmp_path: Path) -> None:
+    from datasets import load_from_disk
+
+    _rows_for_export(store, send)
+    snap = snapshot_id(store.root, current_snapshot(store.root))
+    runner = CliRunner()
+    out = tmp_path / "export"
+    done = runner.invoke(
+        cli, ["export", "--root", str(store.root), "--snapshot", snap, "--out", str(out), "--tie-policy", "keep"]
+    )
+    assert done.exit_code == 0, done.output
+    assert sorted(load_from_disk(str(out))["label"]) == ["preference", "tie"]
+    assert json.loads((out / "snapshot.json").read_text())["snapshot"] == snap
+    wrong = runner.invoke(
+        cli, ["export", "--root", str(store.root), "--snapshot", "other.topic@0:1", "--out", str(out)]
+    )
+    assert wrong.exit_code != 0
+
+    done = runner.invoke(
+        cli, ["report", "--root", str(store.root), "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
+    )
+    assert done.exit_code == 0, done.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    # One annotator judged the one item three times: nothing to compare, so no kappa.
+    assert report["items"] == 0 and report["kappa"] is None and report["annotators"][0]["annotator_id"] == "ann-1"
+    assert (tmp_path / "r.csv").read_text().splitlines()[0].startswith("annotator_id,anchors")
+
+
+def test_agreement_report_over_the_stored_judgements(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    settings = store_settings.model_copy(update={"agreement_interval_s": 0.01})
+    with PreferenceStore(settings, kafka_settings) as store:
+        _agreement_checks(store, send)
+
+
+def _agreement_checks(store: PreferenceStore, send: Sender) -> None:
+    c = [cid() for _ in range(4)]
+    send.completions(*(completion(x, x) for x in c))
+    item1, item2 = (c[0], c[1]), (c[2], c[3])
+    send.feedback(
+        event(pairwise=(*item1, A), annotator="ann-1", calibration=True),
+        event(pairwise=(item1[1], item1[0], B), annotator="ann-2", calibration=True),  # same verdict, shown swapped
+        event(pairwise=(*item2, A), annotator="ann-1"),
+        event(pairwise=(*item2, B), annotator="ann-2"),
+        event(pairwise=(*item2, TIE), annotator="ann-3", project="other"),
+    )
+    drive(store, lambda: len(load_judgements(store.root)) == 5)
+    everything = agreement.report(store.root)
+    assert (everything.items, everything.judgements, everything.annotators) == (2, 5, 3)
+    assert everything.kappa_method == "fleiss"
+    assert everything.percent_agreement == pytest.approx((1.0 + 0.0) / 2)
+    calibration = agreement.report(store.root, calibration_only=True)
+    assert (calibration.items, calibration.percent_agreement, calibration.kappa_method) == (1, 1.0, "cohen")
+    assert agreement.report(store.root, project="other").items == 0
+
+    # Item 1 becomes an anchor whose known answer is c0: both annotators who judged it were right.
+    (store.root / "anchors.json").write_text(json.dumps({"answers": {"|".join(sorted(item1)): c[0]}}))
+    quality = {q.annotator_id: q for q in agreement.report(store.root).annotators_quality}
+    assert (quality["ann-1"].anchors, quality["ann-1"].anchor_accuracy) == (1, 1.0)
+    assert (quality["ann-2"].anchors, quality["ann-2"].anchor_accuracy) == (1, 1.0)
+    assert quality["ann-3"].anchors == 0
+    # The store's gauges follow the judgements (recomputed at most once an interval).
+    drive(store, lambda: metric("tuneloop_store_anchor_accuracy", annotator="ann-2") == 1.0)
+    assert metric("tuneloop_store_anchor_accuracy", annotator="ann-2") == 1.0
+    assert metric("tuneloop_store_percent_agreement") == pytest.approx(0.5)
+
+
+# --- exactly once across kill -9 ---
+
+
+def _commits(root: Path) -> int:
+    try:
+        with closing(sqlite3.connect(root / "index.sqlite", timeout=30)) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM commits").fetchone()[0])
+    except sqlite3.OperationalError:  # not created yet
+        return 0
+
+
+def test_exactly_once_across_kill_9(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    root = store_settings.root
+    env = {
+        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
+        "TUNELOOP_STORE_ROOT": str(root),
+        "TUNELOOP_STORE_FEEDBACK_TOPIC": store_settings.feedback_topic,
+        "TUNELOOP_STORE_COMPLETIONS_TOPIC": store_settings.completions_topic,
+        "TUNELOOP_STORE_DLQ_TOPIC": store_settings.dlq_topic,
+        "TUNELOOP_STORE_GROUP_ID": store_settings.group_id,
+        "TUNELOOP_STORE_BATCH_MAX_RECORDS": "7",
+        "TUNELOOP_STORE_BATCH_LINGER_S": "0.05",
+    }
+    sender = Sender(kafka_settings, store_settings)
+    completions = [cid() for _ in range(8)]
+    events = [event(pairwise=(completions[i % 4], completions[4 + i % 4], A if i % 3 else B)) for i in range(600)]
+    stop = threading.Event()
+
+    def produce() -> None:
+        # The stream keeps flowing while the store is killed and restarted.
+        for i in range(0, len(events), 10):
+            if stop.is_set():
+                return
+            sender.feedback(*events[i : i + 10])
+            time.sleep(0.05)
+
+    store = ServiceProcess("store", env=env, log_dir=tmp_path)
+    store.start(timeout=60)
+    sender.completions(*(completion(x, x) for x in completions))
+    producer = threading.Thread(target=produce)
+    producer.start()
+    try:
+        for _ in range(2):
+            seen = _commits(root)
+            deadline = time.monotonic() + 60
+            while _commits(root) < seen + 3:
+                assert time.monotonic() < deadline, store.log_tail()
+                time.sleep(0.01)
+            # Land anywhere in the next batch: collecting, writing Parquet, or committing.
+            time.sleep(random.uniform(0, 0.05))
+            store.kill()
+            store = ServiceProcess("store", env=env, log_dir=tmp_path)
+            store.start(timeout=60)
+        producer.join()
+        deadline = time.monotonic() + 120
+        while len(load_judgements(root)) < len(events):
+            assert time.monotonic() < deadline, store.log_tail()
+            time.sleep(0.2)
+        assert store.stop() == 0
+    finally:
+        stop.set()
+        producer.join()
+        store.kill()
+        sender.producer.close()
+
+    rows, judgements = load_rows(root), load_judgements(root)
+    sent = sorted(e.event_id for e in events)
+    assert sorted(rows["event_id"]) == sent, "every event stored exactly once"
+    assert sorted(judgements["event_id"]) == sent
+    on_disk = {f"{p.parent.name}/{p.name}" for p in (root / "rows").glob("*")} | {
+        f"{p.parent.name}/{p.name}" for p in (root / "judgements").glob("*")
+    }
+    with closing(sqlite3.connect(root / "index.sqlite")) as conn:
+        listed = {f for (files,) in conn.execute("SELECT files FROM commits") for f in json.loads(files)}
+        positions = dict(
+            conn.execute(
+                "SELECT partition, next_offset FROM positions WHERE topic = ?", (store_settings.feedback_topic,)
+            ).fetchall()
+        )
+    assert on_disk == listed, "no file outside the manifest"
+    # The group's committed offsets mirror the stored positions once the store stops cleanly.
+    reader = KafkaConsumer(
+        bootstrap_servers=kafka_settings.bootstrap_servers, group_id=store_settings.group_id, enable_auto_commit=False
+    )
+    try:
+        committed = {p: reader.committed(TopicPartition(store_settings.feedback_topic, p)) for p in positions}
+    finally:
+        reader.close(autocommit=False)
+    assert committed == positions
