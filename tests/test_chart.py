@@ -305,9 +305,14 @@ def test_all_optional_objects_cover_every_service():
         svc_ports = {p["name"] for p in svc["spec"]["ports"]}
         assert {e["port"] for e in sm["spec"]["endpoints"]} <= svc_ports
         assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
-        assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
-        # The HPA owns the replica count.
-        assert "replicas" not in deployment["spec"]
+        if name == name_of("store"):
+            # The single writer of its volume: never autoscaled, never two pods during a rollout.
+            assert name not in hpas and deployment["spec"]["replicas"] <= 1
+            assert deployment["spec"]["strategy"]["type"] == "Recreate"
+        else:
+            assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+            # The HPA owns the replica count.
+            assert "replicas" not in deployment["spec"]
         assert all(pod_labels.get(k) == v for k, v in pdbs[name]["spec"]["selector"]["matchLabels"].items())
     custom = [m for m in hpas[name_of("generation")]["spec"]["metrics"] if m["type"] == "Pods"]
     assert custom[0]["pods"]["metric"]["name"] == "tuneloop_generation_inflight_requests"

@@ -23,7 +23,7 @@ metadata:
   labels:
     {{- include "tuneloop.labels" $ctx | nindent 4 }}
 spec:
-  {{- if not $v.autoscaling.enabled }}
+  {{- if or (not $v.autoscaling.enabled) (eq $name "store") }}
   replicas: {{ $v.replicas }}
   {{- end }}
   revisionHistoryLimit: 5
@@ -31,10 +31,15 @@ spec:
     matchLabels:
       {{- include "tuneloop.selectorLabels" $ctx | nindent 6 }}
   strategy:
+    {{- if eq $name "store" }}
+    # The store is the single writer of its volume (a file lock): never two pods at once.
+    type: Recreate
+    {{- else }}
     type: RollingUpdate
     rollingUpdate:
       maxUnavailable: 0
       maxSurge: 1
+    {{- end }}
   template:
     metadata:
       labels:
