@@ -1,0 +1,273 @@
+"""Reward-model stage: Bradley–Terry training on preference rows, a held-out gate, and
+registration of the result (promoted only when the gate passes).
+
+Rows are split by prompt, never by row: two judgements of one prompt on both sides of
+the split would let the model pass the gate by remembering the prompt.
+
+Ties and both-bad carry no order, so they are dropped by default. Entering a tie as one
+pair with margin 0 would still train `chosen` above `rejected` (BT's loss keeps pushing
+r_a - r_b up at any margin), which orders two answers the annotator called equal. With
+the "symmetric" rule a tie enters as both orders (a, b) and (b, a): the two BT terms sum to
+-log σ(d) - log σ(-d), smallest at d = 0, so the model learns to score the two alike.
+Both-bad says nothing about the two answers' relative order either and takes the same
+two rules.
+
+Inputs are tokenised by `tuneloop.common.reward_format.encode`, the function the Reward
+service scores with; TRL gets the token ids, so its own text handling (eos appending,
+special tokens) never applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tuneloop.common import reward_format as rf
+from tuneloop.common.registry import Registry, RegistrySettings
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+
+Rule = Literal["drop", "symmetric"]
+
+
+class RewardStageConfig(BaseModel):
+    """Configuration of one reward-model training run (YAML keys are the field names)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        description="Backbone: a registry ref (reward@production, policy@v0002) or a model folder. "
+        "A causal LM gets a new scalar head (policy family); an encoder such as MiniLM works as is.",
+    )
+    dataset_path: Path | None = Field(
+        None, description="Preference rows as Parquet, JSON lines, CSV, or a `datasets` save_to_disk folder."
+    )
+    store_root: Path | None = Field(None, description="Preference store root (instead of dataset_path).")
+    snapshot: str | None = Field(
+        None, description="Store snapshot id (topic@partition:offset,...) to train on; default the newest."
+    )
+    registry_root: Path | None = Field(
+        None, description="Registry root; default from TUNELOOP_REGISTRY_ROOT (RegistrySettings)."
+    )
+    name: str = Field("reward", description="Registry name the trained model is registered under.")
+    alias: str = Field("production", description="Alias moved to the new version when the gate passes.")
+    promote: bool = Field(True, description="Move the alias when the gate passes (False: register only).")
+    work_dir: Path | None = Field(None, description="Scratch folder for the trainer; default a temporary one.")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts held out for the gate.")
+    seed: int = Field(0, ge=0, description="Seed of the prompt split, the head's init and data order.")
+    ties: Rule = Field("drop", description="How ties enter training: 'drop' or 'symmetric' (both orders).")
+    both_bad: Rule = Field("drop", description="How both-bad pairs enter training: 'drop' or 'symmetric'.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means use epochs.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Preference pairs per optimizer step.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    max_length: int = Field(512, ge=8, description="Longest encoded pair trained on; longer pairs are dropped.")
+    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring held-out rows.")
+    min_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy needed to promote.")
+    min_eval_pairs: int = Field(20, ge=1, description="Fewest held-out preference pairs the gate will judge on.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RewardStageConfig:
+        if (self.dataset_path is None) == (self.store_root is None):
+            raise ValueError("give exactly one of dataset_path or store_root")
+        if self.snapshot is not None and self.store_root is None:
+            raise ValueError("snapshot needs store_root")
+        return self
+
+
+# ---- data --------------------------------------------------------------------------------
+
+
+def load_rows(config: RewardStageConfig) -> tuple[pd.DataFrame, dict[str, dict[int, int]], str]:
+    """Preference rows, the Kafka offsets they end at ({} for a file), and where they came from."""
+    import pandas as pd
+
+    if config.store_root is not None:
+        from tuneloop.feedback import snapshot as store
+
+        snap = config.snapshot or store.snapshot_id(config.store_root, store.current_snapshot(config.store_root))
+        offsets = store.parse_snapshot(snap)
+        return store.load_rows(config.store_root, offsets), {snap.rsplit("@", 1)[0]: offsets}, snap
+    path = Path(config.dataset_path)
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        return load_from_disk(str(path)).to_pandas(), {}, str(path)
+    readers = {".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".csv": pd.read_csv}
+    if path.suffix not in readers:
+        raise ValueError(f"{path}: expected .parquet, .jsonl, .csv or a save_to_disk folder")
+    return readers[path.suffix](path), {}, str(path)
+
+
+def split_by_prompt(rows: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held-out): every row of a prompt lands on the same side; seeded."""
+    keys = np.array(sorted({rf.prompt_key(p) for p in rows["prompt"]}))
+    if len(keys) < 2:
+        raise ValueError(f"need at least 2 distinct prompts to hold some out, got {len(keys)}")
+    np.random.default_rng(seed).shuffle(keys)
+    n_eval = min(len(keys) - 1, max(1, math.ceil(len(keys) * eval_fraction)))
+    held_out = set(keys[:n_eval])
+    mask = np.array([rf.prompt_key(p) in held_out for p in rows["prompt"]])
+    return rows[~mask].reset_index(drop=True), rows[mask].reset_index(drop=True)
+
+
+def training_pairs(
+    rows: pd.DataFrame, ties: Rule, both_bad: Rule
+) -> tuple[list[tuple[rf.Prompt, str, str]], dict[str, int]]:
+    """(prompt, better, worse) triples after the tie and both-bad rules, and counts of each fate."""
+    rules = {"tie": ties, "both_bad": both_bad}
+    pairs: list[tuple[rf.Prompt, str, str]] = []
+    counts = {"preference": 0, "tie": 0, "both_bad": 0, "dropped_tie": 0, "dropped_both_bad": 0}
+    for r in rows.itertuples():
+        counts[r.label] += 1
+        if r.label == "preference":
+            pairs.append((r.prompt, r.chosen, r.rejected))
+        elif rules[r.label] == "symmetric":
+            pairs += [(r.prompt, r.chosen, r.rejected), (r.prompt, r.rejected, r.chosen)]
+        else:
+            counts[f"dropped_{r.label}"] += 1
+    return pairs, counts
+
+
+# ---- the stage ---------------------------------------------------------------------------
+
+
+def _gate(config: RewardStageConfig, heldout: dict[str, Any]) -> str | None:
+    """Why the model may not be promoted, or None when it may."""
+    if heldout["pairs"] < config.min_eval_pairs:
+        return (
+            f"held-out set has {heldout['pairs']} preference pairs, fewer than min_eval_pairs={config.min_eval_pairs}"
+        )
+    if heldout["accuracy"] < config.min_accuracy:
+        return f"held-out pairwise accuracy {heldout['accuracy']:.3f} is below min_accuracy={config.min_accuracy}"
+    return None
+
+
+def run(config: RewardStageConfig) -> dict[str, Any]:
+    """Train, evaluate on held-out prompts, register; promote only if the gate passes.
+
+    Returns {"ref", "version", "promoted", "refused_reason", "metrics"}; the same metrics
+    and the gate's verdict are in the registered version's card.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    started = time.monotonic()
+    registry = Registry(config.registry_root or RegistrySettings().root)
+    base_folder = registry.resolve(config.base_model)
+    parent = registry.card(config.base_model).ref if "@" in config.base_model else None
+
+    raw, offsets, source = load_rows(config)
+    rows = rf.prepare_rows(raw)
+    train_rows, eval_rows = split_by_prompt(rows, config.eval_fraction, config.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # a new scalar head is initialised here
+        model = AutoModelForSequenceClassification.from_pretrained(base_folder, num_labels=1, dtype=torch.float32)
+    rf.prepare_tokenizer(tokenizer, model)
+
+    def scorer(m: Any) -> rf.ScoreFn:
+        return lambda prompts, responses: rf.score_pairs(m, tokenizer, prompts, responses, config.eval_batch_size)
+
+    model.eval()
+    before = rf.pairwise_accuracy(eval_rows, scorer(model), config.eval_batch_size)
+
+    pairs, counts = training_pairs(train_rows, config.ties, config.both_bad)
+    encoded = [(rf.encode(tokenizer, p, good), rf.encode(tokenizer, p, bad)) for p, good, bad in pairs]
+    kept = [(c, r) for c, r in encoded if max(len(c), len(r)) <= config.max_length]
+    counts["dropped_too_long"] = len(encoded) - len(kept)
+    if not kept:
+        raise ValueError(f"no training pairs left (counts: {counts})")
+    dataset = Dataset.from_dict({"chosen_ids": [c for c, _ in kept], "rejected_ids": [r for _, r in kept]})
+
+    if config.work_dir is not None:
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="reward-stage-", dir=config.work_dir) as scratch:
+        args = RewardConfig(
+            output_dir=str(Path(scratch) / "trainer"),
+            per_device_train_batch_size=config.batch_size,
+            num_train_epochs=config.epochs,
+            max_steps=config.max_steps,
+            learning_rate=config.learning_rate,
+            warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps
+            seed=config.seed,
+            data_seed=config.seed,
+            max_length=None,  # filtered above, with the count reported
+            # CPU-safe: TRL defaults to bf16, gradient checkpointing and a fused optimizer.
+            bf16=False,
+            gradient_checkpointing=False,
+            optim="adamw_torch",
+            save_strategy="no",
+            eval_strategy="no",
+            report_to="none",
+            logging_steps=10,
+            dataloader_num_workers=0,
+            dataloader_pin_memory=False,
+            disable_tqdm=True,
+        )
+        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        train_out = trainer.train()
+        model = trainer.model
+        model.eval()
+        after = rf.pairwise_accuracy(eval_rows, scorer(model), config.eval_batch_size)
+
+        refused = _gate(config, after)
+        metrics = {
+            "data": source,
+            "heldout": after,
+            "heldout_before": before,
+            "train_loss": float(train_out.training_loss),
+            "train_steps": int(train_out.global_step),
+            "train_pairs": len(kept),
+            "train_prompts": len({rf.prompt_key(p) for p in train_rows["prompt"]}),
+            "eval_prompts": len({rf.prompt_key(p) for p in eval_rows["prompt"]}),
+            "rows": counts,
+            "gate": {
+                "min_accuracy": config.min_accuracy,
+                "min_eval_pairs": config.min_eval_pairs,
+                "passed": refused is None,
+                "refused_reason": refused,
+            },
+            "stage_seconds": round(time.monotonic() - started, 1),
+        }
+        out = Path(scratch) / "model"
+        trainer.save_model(str(out))
+        card = registry.register(
+            config.name,
+            out,
+            kind="reward",
+            parent=parent,
+            dataset_snapshot=offsets,
+            training_config=config.model_dump(mode="json"),
+            metrics=metrics,
+            description=f"Bradley–Terry reward model trained from {config.base_model}",
+            move=True,
+        )
+    promoted = refused is None and config.promote
+    if promoted:
+        registry.promote(config.name, card.version, config.alias)
+        log.info("reward model promoted", extra={"fields": {"ref": card.ref, "accuracy": after["accuracy"]}})
+    else:
+        log.warning("reward model not promoted", extra={"fields": {"ref": card.ref, "reason": refused}})
+    return {
+        "ref": card.ref,
+        "version": card.version,
+        "promoted": promoted,
+        "refused_reason": refused,
+        "metrics": metrics,
+    }
+

@@ -1,0 +1,59 @@
+"""The reward stage on a real preference-store snapshot (Kafka → store → rows), with the
+snapshot's offsets recorded as the version's lineage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.test_store import Sender, cid, completion, drive, event, rows_of, send, store, store_settings  # noqa: F401
+from tuneloop.common.models import make_tiny
+from tuneloop.common.registry import Registry
+from tuneloop.feedback.snapshot import current_snapshot, parse_snapshot, snapshot_id
+from tuneloop.feedback.store import PreferenceStore, StoreSettings
+from tuneloop.trainer.reward_stage import RewardStageConfig, run
+from tuneloop.v1 import feedback_pb2
+
+
+def _judge_prompts(sender: Sender, first: int, count: int) -> None:
+    """One A-better judgement per prompt: the polite answer over the curt one."""
+    for i in range(first, first + count):
+        good, bad = cid(), cid()
+        question = [{"role": "user", "content": f"Question {i}: can you help?"}]
+        sender.completions(
+            completion(good, "Sure. Thank you for your help!", question=question, request_id=f"r{i}"),
+            completion(bad, "Sure. That answer is worse.", question=question, request_id=f"r{i}"),
+        )
+        sender.feedback(event(pairwise=(good, bad, feedback_pb2.PAIRWISE_CHOICE_A)))
+
+
+def test_stage_trains_on_a_store_snapshot_and_records_it(
+    store: PreferenceStore,  # noqa: F811 (fixtures of the store's tests)
+    send: Sender,  # noqa: F811
+    store_settings: StoreSettings,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    _judge_prompts(send, 0, 8)
+    drive(store, lambda: len(rows_of(store)) == 8)
+    root = store_settings.root
+    snap = snapshot_id(root, current_snapshot(root))
+    _judge_prompts(send, 8, 4)  # after the snapshot: must not be trained on
+    drive(store, lambda: len(rows_of(store)) == 12)
+
+    config = RewardStageConfig(
+        base_model=str(make_tiny(tmp_path / "tiny")[1]),
+        store_root=root,
+        snapshot=snap,
+        registry_root=tmp_path / "registry",
+        max_steps=1,
+        batch_size=4,
+        min_eval_pairs=1,
+        eval_fraction=0.25,
+    )
+    out = run(config)
+
+    metrics = out["metrics"]
+    assert metrics["data"] == snap
+    assert metrics["train_prompts"] + metrics["eval_prompts"] == 8
+    card = Registry(tmp_path / "registry").card(out["ref"])
+    assert card.dataset_snapshot == {store_settings.feedback_topic: parse_snapshot(snap)}
+    assert card.training_config["snapshot"] == snap
