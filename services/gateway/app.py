@@ -145,11 +145,19 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         if kind not in channels:
             target, service = {
                 "generation": (settings.generation_target, "tuneloop.v1.Generation"),
+                "candidate": (settings.candidate_generation_target, "tuneloop.v1.Generation"),
                 "feedback": (settings.feedback_target, "tuneloop.v1.Feedback"),
             }[kind]
             channels[kind] = make_aio_channel(target, service)
         ch = channels[kind]
-        return generation_pb2_grpc.GenerationStub(ch) if kind == "generation" else feedback_pb2_grpc.FeedbackStub(ch)
+        return feedback_pb2_grpc.FeedbackStub(ch) if kind == "feedback" else generation_pb2_grpc.GenerationStub(ch)
+
+    def generation_for(model: str):
+        """The Generation service answering for `model`: the candidate's own Deployment when
+        one is configured, else the production service (which knows what it serves)."""
+        if convert.model_ref(model) == "candidate" and settings.candidate_generation_target:
+            return stub("candidate")
+        return stub("generation")
 
     @app.on_event("shutdown")
     async def _close() -> None:
@@ -218,7 +226,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             conversation_id=x_tuneloop_conversation_id or "",
         )
         created = int(time.time())
-        gen = stub("generation")
+        gen = generation_for(body.model)
         if not body.stream:
             try:
                 resp = await gen.Generate(req, timeout=deadline())
@@ -255,7 +263,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.post("/v1/comparisons", tags=["completions"])
     async def comparisons(body: ComparisonRequest, key: Annotated[ApiKey, Depends(authed("app"))]):
         """Two candidates for one prompt, with both completion ids, for A/B choices."""
-        gen = stub("generation")
         prompt = convert.prompt_of(body.messages)
 
         def request(model: str, n: int) -> generation_pb2.GenerateRequest:
@@ -266,11 +273,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
         try:
             if body.model_b is None:
-                resps = [await gen.Generate(request(body.model, 2), timeout=deadline())]
+                resps = [await generation_for(body.model).Generate(request(body.model, 2), timeout=deadline())]
             else:
                 resps = await asyncio.gather(
-                    gen.Generate(request(body.model, 1), timeout=deadline()),
-                    gen.Generate(request(body.model_b, 1), timeout=deadline()),
+                    generation_for(body.model).Generate(request(body.model, 1), timeout=deadline()),
+                    generation_for(body.model_b).Generate(request(body.model_b, 1), timeout=deadline()),
                 )
         except grpc.RpcError as err:
             raise from_rpc(err) from None
@@ -316,8 +323,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     @app.get("/v1/models", tags=["models"])
     async def models(key: Annotated[ApiKey, Depends(authed("app"))]):
+        kinds = ["generation"] + (["candidate"] if settings.candidate_generation_target else [])
         try:
-            resp = await stub("generation").ListModels(generation_pb2.ListModelsRequest(), timeout=10)
+            resps = [await stub(k).ListModels(generation_pb2.ListModelsRequest(), timeout=10) for k in kinds]
         except grpc.RpcError as err:
             raise from_rpc(err) from None
         return {
@@ -325,7 +333,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             "data": [
                 {"id": convert.model_name(m.model), "object": "model", "owned_by": "tuneloop",
                  "aliases": list(m.aliases), "engine": m.engine}
-                for m in resp.models
+                for resp in resps for m in resp.models
             ],
         }
 

@@ -14,6 +14,11 @@ class GatewaySettings(BaseSettings):
     host: str = Field("0.0.0.0", description="Address to listen on.")
     port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
     generation_target: str = Field("127.0.0.1:50051", description="host:port of the Generation service.")
+    candidate_generation_target: str | None = Field(
+        None,
+        description="host:port of a Generation service serving the candidate version; requests for model "
+        "'candidate' go there (A/B comparisons against production).",
+    )
     feedback_target: str = Field("127.0.0.1:50053", description="host:port of the Feedback service.")
     api_keys_file: Path | None = Field(
         None, description="YAML or JSON file of API keys (sha256 hashes, tenant, roles), e.g. from a Secret."
