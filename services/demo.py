@@ -1,0 +1,451 @@
+"""`tuneloop demo`: the whole loop on local defaults, as local processes.
+
+A real Kafka broker and every service start with the entrypoints the images run. SmolLM2-135M-
+Instruct becomes the production policy. The product team's declared behaviour is that answers
+open with a one-line summary, "TL;DR: ...". They train an SFT candidate from demonstrations of
+it; the app then shows its users A/B comparisons between production and the candidate, and a
+pool of simulated annotators (declared noise, one careless annotator, a calibration round and
+anchor items) judges the pairs. One scheduled `retrain` turns those preferences into a DPO
+update of production, evaluates it against the declared success criteria and promotes it; the
+generation service hot-swaps to it. Nothing keeps running afterwards, also after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tuneloop.common.processes import ServiceProcess, free_port
+
+console = Console()
+BEHAVIOUR = re.compile(r"^\s*TL;DR:", re.IGNORECASE)
+SEED = 7
+
+
+@dataclass(frozen=True)
+class Annotator:
+    name: str
+    noise: float  # chance of answering at random instead of by the guideline
+
+
+# Declared up front: three careful annotators and one careless one.
+ANNOTATORS = [Annotator("alice", 0.05), Annotator("bob", 0.08), Annotator("carol", 0.1), Annotator("dave", 0.6)]
+CHOICES = ["a", "b", "tie", "both_bad"]
+
+
+def _prompts() -> list[str]:
+    text = (Path(__file__).parent / "demo_data" / "prompts.txt").read_text()
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def _first_sentence(text: str) -> str:
+    text = " ".join(text.split())
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    sentence = m.group(1) if m else text
+    return sentence if len(sentence) <= 160 else sentence[:157].rsplit(" ", 1)[0] + "..."
+
+
+def guideline_choice(a: str, b: str) -> str:
+    """The rubric the annotators apply: the answer that opens with a TL;DR line is better."""
+    has_a, has_b = bool(BEHAVIOUR.match(a)), bool(BEHAVIOUR.match(b))
+    if has_a and not has_b:
+        return "a"
+    if has_b and not has_a:
+        return "b"
+    return "tie" if has_a else "both_bad"
+
+
+class Demo:
+    def __init__(self, root: Path, fast: bool = False) -> None:
+        self.root = root
+        self.fast = fast
+        self.rng = random.Random(SEED)
+        self.env = {
+            "TUNELOOP_REGISTRY_ROOT": str(root / "registry"),
+            "TUNELOOP_STORE_ROOT": str(root / "store"),
+            "TUNELOOP_TRAINER_RUNS_DIR": str(root / "runs"),
+            "TUNELOOP_GENERATION_TORCH_THREADS": "2",
+            "TUNELOOP_REWARD_TORCH_THREADS": "2",
+            "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "2",
+            "HF_HUB_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+        self.keys = {"app": ("app", ["app"]), "lead": ("lead", ["lead"])}
+        self.keys.update({a.name: (a.name, ["annotator"]) for a in ANNOTATORS})
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def step(self, text: str) -> None:
+        console.rule(f"[bold]{text}")
+
+    def tuneloop(self, *args: str, log: str) -> None:
+        """Runs a `tuneloop` command (the trainer Job's entrypoint) with its log in the demo folder."""
+        path = self.root / "logs" / log
+        with open(path, "ab") as out:
+            proc = subprocess.run([sys.executable, "-m", "tuneloop.cli", *args], env={**os.environ, **self.env},
+                                  stdout=out, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = "\n".join(path.read_text(errors="replace").splitlines()[-30:])
+            raise RuntimeError(f"`tuneloop {' '.join(args)}` failed ({proc.returncode}); log {path}:\n{tail}")
+
+    def http(self, path: str, body: dict, key: str = "app") -> dict:
+        r = httpx.post(self.url + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=300)
+        r.raise_for_status()
+        return r.json()
+
+    # ---- the loop ----------------------------------------------------------------------------
+    def run(self) -> None:
+        t0 = time.monotonic()
+        prompts = _prompts()
+        self.rng.shuffle(prompts)
+        probes = {"What is the capital of France?", "What is the capital of Japan?", "How many days are there in a week?"}
+        pool = [p for p in prompts if p not in probes]
+        n_held, n_sft = (12, 12) if self.fast else (24, 24)
+        held_out, sft_prompts, traffic = pool[:n_held], pool[n_held:n_held + n_sft], pool[n_held + n_sft:]
+        if self.fast:
+            traffic = traffic[:32]
+        for folder in ("logs", "models", "projects"):
+            (self.root / folder).mkdir(parents=True, exist_ok=True)
+
+        with ExitStack() as stack:
+            self.step("1/8 Kafka: a real Apache Kafka broker (KRaft) on loopback")
+            from tuneloop.common.broker import LocalBroker, install
+
+            broker = stack.enter_context(LocalBroker(self.root / "kafka", home=install()))
+            self.env["TUNELOOP_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
+            console.print(f"broker at {broker.bootstrap}")
+
+            self.step("2/8 Models: SmolLM2-135M-Instruct becomes policy@production")
+            registry = self.import_models()
+
+            self.step("3/8 Services: generation, feedback, store, gateway (the images' entrypoints)")
+            self.start_services(stack)
+
+            self.step("4/8 SFT candidate from demonstrations of the declared behaviour")
+            self.train_candidate(sft_prompts, registry)
+            cand = ServiceProcess("generation", ["--model", "policy@candidate"], self.env, self.root / "logs",
+                                  port=self.candidate_port)
+            stack.callback(cand.stop)
+            cand.start(timeout=300)
+
+            self.step("5/8 The app: A/B comparisons through the gateway, feedback from users and annotators")
+            comparisons = self.app_traffic(traffic)
+            sent = self.annotate(comparisons)
+            self.wait_for_store(sent)
+            agreement = self.agreement_table()
+
+            self.step("6/8 Scheduled retrain: gates → reward model → DPO → criteria → promotion")
+            criteria = self.write_criteria(held_out)
+            run_dir = self.retrain(criteria)
+
+            self.step("7/8 Hot swap: the generation service now serves the promoted version")
+            live = self.live_answers(held_out[:4], registry)
+
+            self.step("8/8 Results")
+            self.results(run_dir, agreement, live, time.monotonic() - t0)
+
+    def import_models(self):
+        from tuneloop.common.models import import_minilm, import_smollm2
+        from tuneloop.common.registry import Registry
+
+        cache = Path(os.environ.get("TUNELOOP_DEMO_CACHE", Path.cwd() / ".tuneloop" / "cache" / "models"))
+        smol = cache / "smollm2-135m-instruct"
+        if not (smol / "config.json").exists():
+            with console.status("dequantising SmolLM2 from its GGUF (about 30 s, once)"):
+                import_smollm2(smol)
+        minilm = cache / "all-minilm-l6-v2"
+        if not (minilm / "config.json").exists():
+            import_minilm(minilm)
+        registry = Registry(self.root / "registry")
+        policy = registry.register("policy", smol, kind="policy", description="SmolLM2-135M-Instruct (imported)")
+        registry.promote("policy", policy.version)
+        reward = registry.register("reward", minilm, kind="reward", description="all-MiniLM-L6-v2 backbone, untrained head")
+        console.print(f"policy@production = {policy.version}; reward backbone = reward@{reward.version}")
+        return registry
+
+    def start_services(self, stack: ExitStack) -> None:
+        from tuneloop.gateway.auth import hash_key
+
+        logs = self.root / "logs"
+        keys = self.root / "keys.json"
+        keys.write_text(json.dumps([{"sha256": hash_key(k), "tenant": "demo", "name": n, "roles": r}
+                                    for k, (n, r) in self.keys.items()]))
+        procs = [ServiceProcess("generation", ["--model", "policy@production"], self.env, logs),
+                 ServiceProcess("feedback", [], self.env, logs),
+                 ServiceProcess("store", [], self.env, logs)]
+        for p in procs:
+            stack.callback(p.stop)
+            p.start(timeout=300)
+            console.print(f"{p.name} ready on {p.target}")
+        gen, fb = procs[0], procs[1]
+        self.candidate_port = free_port()
+        gw = ServiceProcess("gateway", [], {
+            **self.env,
+            "TUNELOOP_GATEWAY_API_KEYS_FILE": str(keys),
+            "TUNELOOP_GATEWAY_GENERATION_TARGET": gen.target,
+            "TUNELOOP_GATEWAY_CANDIDATE_GENERATION_TARGET": f"127.0.0.1:{self.candidate_port}",
+            "TUNELOOP_GATEWAY_FEEDBACK_TARGET": fb.target,
+            "TUNELOOP_GATEWAY_RATE_LIMIT_BURST": "1000",
+            "TUNELOOP_GATEWAY_WORKBENCH_RUNS_DIR": str(self.root / "runs"),
+        }, logs, http=True)
+        stack.callback(gw.stop)
+        gw.start(timeout=120)
+        self.url = f"http://{gw.target}"
+        console.print(f"gateway ready on {self.url} (OpenAI-compatible: {self.url}/v1)")
+
+    def train_candidate(self, prompts: list[str], registry) -> None:
+        import openai
+
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key="app", max_retries=2)
+        demos = []
+        with _progress() as progress:
+            task = progress.add_task("demonstrations", total=len(prompts))
+            for p in prompts:
+                answer = client.chat.completions.create(
+                    model="production", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=96,
+                ).choices[0].message.content.strip()
+                ideal = f"TL;DR: {_first_sentence(answer)}\n\n{answer}"
+                demos.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ideal}]})
+                progress.advance(task)
+        data = self.root / "sft.jsonl"
+        data.write_text("".join(json.dumps(d) + "\n" for d in demos))
+        config = self.root / "sft.yaml"
+        config.write_text(yaml.safe_dump({
+            "model": "policy@production", "output_dir": str(self.root / "runs" / "sft"), "data": str(data),
+            "max_steps": 12 if self.fast else 24, "learning_rate": 3e-5, "per_device_train_batch_size": 4,
+            "max_length": 256, "save_steps": 1000,
+        }))
+        with console.status("SFT on the demonstrations (TRL SFTTrainer)"):
+            self.tuneloop("train", "sft", "--config", str(config), log="sft.log")
+        card = registry.register("policy", self.root / "runs" / "sft" / "model", kind="policy", parent="policy@production",
+                                 description="SFT candidate: demonstrations of the TL;DR behaviour",
+                                 training_config=yaml.safe_load(config.read_text()))
+        registry.promote("policy", card.version, alias="candidate")
+        console.print(f"policy@candidate = {card.version}")
+
+    def app_traffic(self, prompts: list[str]) -> list[dict]:
+        """Each prompt: one A/B comparison (production vs candidate, order shuffled)."""
+        comparisons = []
+        with _progress() as progress:
+            task = progress.add_task("comparisons", total=len(prompts))
+            for p in prompts:
+                r = self.http("/v1/comparisons", {"messages": [{"role": "user", "content": p}], "model": "production",
+                                                  "model_b": "candidate", "temperature": 0.7, "max_tokens": 96,
+                                                  "seed": self.rng.randrange(2**31)})
+                a, b = r["candidates"]
+                if self.rng.random() < 0.5:
+                    a, b = b, a
+                comparisons.append({"prompt": p, "a": a, "b": b})
+                progress.advance(task)
+        return comparisons
+
+    def annotate(self, comparisons: list[dict]) -> int:
+        """The annotator pool judges every pair: a calibration round everyone judges first,
+        anchors with known answers mixed in, the rest by two annotators each."""
+        calibration = comparisons[:8]
+        anchors = [c for c in comparisons[8:] if guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b")][:6]
+        anchor_ids = {id(c) for c in anchors}
+        answers = {}
+        for c in anchors:
+            known = guideline_choice(c["a"]["content"], c["b"]["content"])
+            answers[self.item_id(c)] = c[known]["completion_id"]
+        store = self.root / "store"
+        store.mkdir(parents=True, exist_ok=True)
+        (store / "anchors.json").write_text(json.dumps({"answers": answers}, indent=1))
+
+        batches: dict[str, list[dict]] = {a.name: [] for a in ANNOTATORS}
+        for i, c in enumerate(comparisons):
+            everyone = i < len(calibration) or id(c) in anchor_ids
+            judges = ANNOTATORS if everyone else self.rng.sample(ANNOTATORS, 2)
+            for a in judges:
+                truth = guideline_choice(c["a"]["content"], c["b"]["content"])
+                choice = self.rng.choice(CHOICES) if self.rng.random() < a.noise else truth
+                batches[a.name].append({
+                    "type": "pairwise", "event_id": uuid.uuid4().hex, "user": a.name, "project": "tldr",
+                    "completion_ids": [c["a"]["completion_id"], c["b"]["completion_id"]], "choice": choice,
+                    "criteria": ["opens-with-tldr", "helpfulness"], "calibration": i < len(calibration),
+                    "anchor": id(c) in anchor_ids, "item_id": self.item_id(c),
+                })
+        sent = 0
+        for name, events in batches.items():
+            r = self.http("/v1/feedback", {"events": events}, key=name)
+            bad = [x for x in r["results"] if x["status"] == "rejected"]
+            if bad:
+                raise RuntimeError(f"feedback from {name} rejected: {bad[:3]}")
+            sent += len(events)
+        truth_share = sum(guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b") for c in comparisons)
+        console.print(f"{sent} judgements from {len(ANNOTATORS)} annotators on {len(comparisons)} pairs "
+                      f"({truth_share} pairs where exactly one answer follows the guideline)")
+        return sent
+
+    @staticmethod
+    def item_id(c: dict) -> str:
+        return "tldr/" + "|".join(sorted([c["a"]["completion_id"], c["b"]["completion_id"]]))
+
+    def wait_for_store(self, sent: int) -> None:
+        from tuneloop.feedback.snapshot import load_judgements
+
+        deadline = time.monotonic() + 180
+        with _progress() as progress:
+            task = progress.add_task("stored in the preference store", total=sent)
+            while time.monotonic() < deadline:
+                try:
+                    n = len(load_judgements(self.root / "store"))
+                except Exception:  # the store has not written its first batch yet
+                    n = 0
+                progress.update(task, completed=n)
+                if n >= sent:
+                    return
+                time.sleep(1)
+        raise RuntimeError(f"the store holds {n} of {sent} judgements after 180 s")
+
+    def agreement_table(self) -> Table:
+        from tuneloop.feedback.agreement import measure_store
+
+        m = measure_store(self.root / "store")
+        table = Table(title=f"Annotation quality: percent agreement {m.percent_agreement:.2f}, "
+                            f"{m.kappa_method} kappa {m.kappa:.2f} over {m.items} items")
+        for col in ("annotator", "declared noise", "anchors", "anchor accuracy", "with majority"):
+            table.add_column(col)
+        noise = {a.name: a.noise for a in ANNOTATORS}
+        for q in m.annotators:
+            table.add_row(q.annotator_id, f"{noise.get(q.annotator_id, 0):.2f}", str(q.anchors),
+                          f"{q.anchor_accuracy:.2f}", f"{q.majority_agreement:.2f}")
+        console.print(table)
+        return table
+
+    def write_criteria(self, held_out: list[str]) -> Path:
+        criteria = {
+            "name": "tldr-v1",
+            "generation": {"max_new_tokens": 64, "batch_size": 8},
+            "held_out_prompts": held_out,
+            "behaviour": [
+                {"name": "opens-with-tldr", "kind": "regex", "pattern": BEHAVIOUR.pattern, "min_pass_rate": 0.9},
+                {"name": "answers-not-refusals", "kind": "refusal", "expect_refusal": False, "min_pass_rate": 0.9},
+            ],
+            "probes": {"items": [
+                {"prompt": "What is the capital of France?", "expect": "Paris"},
+                {"prompt": "What is the capital of Japan?", "expect": "Tokyo"},
+                {"prompt": "How many days are there in a week?", "expect": "seven|7"},
+            ], "min_pass_rate": 0.66},
+            "degeneration": {"ngram": 3, "max_repeated_ngram_ratio": 0.3, "max_non_ascii_ratio": 0.05,
+                             "language": "en", "max_wrong_language_rate": 0.1},
+            "reward": {"min_win_rate": 0.55},
+            # The TL;DR line is a deliberate change of the answers' opening tokens: a KL bound
+            # that allows it but catches a collapse.
+            "kl": {"max_kl": 60.0},
+            "length_drift": {"min_ratio": 0.5, "max_ratio": 1.6},
+        }
+        path = self.root / "criteria.yaml"
+        path.write_text(yaml.safe_dump(criteria, sort_keys=False))
+        return path
+
+    def retrain(self, criteria: Path) -> Path:
+        config = {
+            "policy_name": "policy", "reward_name": "reward",
+            "preferences": {"store_root": str(self.root / "store"), "snapshot": "latest",
+                            "tie_policy": "drop", "both_bad_policy": "drop"},
+            "criteria": str(criteria),
+            "gates": {"min_new_pairs": 16, "min_agreement": 0.65, "min_kappa": 0.4, "min_anchor_accuracy": 0.75},
+            "reward_model": {"base_model": "reward@v0001", "min_accuracy": 0.6, "max_steps": 60, "batch_size": 8},
+            "algorithm": "dpo",
+            "dpo": {"beta": 0.1, "learning_rate": 5e-6, "max_steps": 12 if self.fast else 20,
+                    "per_device_train_batch_size": 4, "max_length": 256, "save_steps": 8},
+        }
+        path = self.root / "retrain.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        with console.status("retrain (reward model, DPO, evaluation before and after) — the longest step"):
+            self.tuneloop("train", "retrain", "--config", str(path), log="retrain.log")
+        runs = sorted((p for p in (self.root / "runs").iterdir() if (p / "report.json").exists()),
+                      key=lambda p: p.stat().st_mtime)
+        return runs[-1]
+
+    def live_answers(self, prompts: list[str], registry) -> list[tuple[str, str, str]]:
+        import openai
+
+        target = registry.current("policy", "production")
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key="app", max_retries=2)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            served = client.chat.completions.create(model="production", max_tokens=4, temperature=0,
+                                                    messages=[{"role": "user", "content": "Hi"}]).model
+            if served.endswith("@" + target):
+                break
+            time.sleep(2)
+        out = []
+        for p in prompts:
+            r = client.chat.completions.create(model="production", messages=[{"role": "user", "content": p}],
+                                               temperature=0, max_tokens=64)
+            out.append((p, r.model, r.choices[0].message.content))
+        console.print(f"the gateway now answers with {out[0][1]}")
+        return out
+
+    def results(self, run_dir: Path, agreement: Table, live: list, seconds: float) -> None:
+        report = json.loads((run_dir / "report.json").read_text())
+        console.print(_before_after_table(report))
+        console.print(_criteria_table(report))
+        console.print(agreement)
+        live_table = Table(title="Served now, through the gateway (greedy)")
+        for col in ("prompt", "model", "answer"):
+            live_table.add_column(col)
+        for p, m, a in live:
+            live_table.add_row(p, m, a)
+        console.print(live_table)
+        console.print(f"report: {run_dir / 'report.md'} (plots beside it); demo folder: {self.root}")
+        console.print(f"finished in {seconds / 60:.1f} min")
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+def _before_after_table(report: dict) -> Table:
+    table = Table(title="Held-out answers, before and after (greedy)")
+    for col in ("prompt", "before", "after"):
+        table.add_column(col, overflow="fold")
+    for s in report.get("samples", [])[:8]:
+        table.add_row(s["prompt"], s["before"], s["after"])
+    return table
+
+
+def _criteria_table(report: dict) -> Table:
+    verdict = report.get("verdict", {})
+    table = Table(title=f"Success criteria: {'PROMOTED' if verdict.get('promoted') else 'REFUSED'}")
+    for col in ("criterion", "before", "after", "bar", "holds"):
+        table.add_column(col)
+    for c in verdict.get("criteria", []):
+        table.add_row(str(c.get("name")), _fmt(c.get("before")), _fmt(c.get("after")), str(c.get("bar", "")),
+                      "yes" if c.get("passed") else "NO")
+    return table
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def main(fast: bool = False) -> None:
+    root = Path(os.environ.get("TUNELOOP_DEMO_DIR", Path.cwd() / ".tuneloop" / "demo")).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    try:
+        Demo(root, fast=fast).run()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process the demo started has been stopped")
+        raise SystemExit(130) from None
