@@ -7,13 +7,17 @@ export HF_HOME := $(CURDIR)/.tuneloop/cache/hf
 export HF_HUB_OFFLINE := 1
 export VLLM_CACHE_ROOT := $(CURDIR)/.tuneloop/cache/vllm
 
-.PHONY: setup proto test test-heavy drill demo bench lint-chart clean
+
+.PHONY: setup proto docs test test-heavy drill demo bench lint-chart clean
 
 setup:
 	@scripts/setup.sh
 
 proto: setup
 	$(PY) scripts/gen_proto.py
+
+docs: setup
+	$(PY) scripts/gen_config_docs.py
 
 test: setup
 	$(PY) -m pytest -q

@@ -36,6 +36,8 @@ from tuneloop.common.processes import ServiceProcess, free_port
 console = Console()
 BEHAVIOUR = re.compile(r"^\s*TL;DR:", re.IGNORECASE)
 SEED = 7
+MAX_TOKENS = 64  # answers are cut here, in the demonstrations, the comparisons and the evaluation
+CONCURRENCY = 16
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,6 @@ class Demo:
             "TUNELOOP_GENERATION_TORCH_THREADS": "2",
             "TUNELOOP_REWARD_TORCH_THREADS": "2",
             "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "2",
-            "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false",
         }
         self.keys = {"app": ("app", ["app"]), "lead": ("lead", ["lead"])}
         self.keys.update({a.name: (a.name, ["annotator"]) for a in ANNOTATORS})
@@ -211,17 +211,16 @@ class Demo:
     def train_candidate(self, prompts: list[str], registry) -> None:
         import openai
 
-        client = openai.OpenAI(base_url=self.url + "/v1", api_key="app", max_retries=2)
-        demos = []
-        with _progress() as progress:
-            task = progress.add_task("demonstrations", total=len(prompts))
-            for p in prompts:
-                answer = client.chat.completions.create(
-                    model="production", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=96,
-                ).choices[0].message.content.strip()
-                ideal = f"TL;DR: {_first_sentence(answer)}\n\n{answer}"
-                demos.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ideal}]})
-                progress.advance(task)
+        client = openai.OpenAI(base_url=self.url + "/v1", api_key="app", max_retries=2, timeout=600)
+
+        def demonstrate(p: str) -> dict:
+            answer = client.chat.completions.create(
+                model="production", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=MAX_TOKENS,
+            ).choices[0].message.content.strip()
+            ideal = f"TL;DR: {_first_sentence(answer)}\n\n{answer}"
+            return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ideal}]}
+
+        demos = _concurrently(demonstrate, prompts, "demonstrations (production's answers, given a TL;DR line)")
         data = self.root / "sft.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in demos))
         config = self.root / "sft.yaml"
@@ -240,19 +239,17 @@ class Demo:
 
     def app_traffic(self, prompts: list[str]) -> list[dict]:
         """Each prompt: one A/B comparison (production vs candidate, order shuffled)."""
-        comparisons = []
-        with _progress() as progress:
-            task = progress.add_task("comparisons", total=len(prompts))
-            for p in prompts:
-                r = self.http("/v1/comparisons", {"messages": [{"role": "user", "content": p}], "model": "production",
-                                                  "model_b": "candidate", "temperature": 0.7, "max_tokens": 96,
-                                                  "seed": self.rng.randrange(2**31)})
-                a, b = r["candidates"]
-                if self.rng.random() < 0.5:
-                    a, b = b, a
-                comparisons.append({"prompt": p, "a": a, "b": b})
-                progress.advance(task)
-        return comparisons
+        seeds = {p: self.rng.randrange(2**31) for p in prompts}
+        swap = {p: self.rng.random() < 0.5 for p in prompts}
+
+        def compare(p: str) -> dict:
+            r = self.http("/v1/comparisons", {"messages": [{"role": "user", "content": p}], "model": "production",
+                                              "model_b": "candidate", "temperature": 0.7, "max_tokens": MAX_TOKENS,
+                                              "seed": seeds[p]})
+            a, b = r["candidates"]
+            return {"prompt": p, "a": b, "b": a} if swap[p] else {"prompt": p, "a": a, "b": b}
+
+        return _concurrently(compare, prompts, "A/B comparisons, production vs candidate")
 
     def annotate(self, comparisons: list[dict]) -> int:
         """The annotator pool judges every pair: a calibration round everyone judges first,
@@ -410,6 +407,19 @@ class Demo:
         console.print(f"finished in {seconds / 60:.1f} min")
 
 
+def _concurrently(fn, items: list, description: str) -> list:
+    """Runs `fn` over `items` with many requests in flight, so the generation service batches
+    them (its dynamic batching is what makes CPU serving bearable); results keep their order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with _progress() as progress, ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+        task = progress.add_task(description, total=len(items))
+        futures = [pool.submit(fn, item) for item in items]
+        for f in futures:
+            f.add_done_callback(lambda _f: progress.advance(task))
+        return [f.result() for f in futures]
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console)
@@ -440,6 +450,9 @@ def _fmt(v) -> str:
 
 
 def main(fast: bool = False) -> None:
+    # The demo prints its own progress; the libraries' bars and load reports would bury it.
+    os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
+                      TOKENIZERS_PARALLELISM="false")
     root = Path(os.environ.get("TUNELOOP_DEMO_DIR", Path.cwd() / ".tuneloop" / "demo")).resolve()
     if root.exists():
         shutil.rmtree(root)
