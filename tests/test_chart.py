@@ -315,7 +315,7 @@ def test_all_optional_objects_cover_every_service():
             assert "replicas" not in deployment["spec"]
         assert all(pod_labels.get(k) == v for k, v in pdbs[name]["spec"]["selector"]["matchLabels"].items())
     custom = [m for m in hpas[name_of("generation")]["spec"]["metrics"] if m["type"] == "Pods"]
-    assert custom[0]["pods"]["metric"]["name"] == "tuneloop_generation_inflight_requests"
+    assert custom[0]["pods"]["metric"]["name"] == "tuneloop_generation_grpc_requests_in_flight"
     assert "minAvailable" in pdbs[name_of("store")]["spec"]
 
     ingress = next(iter(by_kind(objs, "Ingress").values()))
