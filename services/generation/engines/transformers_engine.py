@@ -1,0 +1,340 @@
+"""transformers on the CPU with dynamic batching.
+
+One scheduler thread owns the model. Requests that arrive within `batch_window_ms` of the
+first waiting one (up to `max_batch_size` candidates) are generated together: prompts are
+left-padded, then a manual decode loop with a KV cache takes one step for every live
+candidate at a time. Each candidate stops on its own (end-of-sequence, stop string, token
+budget, cancellation) and is pruned from the batch, so a short answer does not wait for a
+long one and streamed deltas leave after every step.
+
+A swap loads the new version beside the old one in the caller's thread and replaces the
+reference the scheduler reads when it forms the next batch: a batch in progress finishes on
+the version it started with, and no request ever sees two versions.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from tuneloop.generation import metrics
+from tuneloop.generation.engines.base import (
+    Delta,
+    Engine,
+    EngineError,
+    EngineRequest,
+    FinishReason,
+    ModelRef,
+    Stream,
+    SwapError,
+)
+from tuneloop.generation.engines.text import TextTracker
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tuneloop.generation.settings import GenerationSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """A loaded version: model, tokenizer and the ids that end a sequence."""
+
+    ref: ModelRef
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: frozenset[int]
+    pad_id: int
+    max_len: int
+
+
+@dataclass
+class _Pending:
+    request: EngineRequest
+    stream: Stream
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Candidate:
+    """One sequence of a batch."""
+
+    stream: Stream
+    index: int
+    request: EngineRequest
+    generator: torch.Generator | None
+    text: TextTracker
+    budget: int
+    tokens: int = 0
+    finished: bool = False
+
+
+def _load(ref: ModelRef, dtype: torch.dtype, max_model_len: int | None) -> _Bundle:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ref.path)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=dtype)
+    model.eval()
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+    return _Bundle(ref, model, tokenizer, eos_ids, pad, min(limit, max_model_len or limit))
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def __init__(self, settings: GenerationSettings) -> None:
+        self._dtype = torch.float32 if settings.dtype == "float32" else torch.bfloat16
+        self._max_model_len = settings.max_model_len
+        self._window_s = settings.batch_window_ms / 1000
+        self._max_batch = settings.max_batch_size
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        self._bundle: _Bundle | None = None
+        self._pending: deque[_Pending] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="generation-batcher", daemon=True)
+
+    # ---- Engine ----------------------------------------------------------------------
+    def load(self, model: ModelRef) -> None:
+        self._bundle = _load(model, self._dtype, self._max_model_len)
+        self._thread.start()
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def model(self) -> ModelRef:
+        return self._current().ref
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return self._current().tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._current().max_len
+
+    def generate(self, request: EngineRequest) -> Stream:
+        stream = Stream(n=request.sampling.n)
+        with self._cond:
+            if self._closed:
+                raise EngineError("engine is closed")
+            self._pending.append(_Pending(request, stream))
+            self._cond.notify_all()
+        # Cancellation is polled by the scheduler between steps; waking it lets a queued
+        # request that was cancelled leave at once.
+        stream.on_cancel(self._wake)
+        return stream
+
+    def swap(self, model: ModelRef) -> None:
+        try:
+            bundle = _load(model, self._dtype, self._max_model_len)
+        except Exception as err:
+            raise SwapError(f"cannot load {model.name}@{model.version} from {model.path}: {err}") from err
+        # One reference assignment: the scheduler reads it once per batch.
+        self._bundle = bundle
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        for pending in self._drain_all():
+            self._abort_unstarted(pending)
+
+    # ---- scheduler -------------------------------------------------------------------
+    def _current(self) -> _Bundle:
+        if self._bundle is None:
+            raise EngineError("no model loaded")
+        return self._bundle
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _drain_all(self) -> list[_Pending]:
+        with self._cond:
+            items = list(self._pending)
+            self._pending.clear()
+        return items
+
+    def _abort_unstarted(self, pending: _Pending) -> None:
+        pending.stream.model = self._bundle.ref if self._bundle else None
+        for index in range(pending.request.sampling.n):
+            pending.stream.push(Delta(index=index, text="", completion_tokens=0, finish_reason="aborted"))
+        pending.stream.finish()
+
+    def _next_batch(self) -> list[_Pending]:
+        """Waits for work, then gathers what arrives within the batching window."""
+        with self._cond:
+            while not self._closed and not self._pending:
+                self._cond.wait()
+            if self._closed:
+                return []
+            window_end = self._pending[0].queued_at + self._window_s
+            while not self._closed:
+                size = sum(p.request.sampling.n for p in self._pending)
+                remaining = window_end - time.monotonic()
+                if size >= self._max_batch or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            batch: list[_Pending] = []
+            size = 0
+            # Whole requests only: all candidates of a request share one batch and one version.
+            while self._pending:
+                n = self._pending[0].request.sampling.n
+                if batch and size + n > self._max_batch:
+                    break
+                batch.append(self._pending.popleft())
+                size += n
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                return
+            live = []
+            for pending in batch:
+                if pending.stream.cancelled:
+                    self._abort_unstarted(pending)
+                else:
+                    live.append(pending)
+            if not live:
+                continue
+            bundle = self._current()
+            try:
+                with torch.inference_mode():
+                    self._generate(bundle, live)
+            except Exception as err:  # a failed batch fails its requests, not the server
+                log.exception("batch generation failed")
+                for pending in live:
+                    pending.stream.fail(err)
+                    pending.stream.finish()
+
+    def _generate(self, bundle: _Bundle, batch: list[_Pending]) -> None:
+        cands: list[_Candidate] = []
+        for pending in batch:
+            pending.stream.model = bundle.ref
+            req = pending.request
+            sampling = req.sampling
+            budget = min(sampling.max_tokens, bundle.max_len - len(req.prompt_ids))
+            for index in range(sampling.n):
+                gen = None
+                if sampling.temperature > 0:
+                    # Candidate i of a seeded request uses seed + i (as vLLM does), so a
+                    # seeded answer does not depend on what else shares the batch.
+                    seed = sampling.seed + index if sampling.seed is not None else secrets.randbits(63)
+                    gen = torch.Generator().manual_seed(seed % (1 << 63))
+                cands.append(
+                    _Candidate(pending.stream, index, req, gen, TextTracker(bundle.tokenizer, sampling.stop), budget)
+                )
+        metrics.BATCH_SIZE.observe(len(cands))
+
+        width = max(len(c.request.prompt_ids) for c in cands)
+        ids = torch.full((len(cands), width), bundle.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(cands), width), dtype=torch.long)
+        for row, cand in enumerate(cands):
+            prompt = cand.request.prompt_ids
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # logits_to_keep=1: only the last position's logits are needed, not prompt-length x vocab.
+        out = bundle.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        last_pos = positions[:, -1]
+        rows = cands
+        while True:
+            tokens, logprobs = self._pick(logits, rows)
+            for row, cand in enumerate(rows):
+                self._advance(bundle, cand, int(tokens[row]), None if logprobs is None else float(logprobs[row]))
+            for cand in rows:
+                if not cand.finished and cand.stream.cancelled:
+                    self._finish(cand, "aborted")
+            keep = [row for row, cand in enumerate(rows) if not cand.finished]
+            if not keep:
+                break
+            if len(keep) < len(rows):
+                index = torch.tensor(keep, dtype=torch.long)
+                cache.batch_select_indices(index)
+                mask, tokens, last_pos = mask[index], tokens[index], last_pos[index]
+                rows = [rows[row] for row in keep]
+            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
+            last_pos = last_pos + 1
+            out = bundle.model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :].float()
+        for pending in batch:
+            pending.stream.finish()
+
+    @staticmethod
+    def _pick(logits: torch.Tensor, rows: list[_Candidate]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next token of every row (greedy or sampled) and, if any row wants them, raw logprobs."""
+        tokens = logits.argmax(dim=-1)
+        for row, cand in enumerate(rows):
+            s = cand.request.sampling
+            if s.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[row] / s.temperature, dim=-1)
+            if s.top_p < 1.0:
+                sorted_probs, order = probs.sort(descending=True)
+                # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+                drop = sorted_probs.cumsum(-1) - sorted_probs >= s.top_p
+                sorted_probs[drop] = 0.0
+                probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+            tokens[row] = torch.multinomial(probs, 1, generator=cand.generator)[0]
+        if not any(c.request.sampling.logprobs for c in rows):
+            return tokens, None
+        # Log-probabilities under the model itself, before temperature or top-p (as vLLM reports them).
+        logprobs = torch.log_softmax(logits, dim=-1).gather(1, tokens[:, None])[:, 0]
+        return tokens, logprobs
+
+    def _advance(self, bundle: _Bundle, cand: _Candidate, token: int, logprob: float | None) -> None:
+        cand.tokens += 1
+        metrics.TOKENS_GENERATED.inc()
+        lp: tuple[tuple[str, float], ...] = ()
+        if cand.request.sampling.logprobs and logprob is not None:
+            lp = ((bundle.tokenizer.decode([token]), logprob),)
+        if token in bundle.eos_ids:
+            self._finish(cand, "stop", logprobs=lp)
+            return
+        delta = cand.text.add(token)
+        if cand.text.stopped:
+            self._finish(cand, "stop", delta, lp)
+        elif cand.tokens >= cand.budget:
+            self._finish(cand, "length", delta, lp)
+        elif delta or lp:
+            cand.stream.push(Delta(cand.index, delta, cand.tokens, lp))
+
+    @staticmethod
+    def _finish(
+        cand: _Candidate, reason: FinishReason, delta: str = "", logprobs: tuple[tuple[str, float], ...] = ()
+    ) -> None:
+        cand.finished = True
+        text = delta + cand.text.flush()
+        cand.stream.push(Delta(cand.index, text, cand.tokens, logprobs, reason))

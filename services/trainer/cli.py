@@ -1,0 +1,187 @@
+"""`tuneloop train`: one command per stage, each `--config FILE.yaml` plus `--set key=value`.
+
+Exit codes: 0 done (for `retrain`: promoted, or refused by a gate or a criterion — the
+printed outcome's `status` says which), 1 an error during the run, 2 an invalid config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from pydantic import BaseModel
+
+from tuneloop.trainer.config import (
+    ConfigError,
+    DPOStageConfig,
+    OnlineRLStageConfig,
+    PPOStageConfig,
+    SFTStageConfig,
+    load_config,
+)
+
+cli = typer.Typer(help="Training stages and the scheduled retrain pipeline.", no_args_is_help=True)
+log = logging.getLogger(__name__)
+
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="Stage config (YAML).")]
+Sets = Annotated[
+    list[str] | None, typer.Option("--set", "-s", help="Override a field: key=value (dotted keys for nested fields).")
+]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")]
+
+C = TypeVar("C", bound=BaseModel)
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    from tuneloop.common.logs import configure_logging
+
+    configure_logging("trainer")
+    _quiet_progress_bars()
+    try:
+        _apply_settings()
+        yield
+    except ConfigError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    except typer.Exit:
+        raise
+    except Exception as err:  # noqa: BLE001 - a Job's log must say why it failed, then exit non-zero
+        log.exception("stage failed")
+        typer.echo(f"error: {type(err).__name__}: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _quiet_progress_bars() -> None:
+    """A Job's log is JSON lines; tqdm bars from loading weights and mapping datasets are noise."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def _apply_settings() -> None:
+    import torch
+
+    from tuneloop.common.settings import SettingsError, load_settings
+    from tuneloop.trainer.config import TrainerSettings
+
+    try:
+        settings = load_settings(TrainerSettings)
+    except SettingsError as err:
+        raise ConfigError(str(err)) from None
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+
+
+def _print(result: Any) -> None:
+    typer.echo(json.dumps(result if isinstance(result, dict) else result.__dict__, default=str))
+
+
+def _stage(cls: type[C], config: Path | None, sets: list[str] | None, run: Callable[[C], Any]) -> None:
+    with _errors():
+        _print(run(load_config(cls, config, sets)))
+
+
+@cli.command("sft")
+def sft(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
+    """Supervised fine-tuning on (prompt, ideal reply) conversations."""
+    from tuneloop.trainer.stages import run_sft
+
+    _stage(SFTStageConfig, config, set_, lambda c: run_sft(c, resume=resume))
+
+
+@cli.command("dpo")
+def dpo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
+    """Direct preference optimisation on a preference-store snapshot (or a file)."""
+    from tuneloop.trainer.stages import run_dpo
+
+    _stage(DPOStageConfig, config, set_, lambda c: run_dpo(c, resume=resume))
+
+
+@cli.command("ppo")
+def ppo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
+    """Classic PPO: value head, per-token KL penalty, GAE, clipped losses."""
+    from tuneloop.trainer.ppo import run_ppo
+
+    _stage(PPOStageConfig, config, set_, lambda c: run_ppo(c, resume=resume))
+
+
+@cli.command("rloo")
+def rloo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
+    """RLOO (TRL): group samples per prompt, leave-one-out baseline, KL to the reference."""
+    from tuneloop.trainer.stages import run_online_rl
+
+    _stage(OnlineRLStageConfig, config, set_, lambda c: run_online_rl("rloo", c, resume=resume))
+
+
+@cli.command("grpo")
+def grpo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
+    """GRPO (TRL): group samples per prompt, group-normalised advantages."""
+    from tuneloop.trainer.stages import run_online_rl
+
+    _stage(OnlineRLStageConfig, config, set_, lambda c: run_online_rl("grpo", c, resume=resume))
+
+
+@cli.command("reward")
+def reward(config: ConfigFile = None, set_: Sets = None) -> None:
+    """Reward model (Bradley–Terry) with its held-out gate; registered, promoted if it passes."""
+    from tuneloop.trainer.reward_stage import RewardStageConfig, run
+
+    _stage(RewardStageConfig, config, set_, run)
+
+
+@cli.command("evaluate")
+def evaluate_cmd(
+    model: Annotated[str, typer.Option(help="Model folder or registry ref to evaluate.")],
+    criteria: Annotated[Path, typer.Option(help="Criteria file (YAML).")],
+    baseline: Annotated[str | None, typer.Option(help="Compare against this model (the parent).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results (and verdict) as JSON here.")] = None,
+) -> None:
+    """Evaluate a model on a criteria file; with --baseline, print the verdict too."""
+    from tuneloop.trainer.criteria import compare, load_criteria
+    from tuneloop.trainer.evaluate import evaluate
+    from tuneloop.trainer.modeling import resolve
+
+    with _errors():
+        spec = load_criteria(criteria)
+        after = evaluate(resolve(model), spec, reference_dir=resolve(baseline) if baseline else None)
+        result: dict[str, Any] = {"after": after}
+        if baseline:
+            result["before"] = evaluate(resolve(baseline), spec)
+            result["verdict"] = compare(result["before"], after, spec).model_dump()
+        if out:
+            out.write_text(json.dumps(result, indent=2))
+        _print(result.get("verdict") or {"behaviour": after["behaviour"], "probe_pass_rate": after["probe_pass_rate"]})
+
+
+@cli.command("retrain")
+def retrain(
+    config: ConfigFile = None,
+    set_: Sets = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this run folder.")] = None,
+) -> None:
+    """The scheduled pipeline: snapshot, gates, reward model?, train, evaluate, register, promote or refuse.
+
+    Prints the outcome as one JSON line; exit code 0 for "promoted" and "refused".
+    """
+    from tuneloop.trainer.retrain import RetrainConfig, run_retrain
+
+    with _errors():
+        if resume is not None:
+            if config is not None or set_:
+                raise ConfigError("--resume continues with the run's own config; drop --config/--set")
+            _print(run_retrain(resume=resume))
+        else:
+            _print(run_retrain(load_config(RetrainConfig, config, set_)))
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

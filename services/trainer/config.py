@@ -1,0 +1,333 @@
+"""One typed, documented config per training stage.
+
+A stage reads a YAML file plus `--set key=value` overrides (dotted keys reach nested
+fields: `--set lora.r=8`). Unknown or invalid fields fail before anything loads, with the
+field named. Fields left unset that depend on the hardware (`bf16`, `gradient_checkpointing`,
+`optim`) are filled from the device: TRL's own defaults (bf16, checkpointing, a fused
+optimizer) fail on a CPU.
+
+The `*Params` classes hold what a stage needs to train; the `*StageConfig` classes add
+where the model and data come from. `retrain` embeds the `*Params` and supplies the rest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A stage config is invalid; the message names each bad field."""
+
+
+class TrainerSettings(BaseSettings):
+    """Process-wide trainer settings from the environment (TUNELOOP_TRAINER_*)."""
+
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_TRAINER_", extra="ignore")
+
+    runs_dir: Path = Field(Path(".tuneloop/runs"), description="Folder that holds one folder per retrain run.")
+    pushgateway: str | None = Field(
+        None,
+        description="Prometheus Pushgateway URL (host:port or http://...); a Job is gone before a scrape, so "
+        "gauges are pushed after every logged step. Unset: only the textfile in the run dir is written.",
+    )
+    prom_textfile: Path | None = Field(
+        None,
+        description="Extra path to write the gauges to after every step, e.g. a node-exporter textfile "
+        "collector folder's `tuneloop_trainer.prom`.",
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="CPU threads for torch; unset: one per core. On a CPU node shared with other work, fewer "
+        "threads avoid OpenMP waits that slowed a tiny model's steps 100-fold in our measurements.",
+    )
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LoraParams(Strict):
+    enabled: bool = Field(False, description="Train LoRA adapters instead of all weights; merged into the saved model.")
+    r: int = Field(16, ge=1, description="Adapter rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names to adapt, or 'all-linear' for every linear layer but the head."
+    )
+
+
+class TrainParams(Strict):
+    """What every stage shares: optimisation, checkpoints, LoRA, hardware."""
+
+    seed: int = Field(0, description="Seed for data order, sampling and new weights.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name (linear, cosine, constant).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per micro-step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
+    save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapters (peft).")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; unset: on for a bf16-capable GPU, off on CPU.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations to save memory; unset: on for GPU, off on CPU."
+    )
+    optim: str | None = Field(None, description="Optimizer name; unset: adamw_torch_fused on GPU, adamw_torch on CPU.")
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further TRL/transformers config fields, passed through as given."
+    )
+
+    @model_validator(mode="after")
+    def _device_defaults(self) -> TrainParams:
+        import torch
+
+        gpu = torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = gpu and torch.cuda.is_bf16_supported()
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = gpu
+        if self.optim is None:
+            self.optim = "adamw_torch_fused" if gpu else "adamw_torch"
+        return self
+
+
+class SFTParams(TrainParams):
+    learning_rate: float = Field(2e-5, gt=0, description="Peak learning rate.")
+    max_length: int = Field(1024, ge=8, description="Tokens per example (prompt + response); longer are truncated.")
+    completion_only_loss: bool = Field(True, description="Train on the response tokens only, not the prompt.")
+
+
+DPOLoss = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot", "aot_unpaired",
+    "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]  # fmt: skip
+
+
+class DPOParams(TrainParams):
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (DPO wants small ones on full models).")
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference model.")
+    loss_type: DPOLoss | list[DPOLoss] = Field("sigmoid", description="DPO loss (sigmoid = the paper's), or several.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Assumed label-flip rate (robust/cDPO).")
+    max_length: int = Field(1024, ge=8, description="Tokens per prompt + response; longer are truncated.")
+    reference: str | None = Field(
+        None,
+        description="Reference model (folder or registry ref); unset: a frozen copy of the starting model "
+        "(with LoRA: the base model with adapters off).",
+    )
+
+
+class RewardSource(Strict):
+    """Where online RL gets its rewards: exactly one of `model` and `target`."""
+
+    model: str | None = Field(None, description="Local reward model: a folder or a registry ref (reward@production).")
+    target: str | None = Field(None, description="host:port of a tuneloop Reward service to score remotely.")
+    batch_size: int = Field(16, ge=1, description="Pairs per scoring call of a local reward model.")
+
+    @model_validator(mode="after")
+    def _one(self) -> RewardSource:
+        if (self.model is None) == (self.target is None):
+            raise ValueError("set exactly one of reward.model and reward.target")
+        return self
+
+
+class OnlineRLParams(TrainParams):
+    """RLOO and GRPO (TRL): sample a group per prompt, score, baseline within the group."""
+
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    beta: float = Field(0.05, ge=0, description="KL coefficient against the reference model (0: no reference).")
+    epsilon: float = Field(0.2, gt=0, description="Clipping range of the importance ratio.")
+    num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
+    max_completion_length: int = Field(64, ge=1, description="Most tokens sampled per completion.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> OnlineRLParams:
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % self.num_generations:
+            raise ValueError(
+                f"per_device_train_batch_size * gradient_accumulation_steps ({batch}) must be a multiple of "
+                f"num_generations ({self.num_generations})"
+            )
+        return self
+
+
+class KLParams(Strict):
+    init_coef: float = Field(0.05, ge=0, description="Starting KL coefficient (beta).")
+    adaptive: bool = Field(False, description="Steer the coefficient towards `target` (Ziegler et al. 2019).")
+    target: float = Field(6.0, gt=0, description="Target KL per response (nats), adaptive controller only.")
+    horizon: float = Field(10000, gt=0, description="Samples over which the controller closes the gap.")
+    estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator (k1 = log ratio, k3 >= 0).")
+
+
+class PPOParams(TrainParams):
+    """Classic RLHF PPO: policy with a value head, per-token KL penalty, GAE, clipped losses.
+
+    One step samples `rollout_batch_size` responses, then makes `ppo_epochs` passes over
+    them in optimizer updates of per_device_train_batch_size * gradient_accumulation_steps.
+    """
+
+    learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    rollout_batch_size: int = Field(8, ge=1, description="Prompts sampled per PPO step.")
+    ppo_epochs: int = Field(4, ge=1, description="Passes over each rollout batch.")
+    gamma: float = Field(1.0, ge=0, le=1, description="Discount.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the rollout's values.")
+    vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
+    whiten_rewards: bool = Field(False, description="Scale scores to unit variance per batch (mean kept).")
+    kl: KLParams = Field(default_factory=KLParams, description="KL penalty against the frozen reference.")
+    max_prompt_length: int = Field(512, ge=8, description="Prompt tokens kept (from the end).")
+    max_new_tokens: int = Field(64, ge=1, description="Most tokens sampled per response.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    missing_eos_penalty: float | None = Field(
+        None, description="Subtracted from the score of a response cut at max_new_tokens (discourages rambling)."
+    )
+    reference: str | None = Field(
+        None,
+        description="Reference model; unset: a frozen copy of the starting model (with LoRA: adapters off).",
+    )
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> PPOParams:
+        update = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if self.rollout_batch_size % update:
+            raise ValueError(
+                f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"per_device_train_batch_size * gradient_accumulation_steps ({update})"
+            )
+        if self.optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(f"optim {self.optim!r}: PPO supports adamw_torch and adamw_torch_fused")
+        if self.trl_args:
+            raise ValueError("trl_args: PPO is not a TRL trainer; set its fields directly")
+        return self
+
+
+class PreferenceSource(Strict):
+    """Preference pairs: a snapshot of the preference store, or a file (exactly one)."""
+
+    store_root: Path | None = Field(None, description="Preference store folder (its Parquet snapshots).")
+    snapshot: str = Field("latest", description="Store snapshot id to train on, or 'latest'.")
+    path: Path | None = Field(
+        None, description="JSONL file or saved HF dataset with prompt/chosen/rejected (strings or chat messages)."
+    )
+    tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.feedback.snapshot).")
+    both_bad_policy: str = Field("drop", description="How 'both bad' judgements enter training.")
+
+    @model_validator(mode="after")
+    def _one(self) -> PreferenceSource:
+        if (self.store_root is None) == (self.path is None):
+            raise ValueError("set exactly one of store_root and path")
+        return self
+
+
+class MetricsParams(Strict):
+    pushgateway: str | None = Field(
+        None, description="Prometheus Pushgateway URL; unset: TUNELOOP_TRAINER_PUSHGATEWAY, else no push."
+    )
+    textfile: Path | None = Field(
+        None, description="Extra Prometheus textfile rewritten after every step; unset: TUNELOOP_TRAINER_PROM_TEXTFILE."
+    )
+    run_label: str | None = Field(None, description="Value of the gauges' `run` label; unset: the output folder's name.")
+
+
+class StageBase(Strict):
+    model: str = Field(description="Starting policy: a model folder or a registry ref (policy@production).")
+    output_dir: Path = Field(description="Run folder: checkpoints, metrics.jsonl, and the final model in model/.")
+    registry_root: Path | None = Field(
+        None, description="Registry to resolve refs against; default TUNELOOP_REGISTRY_ROOT."
+    )
+    metrics: MetricsParams = Field(default_factory=MetricsParams, description="Where step gauges go.")
+
+
+class SFTStageConfig(SFTParams, StageBase):
+    data: Path = Field(description="JSONL: one {'messages': [...]} per line; the last message is the ideal reply.")
+
+
+class DPOStageConfig(DPOParams, StageBase):
+    preferences: PreferenceSource = Field(description="Preference pairs to train on.")
+
+
+class OnlineRLStageConfig(OnlineRLParams, StageBase):
+    prompts: Path = Field(description="JSONL: one {'prompt': str} or {'messages': [...]} per line.")
+    reward: RewardSource = Field(description="Reward function: local model or the Reward service.")
+
+
+class PPOStageConfig(PPOParams, StageBase):
+    prompts: Path = Field(description="JSONL: one {'prompt': str} or {'messages': [...]} per line.")
+    reward: RewardSource = Field(description="Reward function: local model or the Reward service.")
+
+
+# ---- loading ---------------------------------------------------------------------------
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`a.b=1` -> {'a': {'b': 1}}; values are YAML scalars (numbers, booleans, lists, null)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {pair!r}: expected key=value")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {pair!r}: {part} is both a value and a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        field = prefix + ".".join(str(p) for p in e["loc"]) or "(config)"
+        lines.append(f"{field}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def build(cls: type[C], data: dict[str, Any]) -> C:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(f"invalid {cls.__name__}: {format_errors(err)}") from None
+
+
+def load_config(cls: type[C], path: Path | None, overrides: list[str] | None = None) -> C:
+    """The config of `cls` from a YAML file (optional) plus `key=value` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of fields")
+        data = loaded
+    return build(cls, deep_merge(data, parse_overrides(overrides or [])))

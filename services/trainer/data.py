@@ -1,0 +1,196 @@
+"""Training data for the stages, in TRL's conversational formats.
+
+Every prompt becomes a list of chat messages and every response an assistant message, so
+the chat template is applied in training exactly as the Generation service applies it
+when serving.
+
+Preferences come from the preference store (through `tuneloop.feedback.snapshot`, the
+store's public reader) or, for tests and offline work, from a JSONL file or saved dataset
+with prompt/chosen/rejected columns. Each load reports the snapshot it read: the Kafka
+offsets (store) or the file's hash (file), which is the model's lineage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuneloop.trainer.config import ConfigError, PreferenceSource
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from datasets import Dataset
+
+Messages = list[dict[str, str]]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        raise ConfigError(f"data file {path} does not exist") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}:{number}: not JSON: {err}") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number}: expected a JSON object")
+        rows.append(row)
+    if not rows:
+        raise ConfigError(f"data file {path} has no rows")
+    return rows
+
+
+def as_messages(prompt: Any, where: str) -> Messages:
+    """A prompt given as text or as chat messages, as chat messages."""
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list | tuple) or hasattr(prompt, "tolist"):
+        messages = list(prompt)
+        if messages and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
+            return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    raise ConfigError(f"{where}: a prompt is a string or a non-empty list of {{role, content}} messages")
+
+
+def as_reply(response: Any, where: str) -> Messages:
+    if isinstance(response, str):
+        return [{"role": "assistant", "content": response}]
+    messages = as_messages(response, where)
+    if len(messages) != 1 or messages[0]["role"] != "assistant":
+        raise ConfigError(f"{where}: a response is a string or one assistant message")
+    return messages
+
+
+def sft_dataset(path: Path) -> Dataset:
+    """{'messages': [...]} rows -> prompt/completion rows (the loss falls on the completion)."""
+    from datasets import Dataset
+
+    out = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        where = f"{path}: row {i}"
+        messages = as_messages(row.get("messages"), where)
+        if len(messages) < 2 or messages[-1]["role"] != "assistant":
+            raise ConfigError(f"{where}: messages must end with the ideal assistant reply after a prompt")
+        out.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return Dataset.from_list(out)
+
+
+def prompt_rows(path: Path) -> list[Messages]:
+    """Prompts from JSONL rows holding 'prompt' (text or messages) or 'messages'."""
+    prompts = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        value = row.get("prompt", row.get("messages"))
+        prompts.append(as_messages(value, f"{path}: row {i}"))
+    return prompts
+
+
+def prompt_dataset(prompts: list[Messages]) -> Dataset:
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": p} for p in prompts])
+
+
+@dataclass
+class PreferenceData:
+    """Preference rows of one snapshot, before the trainer's tie/both-bad policies."""
+
+    rows: pd.DataFrame
+    source: str  # where they came from: a snapshot id or a file path
+    offsets: dict[str, dict[int, int]] = field(default_factory=dict)  # topic -> partition -> offset
+    sha256: str | None = None  # of a file source
+
+    def lineage(self) -> dict[str, Any]:
+        return {"source": self.source, "sha256": self.sha256, "rows": len(self.rows)}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def load_preferences(source: PreferenceSource) -> PreferenceData:
+    import pandas as pd
+
+    if source.store_root is not None:
+        from tuneloop.feedback import snapshot as store
+
+        if source.snapshot == "latest":
+            offsets = store.current_snapshot(source.store_root)
+            snap_id = store.snapshot_id(source.store_root, offsets)
+        else:
+            snap_id, offsets = source.snapshot, store.parse_snapshot(source.snapshot)
+        rows = store.load_rows(source.store_root, offsets)
+        topic = snap_id.rsplit("@", 1)[0]
+        return PreferenceData(rows=rows, source=snap_id, offsets={topic: dict(offsets)})
+    path = Path(source.path)  # type: ignore[arg-type]
+    if path.is_dir():
+        from datasets import load_from_disk
+
+        rows = load_from_disk(str(path)).to_pandas()
+    elif path.is_file():
+        rows = pd.DataFrame(read_jsonl(path))
+    else:
+        raise ConfigError(f"preferences.path: {path} does not exist")
+    missing = {"prompt", "chosen", "rejected"} - set(rows.columns)
+    if missing:
+        raise ConfigError(f"preferences.path: {path} lacks column(s) {sorted(missing)}")
+    return PreferenceData(rows=rows, source=str(path), sha256=_file_sha256(path))
+
+
+def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str) -> Dataset:
+    """Preference pairs in TRL's format.
+
+    Store rows go through the store's own exporter (chat prompts: conversational format;
+    raw prompts: plain strings, as served). Its kept ties and both-bad rows carry a `label`
+    that DPO's loss cannot read, so only preferences are trained on. File rows are
+    conversational: a string prompt is one user message, a string response one assistant
+    message.
+    """
+    from datasets import Dataset
+
+    rows = data.rows
+    if "row_id" in rows.columns and "prompt_raw" in rows.columns:
+        from tuneloop.feedback.snapshot import to_trl_dataset
+
+        try:
+            dataset = to_trl_dataset(rows, tie_policy, both_bad_policy)  # type: ignore[arg-type]
+        except ValueError as err:
+            raise ConfigError(f"preferences: {err}") from None
+        dataset = dataset.filter(lambda r: r["label"] == "preference")
+        dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
+    else:
+        records = rows.to_dict("records")
+        if "label" in rows.columns:
+            records = [r for r in records if r["label"] == "preference"]
+        out = []
+        for i, r in enumerate(records, 1):
+            where = f"{data.source}: row {i}"
+            out.append(
+                {
+                    "prompt": as_messages(r["prompt"], where),
+                    "chosen": as_reply(r["chosen"], where),
+                    "rejected": as_reply(r["rejected"], where),
+                }
+            )
+        dataset = Dataset.from_list(out)
+    if len(dataset) == 0:
+        raise ConfigError(f"{data.source}: no preference pairs to train on")
+    return dataset
+
+
+def unique_prompts(dataset: Dataset) -> list[Any]:
+    """The distinct prompts of a preference dataset, first-seen order (online RL's prompt set)."""
+    seen: dict[str, Any] = {}
+    for prompt in dataset["prompt"]:
+        seen.setdefault(json.dumps(prompt, sort_keys=True), prompt)
+    return list(seen.values())

@@ -1,0 +1,136 @@
+"""Evaluating a model folder on a criteria file: greedy answers (transformers, batched,
+left padding), the checks of `criteria.py`, reward scores, and KL to a reference model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tuneloop.trainer import criteria as cr
+from tuneloop.trainer.modeling import load_policy, load_tokenizer
+from tuneloop.trainer.rewards import RewardFunc
+
+log = logging.getLogger(__name__)
+
+Messages = list[dict[str, str]]
+
+
+def _messages(prompt: str, spec: cr.Generation) -> Messages:
+    system = [{"role": "system", "content": spec.system_prompt}] if spec.system_prompt else []
+    return [*system, {"role": "user", "content": prompt}]
+
+
+def _encode(tokenizer: Any, prompts: list[Messages]) -> dict[str, torch.Tensor]:
+    if tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    texts = ["\n".join(m["content"] for m in p) for p in prompts]
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> list[tuple[str, list[int]]]:
+    """Greedy (answer text, answer token ids) per prompt; token ids stop at the first eos."""
+    out: list[tuple[str, list[int]]] = []
+    eos = tokenizer.eos_token_id
+    for start in range(0, len(prompts), spec.batch_size):
+        enc = _encode(tokenizer, prompts[start : start + spec.batch_size]).to(model.device)
+        generated = model.generate(
+            **enc,
+            do_sample=False,
+            max_new_tokens=spec.max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
+        for row in generated[:, enc["input_ids"].shape[1] :].tolist():
+            ids = row[: row.index(eos) + 1] if eos in row else row
+            answer = [t for t in ids if t != tokenizer.pad_token_id]
+            out.append((tokenizer.decode(answer, skip_special_tokens=True).strip(), answer))
+    return out
+
+
+@torch.no_grad()
+def kl_to_reference(
+    model: Any, reference: Any, tokenizer: Any, prompts: list[Messages], answers: list[list[int]], batch_size: int
+) -> float:
+    """Mean over answers of sum_t KL(model(.|x, y<t) || reference(.|x, y<t)): exact per-token KL
+    on the model's own greedy answers, in nats per answer."""
+    total = 0.0
+    for start in range(0, len(prompts), batch_size):
+        enc = _encode(tokenizer, prompts[start : start + batch_size])
+        chunk = answers[start : start + batch_size]
+        width = max(len(a) for a in chunk) or 1
+        pad = tokenizer.pad_token_id
+        resp = torch.tensor([a + [pad] * (width - len(a)) for a in chunk])
+        resp_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in chunk])
+        ids = torch.cat([enc["input_ids"], resp], dim=1).to(model.device)
+        mask = torch.cat([enc["attention_mask"], resp_mask], dim=1).to(model.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        p_len = enc["input_ids"].shape[1]
+        logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1)
+        logq = torch.log_softmax(
+            reference(input_ids=ids, attention_mask=mask, position_ids=positions).logits.float(), -1
+        )
+        sl = slice(p_len - 1, ids.shape[1] - 1)
+        kl = (logp[:, sl].exp() * (logp[:, sl] - logq[:, sl])).sum(-1) * resp_mask.to(model.device)
+        total += float(kl.sum())
+    return total / len(prompts)
+
+
+def evaluate(
+    model_dir: Path | str,
+    criteria: cr.Criteria | Path | str,
+    *,
+    reward_func: RewardFunc | None = None,
+    reference_dir: Path | str | None = None,
+) -> dict[str, Any]:
+    """Answers and measurements of `model_dir` on `criteria` (a JSON-able dict).
+
+    `reward_func` scores the held-out answers (for the win rate), `reference_dir` is the
+    model to measure KL against (the parent).
+    """
+    started = time.monotonic()
+    spec = criteria if isinstance(criteria, cr.Criteria) else cr.load_criteria(Path(criteria))
+    tokenizer = load_tokenizer(Path(model_dir), padding_side="left")
+    model = load_policy(Path(model_dir)).eval()
+
+    held = [_messages(p, spec.generation) for p in spec.held_out_prompts]
+    probes = [_messages(p.prompt, spec.generation) for p in spec.probes.items]
+    answers = generate(model, tokenizer, held + probes, spec.generation)
+    held_answers, probe_answers = answers[: len(held)], answers[len(held) :]
+    texts = [a for a, _ in held_answers]
+
+    rewards: list[float | None] = [None] * len(texts)
+    if reward_func is not None:
+        rewards = [float(r) for r in reward_func(held, texts)]
+
+    kl = None
+    if reference_dir is not None:
+        reference = load_policy(Path(reference_dir)).eval()
+        kl = kl_to_reference(model, reference, tokenizer, held, [ids for _, ids in held_answers], spec.generation.batch_size)
+        del reference
+
+    lengths = [len(ids) for _, ids in held_answers]
+    probe_rows = [
+        {"prompt": p.prompt, "expect": p.expect, "output": a, "passed": cr.probe_passes(p, a)}
+        for p, (a, _) in zip(spec.probes.items, probe_answers, strict=True)
+    ]
+    return {
+        "model": str(model_dir),
+        "held_out": [
+            {"prompt": p, "output": a, "tokens": n, "reward": r}
+            for p, a, n, r in zip(spec.held_out_prompts, texts, lengths, rewards, strict=True)
+        ],
+        "probes": probe_rows,
+        "behaviour": {c.name: cr.pass_rate(c, texts) for c in spec.behaviour},
+        "degeneration": cr.degeneration_stats(texts + [a for a, _ in probe_answers], spec.degeneration),
+        "mean_length_tokens": sum(lengths) / len(lengths),
+        "reward_mean": sum(rewards) / len(rewards) if reward_func is not None else None,  # type: ignore[arg-type]
+        "kl_to_reference": kl,
+        "probe_pass_rate": sum(p["passed"] for p in probe_rows) / len(probe_rows) if probe_rows else None,
+        "seconds": round(time.monotonic() - started, 2),
+    }

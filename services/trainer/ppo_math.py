@@ -1,0 +1,182 @@
+"""The arithmetic of classic RLHF PPO (Ziegler et al. 2019; Stiennon et al. 2020), kept pure.
+
+Every function takes `[batch, response_tokens]` tensors and a 0/1 `mask` of the same shape
+that marks real response tokens (padding after the end of a response is 0). Nothing here
+touches a model, so each formula can be checked against numbers worked out by hand
+(tests/test_ppo_math.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+KLEstimator = Literal["k1", "k3"]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    if mask is None:
+        return x.mean()
+    # An all-padding batch has no tokens to average; 0 is the neutral value for a loss.
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Population variance over the masked entries (what `tf.nn.moments` gave the original code)."""
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def whiten(
+    x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Scales `x` to unit variance over the masked entries; centres it unless `shift_mean` is False.
+
+    Rewards are whitened without shifting the mean (a shift would change which answers the
+    policy is pushed towards relative to the KL penalty); advantages are fully whitened.
+    Masked entries come back as 0.
+    """
+    mean = masked_mean(x, mask)
+    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    if not shift_mean:
+        out = out + mean
+    return out if mask is None else out * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens the policy sampled.
+
+    k1 = log p - log q: unbiased, but single samples can be negative.
+    k3 = (q/p - 1) - log(q/p): unbiased, never negative, lower variance (Schulman, "Approximating
+    KL divergence", 2020).
+    """
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k3":
+        log_ratio = ref_logprobs - logprobs
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
+
+
+def token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """Per-token rewards: -kl_coef * KL at every response token, plus the sequence score on the last one."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores * (mask.sum(dim=1) > 0)
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over each masked response.
+
+    The episode ends at the last masked token (the value after it is 0). Returns
+    (advantages, returns = advantages + values), both 0 on padding.
+    """
+    steps = rewards.shape[1]
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(steps)):
+        next_mask = mask[:, t + 1] if t + 1 < steps else torch.zeros_like(mask[:, 0])
+        next_value = values[:, t + 1] * next_mask if t + 1 < steps else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last_gae = (delta + gamma * lam * next_mask * last_gae) * mask[:, t]
+        advantages[:, t] = last_gae
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor  # share of tokens where the clipped term was the one used
+    approx_kl: torch.Tensor  # 0.5 * E[(log ratio)^2]: how far this update moved from the rollout policy
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> PolicyLoss:
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = p/p_old."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return PolicyLoss(
+        loss=masked_mean(torch.maximum(unclipped, clipped), mask),
+        clip_fraction=masked_mean((clipped > unclipped).float(), mask),
+        approx_kl=masked_mean(0.5 * log_ratio**2, mask),
+    )
+
+
+@dataclass(frozen=True)
+class ValueLoss:
+    loss: torch.Tensor
+    clip_fraction: torch.Tensor
+
+
+def clipped_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float = 0.2,
+) -> ValueLoss:
+    """0.5 * mean over tokens of max((v - R)^2, (v_clipped - R)^2), v_clipped within clip_range of v_old."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_loss = (values - returns) ** 2
+    clipped_loss = (clipped_values - returns) ** 2
+    return ValueLoss(
+        loss=0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask),
+        clip_fraction=masked_mean((clipped_loss > unclipped_loss).float(), mask),
+    )
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of each position's next-token distribution, in nats."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        self.value = kl_coef
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        del current_kl, n_steps
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al. (2019), section 2.2: steer the KL coefficient so the observed KL tracks a target.
+
+    e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon)
+    where n_steps is the number of samples (episodes) since the last update.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError("target and horizon must be positive")
+        super().__init__(init_kl_coef)
+        self.target = target
+        self.horizon = horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

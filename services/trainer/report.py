@@ -1,0 +1,155 @@
+"""A retrain run's report: report.json, report.md and plots, all in the run folder."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from tuneloop.trainer.metrics import read_metrics
+
+log = logging.getLogger(__name__)
+
+TRAINING_PLOT = "training.png"
+CRITERIA_PLOT = "criteria.png"
+
+
+def plot_training(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Reward, KL and response length per step (whichever the stage logged)."""
+    series = [k for k in ("reward", "kl", "response_length", "loss") if any(k in r for r in rows)]
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.2 * len(series)), sharex=True, squeeze=False)
+    for ax, key in zip(axes[:, 0], series, strict=True):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", linewidth=1)
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.suptitle("training per step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def plot_criteria(verdict: dict[str, Any], out: Path) -> Path | None:
+    """Before/after value of each measurable criterion, failures in red."""
+    rows = [c for c in verdict["criteria"] if c.get("after") is not None and not c.get("skipped")]
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
+    ys = list(range(len(rows)))
+    ax.barh([y + 0.2 for y in ys], [c["before"] or 0 for c in rows], height=0.4, color="#9aa5b1", label="parent")
+    ax.barh(
+        [y - 0.2 for y in ys],
+        [c["after"] for c in rows],
+        height=0.4,
+        color=["#2f9e44" if c["passed"] else "#e03131" for c in rows],
+        label="candidate",
+    )
+    ax.set_yticks(ys, [c["name"] for c in rows])
+    ax.invert_yaxis()
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("criteria: parent vs candidate (red = fails)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [
+        f"# Retrain run {report['run_id']}",
+        "",
+        f"- status: **{report['status']}**" + (f" — {report['reason']}" if report.get("reason") else ""),
+        f"- parent: {_fmt(report.get('parent'))}",
+        f"- candidate: {_fmt(report.get('candidate'))}",
+        f"- algorithm: {report.get('algorithm')}",
+        f"- data: {_fmt((report.get('data') or {}).get('source'))} ({_fmt((report.get('data') or {}).get('rows'))} rows)",
+        f"- criteria: {report.get('criteria_name')} (sha256 {str(report.get('criteria_sha256'))[:12]})",
+        "",
+    ]
+    gates = report.get("gates")
+    if gates:
+        lines += ["## Gates", "", "| gate | value | bar | result |", "| --- | --- | --- | --- |"]
+        for g in gates["checks"]:
+            result = "skipped" if g.get("skipped") else "pass" if g["passed"] else "FAIL"
+            lines.append(f"| {g['name']} | {_fmt(g.get('value'))} | {_fmt(g.get('bar'))} | {result} |")
+        lines.append("")
+    if report.get("reward_model"):
+        rm = report["reward_model"]
+        lines += [
+            "## Reward model",
+            "",
+            f"{rm.get('ref')}: promoted={rm.get('promoted')}"
+            + (f", refused: {rm['refused_reason']}" if rm.get("refused_reason") else ""),
+            "",
+        ]
+    train = report.get("train")
+    if train:
+        lines += [
+            "## Training",
+            "",
+            f"{train['stage']}: {train['steps']} steps in {train['seconds']} s, mean loss {_fmt(train.get('train_loss'))}"
+            + (f" (resumed from {Path(train['resumed_from']).name})" if train.get("resumed_from") else ""),
+            "",
+        ]
+        if report.get("plots", {}).get("training"):
+            lines += [f"![training]({TRAINING_PLOT})", ""]
+    verdict = report.get("verdict")
+    if verdict:
+        lines += [
+            "## Criteria",
+            "",
+            "| criterion | parent | candidate | required | result | reason |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for c in verdict["criteria"]:
+            result = "skipped" if c.get("skipped") else "pass" if c["passed"] else "FAIL"
+            reason = str(c.get("reason", "")).replace("|", "\\|")
+            lines.append(
+                f"| {c['name']} | {_fmt(c.get('before'))} | {_fmt(c.get('after'))} | {c.get('threshold', '')} | {result} | {reason} |"
+            )
+        lines.append("")
+        if report.get("plots", {}).get("criteria"):
+            lines += [f"![criteria]({CRITERIA_PLOT})", ""]
+    if report.get("error"):
+        lines += ["## Error", "", "```", str(report["error"]), "```", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Writes report.json, report.md and the plots; a plotting failure does not lose the report."""
+    plots: dict[str, str] = {}
+    try:
+        rows = read_metrics(run_dir / "train")
+        if plot_training(rows, run_dir / TRAINING_PLOT):
+            plots["training"] = TRAINING_PLOT
+        if report.get("verdict") and plot_criteria(report["verdict"], run_dir / CRITERIA_PLOT):
+            plots["criteria"] = CRITERIA_PLOT
+    except Exception:  # noqa: BLE001 - the text report matters more than a picture
+        log.exception("plotting the report failed")
+    report = {**report, "plots": plots}
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (run_dir / "report.md").write_text(markdown(report))
+    return report

@@ -1,0 +1,504 @@
+"""The scheduled retrain pipeline: preferences in, a gated candidate out.
+
+    snapshot the preference store
+      -> gates: enough new pairs since production's snapshot; annotator agreement (kappa,
+         percent agreement) and anchor accuracy above their bars
+      -> optional reward-model retrain, with its own held-out gate (reward_stage)
+      -> evaluate the production policy (the parent) on the declared criteria
+      -> DPO (default), PPO, RLOO or GRPO from the parent
+      -> evaluate the candidate; compare with the parent criterion by criterion
+      -> register the candidate (always, with its card), promote it to `production` only
+         when every criterion holds and production is still the parent
+
+Everything a run makes stays in its run folder: config.yaml, the criteria file as
+declared (criteria.yaml, its SHA-256 in state.json), state.json (each finished step and its
+outcome), the training stage's checkpoints and metrics, eval_before.json, eval_after.json,
+verdict.json, report.json, report.md and plots. `production` changes in one place only, the
+last step, so a failed or killed run never changes what is served. A run resumes from its
+folder: finished steps are skipped, training continues from its last checkpoint, the same
+snapshot and the same criteria (a changed criteria file fails the resume).
+
+Outcomes: "promoted"; "refused" (a gate or a criterion said no — a normal result, exit code
+0); "failed" (an error — non-zero exit code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, model_validator
+
+from tuneloop.common.registry import Registry
+from tuneloop.trainer import criteria as cr
+from tuneloop.trainer.config import (
+    ConfigError,
+    DPOParams,
+    MetricsParams,
+    OnlineRLParams,
+    PPOParams,
+    PreferenceSource,
+    Strict,
+    TrainerSettings,
+    build,
+    format_errors,
+)
+from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset, unique_prompts
+from tuneloop.trainer.modeling import FINAL_DIR, registry
+from tuneloop.trainer.report import write_report
+from tuneloop.trainer.stages import STAGE_FILE, StageResult
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.json"
+CONFIG_FILE = "config.yaml"
+CRITERIA_FILE = "criteria.yaml"
+TRAIN_DIR = "train"
+
+# RewardStageConfig fields the pipeline fills in itself.
+_REWARD_OWNED = ("dataset_path", "store_root", "snapshot", "registry_root", "name")
+
+Status = Literal["running", "promoted", "refused", "failed"]
+
+
+class GateParams(Strict):
+    min_new_pairs: int = Field(64, ge=0, description="Preference pairs newer than production's snapshot needed to train.")
+    min_agreement: float | None = Field(
+        0.65, ge=0, le=1, description="Percent agreement among annotators on shared items; unset: not gated."
+    )
+    min_kappa: float | None = Field(0.4, ge=-1, le=1, description="Cohen's/Fleiss' kappa; unset: not gated.")
+    min_anchor_accuracy: float | None = Field(
+        0.8, ge=0, le=1, description="Annotators' accuracy on anchor items (pooled); unset: not gated."
+    )
+    allow_unmeasured: bool = Field(
+        False,
+        description="Pass agreement gates that cannot be measured (no item judged twice, no anchors) "
+        "instead of refusing the run.",
+    )
+
+
+class RetrainConfig(Strict):
+    """The scheduled pipeline's config (YAML; see examples/retrain.yaml)."""
+
+    policy_name: str = Field("policy", description="Registry name of the policy; its `production` is the parent.")
+    reward_name: str = Field("reward", description="Registry name of the reward model.")
+    registry_root: Path | None = Field(None, description="Registry folder; default TUNELOOP_REGISTRY_ROOT.")
+    runs_dir: Path | None = Field(None, description="Where run folders go; default TUNELOOP_TRAINER_RUNS_DIR.")
+    preferences: PreferenceSource = Field(description="Preference store (or file) to snapshot and train on.")
+    criteria: Path = Field(description="Success criteria file, declared for this run (copied and hashed at start).")
+    algorithm: Literal["dpo", "ppo", "rloo", "grpo"] = Field("dpo", description="Policy training algorithm.")
+    dpo: DPOParams = Field(default_factory=DPOParams, description="DPO parameters (algorithm: dpo).")
+    ppo: PPOParams = Field(default_factory=PPOParams, description="PPO parameters (algorithm: ppo).")
+    rloo: OnlineRLParams = Field(default_factory=OnlineRLParams, description="RLOO parameters (algorithm: rloo).")
+    grpo: OnlineRLParams = Field(default_factory=OnlineRLParams, description="GRPO parameters (algorithm: grpo).")
+    gates: GateParams = Field(default_factory=GateParams, description="Data and annotation-quality gates.")
+    reward_model: dict[str, Any] | None = Field(
+        None,
+        description="Retrain the reward model first: RewardStageConfig fields (base_model defaults to "
+        "<reward_name>@production); data, snapshot and registry come from this config. Unset: skip.",
+    )
+    reward_target: str | None = Field(
+        None,
+        description="host:port of the Reward service for online RL and the win-rate criterion; unset: the "
+        "registry's <reward_name>@production scored locally (if there is one).",
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        default_factory=lambda: os.environ.get("TUNELOOP_KAFKA_BOOTSTRAP_SERVERS"),
+        description="Publish ModelEvents to tuneloop.models.v1 on promotion; default "
+        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS; unset: no events (services still poll the registry).",
+    )
+    metrics: MetricsParams = Field(default_factory=MetricsParams, description="Where training gauges go.")
+
+    @model_validator(mode="after")
+    def _reward_stage_valid(self) -> RetrainConfig:
+        if self.reward_model is None:
+            return self
+        owned = sorted(set(self.reward_model) & set(_REWARD_OWNED))
+        if owned:
+            raise ValueError(f"reward_model: {owned} are set by the pipeline")
+        from tuneloop.trainer.reward_stage import RewardStageConfig
+
+        try:
+            RewardStageConfig.model_validate(self._reward_stage_fields(Path("."), "snapshot"))
+        except ValidationError as err:
+            raise ValueError(format_errors(err, prefix="reward_model.")) from None
+        return self
+
+    def _reward_stage_fields(self, run_dir: Path, snapshot: str) -> dict[str, Any]:
+        source = self.preferences
+        data: dict[str, Any] = (
+            {"store_root": source.store_root, "snapshot": snapshot}
+            if source.store_root is not None
+            else {"dataset_path": source.path}
+        )
+        return {
+            "base_model": f"{self.reward_name}@production",
+            "registry_root": self.registry_root,
+            "name": self.reward_name,
+            "work_dir": run_dir,
+            **data,
+            **(self.reward_model or {}),
+        }
+
+    def params(self) -> DPOParams | PPOParams | OnlineRLParams:
+        return getattr(self, self.algorithm)
+
+
+# ---- run folder and its state ------------------------------------------------------------
+
+
+class Run:
+    """A run folder and its state.json (rewritten atomically after every step)."""
+
+    def __init__(self, run_dir: Path, config: RetrainConfig, state: dict[str, Any]) -> None:
+        self.dir = run_dir
+        self.config = config
+        self.state = state
+
+    @classmethod
+    def create(cls, config: RetrainConfig, reg: Registry) -> Run:
+        parent_version = reg.current(config.policy_name, "production")
+        if parent_version is None:
+            raise ConfigError(f"{config.policy_name}@production is not set: nothing to start from")
+        criteria = cr.load_criteria(config.criteria)  # invalid criteria fail before any work
+        run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+        runs_dir = config.runs_dir or TrainerSettings().runs_dir
+        run_dir = Path(runs_dir) / run_id
+        run_dir.mkdir(parents=True)
+        shutil.copyfile(config.criteria, run_dir / CRITERIA_FILE)
+        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        run = cls(
+            run_dir,
+            config,
+            {
+                "run_id": run_id,
+                "status": "running",
+                "started_at": datetime.now(UTC).isoformat(),
+                "algorithm": config.algorithm,
+                # The concrete version: a resumed run continues from the same parent.
+                "parent": f"{config.policy_name}@{parent_version}",
+                "criteria_name": criteria.name,
+                "criteria_sha256": cr.file_sha256(run_dir / CRITERIA_FILE),
+                "steps": {},
+            },
+        )
+        run.save()
+        return run
+
+    @classmethod
+    def open(cls, run_dir: Path) -> Run:
+        state_path = run_dir / STATE_FILE
+        if not state_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run folder (no {STATE_FILE})")
+        state = json.loads(state_path.read_text())
+        config = build(RetrainConfig, yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
+        if cr.file_sha256(run_dir / CRITERIA_FILE) != state["criteria_sha256"]:
+            raise ConfigError(f"{run_dir / CRITERIA_FILE} changed since the run started; criteria are declared once")
+        return cls(run_dir, config, state)
+
+    def save(self) -> None:
+        tmp = self.dir / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(self.state, indent=2, default=str))
+        os.replace(tmp, self.dir / STATE_FILE)
+
+    def step(self, name: str) -> Any:
+        return self.state["steps"].get(name)
+
+    def record(self, name: str, value: Any) -> Any:
+        self.state["steps"][name] = value
+        self.save()
+        return value
+
+    def write_json(self, name: str, value: Any) -> None:
+        (self.dir / name).write_text(json.dumps(value, indent=2, default=str))
+
+    def finish(self, status: Status, reason: str = "", **extra: Any) -> dict[str, Any]:
+        self.state.update(status=status, reason=reason, finished_at=datetime.now(UTC).isoformat(), **extra)
+        self.save()
+        steps = self.state["steps"]
+        report = {
+            **{k: v for k, v in self.state.items() if k != "steps"},
+            "data": steps.get("snapshot"),
+            "gates": steps.get("gates"),
+            "reward_model": steps.get("reward_model"),
+            "train": steps.get("train"),
+            "verdict": steps.get("verdict"),
+            "run_dir": str(self.dir),
+        }
+        write_report(self.dir, report)
+        return {
+            "status": status,
+            "reason": reason,
+            "run_dir": str(self.dir),
+            "parent": self.state["parent"],
+            "candidate": self.state.get("candidate"),
+        }
+
+
+# ---- gates -------------------------------------------------------------------------------
+
+
+def _gate(name: str, value: float | None, bar: float | None, allow_unmeasured: bool, why_unmeasured: str) -> dict[str, Any]:
+    if bar is None:
+        return {"name": name, "value": value, "bar": None, "passed": True, "skipped": True, "reason": "not gated"}
+    if value is None or math.isnan(value):
+        return {
+            "name": name,
+            "value": None,
+            "bar": bar,
+            "passed": allow_unmeasured,
+            "skipped": allow_unmeasured,
+            "reason": f"cannot be measured: {why_unmeasured}",
+        }
+    ok = value >= bar
+    return {
+        "name": name,
+        "value": value,
+        "bar": bar,
+        "passed": ok,
+        "reason": f"{value:.4g} {'>=' if ok else '<'} {bar}",
+    }
+
+
+def count_new_pairs(data: PreferenceData, parent_card: Any) -> int:
+    """Trainable preference rows the parent was not trained on.
+
+    Store rows: those at or past the parent's snapshot offset of their partition. File
+    rows: all of them, unless the parent was trained on the same file (same hash).
+    """
+    rows = data.rows
+    if "label" in rows.columns:
+        rows = rows[rows["label"] == "preference"]
+    if data.offsets and {"partition", "offset"} <= set(rows.columns):
+        (topic,) = data.offsets
+        seen = {int(p): int(o) for p, o in parent_card.dataset_snapshot.get(topic, {}).items()}
+        return int(sum(int(o) >= seen.get(int(p), 0) for p, o in zip(rows["partition"], rows["offset"], strict=True)))
+    trained_on = (parent_card.training_config.get("data") or {}).get("sha256")
+    return 0 if trained_on and trained_on == data.sha256 else len(rows)
+
+
+def check_gates(config: RetrainConfig, data: PreferenceData, parent_card: Any) -> dict[str, Any]:
+    g = config.gates
+    new_pairs = count_new_pairs(data, parent_card)
+    checks = [
+        {
+            "name": "new_pairs",
+            "value": new_pairs,
+            "bar": g.min_new_pairs,
+            "passed": new_pairs >= g.min_new_pairs,
+            "reason": f"{new_pairs} new preference pairs since {parent_card.ref} (need {g.min_new_pairs})",
+        }
+    ]
+    store = config.preferences.store_root
+    if store is None:
+        for name in ("agreement", "kappa", "anchor_accuracy"):
+            checks.append({"name": name, "passed": True, "skipped": True, "reason": "preferences come from a file"})
+    else:
+        from tuneloop.feedback.agreement import report
+
+        quality = report(store)
+        anchored = [a for a in quality.annotators_quality if a.anchors > 0]
+        anchor_accuracy = (
+            sum(a.anchor_accuracy * a.anchors for a in anchored) / sum(a.anchors for a in anchored) if anchored else None
+        )
+        no_overlap = "no item was judged by two annotators"
+        checks += [
+            _gate("agreement", quality.percent_agreement if quality.items else None, g.min_agreement, g.allow_unmeasured, no_overlap),
+            _gate("kappa", quality.kappa if quality.items else None, g.min_kappa, g.allow_unmeasured, no_overlap + " or all labels agree"),
+            _gate("anchor_accuracy", anchor_accuracy, g.min_anchor_accuracy, g.allow_unmeasured, "no anchor judgements"),
+        ]
+    failed = [c for c in checks if not c["passed"]]
+    return {"passed": not failed, "checks": checks, "reason": "; ".join(f"{c['name']}: {c['reason']}" for c in failed)}
+
+
+# ---- the pipeline ------------------------------------------------------------------------
+
+
+def _load_data(run: Run) -> PreferenceData:
+    """The run's snapshot: pinned at the first attempt, identical on resume."""
+    source = run.config.preferences
+    pinned = run.step("snapshot")
+    if pinned is None:
+        data = load_preferences(source)
+        run.record("snapshot", {**data.lineage(), "offsets": data.offsets})
+        return data
+    if source.store_root is not None:
+        return load_preferences(source.model_copy(update={"snapshot": pinned["source"]}))
+    data = load_preferences(source)
+    if data.sha256 != pinned["sha256"]:
+        raise ConfigError(f"preferences.path {source.path} changed since the run started")
+    return data
+
+
+def _reward_func(run: Run, reg: Registry) -> Any:
+    """The reward function for RL and the win rate, pinned to one reward model version per run."""
+    from tuneloop.trainer.config import RewardSource
+    from tuneloop.trainer.rewards import reward_function
+
+    config = run.config
+    if config.reward_target:
+        return reward_function(RewardSource(target=config.reward_target))
+    ref = run.step("reward_ref")
+    if ref is None:
+        names = reg.names()
+        version = reg.current(config.reward_name, "production") if config.reward_name in names else None
+        ref = run.record("reward_ref", f"{config.reward_name}@{version}" if version else "")
+    if not ref:
+        return None
+    return reward_function(RewardSource(model=ref), config.registry_root)
+
+
+def _train(run: Run, reg: Registry, dataset: Any, reward: Any) -> dict[str, Any]:
+    from tuneloop.trainer import stages
+
+    config, out = run.config, run.dir / TRAIN_DIR
+    if (out / STAGE_FILE).is_file() and (out / FINAL_DIR).is_dir():
+        return json.loads((out / STAGE_FILE).read_text())  # finished before a kill hit the state write
+    metrics = config.metrics.model_copy(update={"run_label": config.metrics.run_label or run.state["run_id"]})
+    parent, common = run.state["parent"], {"registry_root": config.registry_root, "metrics": metrics, "resume": True}
+    result: StageResult
+    if config.algorithm == "dpo":
+        result = stages.run_dpo_on(config.dpo, parent, dataset, out, **common)
+    else:
+        if reward is None:
+            raise ConfigError(f"{config.algorithm} needs rewards: set reward_target or register {config.reward_name}@production")
+        prompts = unique_prompts(dataset)
+        if config.algorithm == "ppo":
+            from tuneloop.trainer.ppo import run_ppo_on
+
+            result = run_ppo_on(config.ppo, parent, prompts, reward, out, **common)
+        else:
+            result = stages.run_online_rl_on(config.algorithm, config.params(), parent, prompts, reward, out, **common)  # type: ignore[arg-type]
+    return result.__dict__
+
+
+def _register(run: Run, reg: Registry, parent_card: Any, data: PreferenceData, verdict: cr.Verdict) -> str:
+    """Registers the candidate once per run, even if a kill hit between registering and recording it."""
+    config = run.config
+    run_id = run.state["run_id"]
+    for card in reg.list(config.policy_name):
+        if card.training_config.get("run_id") == run_id:
+            return card.ref
+    after = json.loads((run.dir / "eval_after.json").read_text())
+    card = reg.register(
+        config.policy_name,
+        run.dir / TRAIN_DIR / FINAL_DIR,
+        kind="policy",
+        parent=parent_card.ref,
+        dataset_snapshot=data.offsets,
+        training_config={
+            "run_id": run_id,
+            "algorithm": config.algorithm,
+            "params": config.params().model_dump(mode="json"),
+            "data": data.lineage(),
+            "criteria": {"name": run.state["criteria_name"], "sha256": run.state["criteria_sha256"]},
+            "reward": run.step("reward_ref") or config.reward_target,
+        },
+        metrics={
+            "verdict": verdict.model_dump(),
+            "eval": {k: after[k] for k in ("behaviour", "degeneration", "mean_length_tokens", "reward_mean", "kl_to_reference", "probe_pass_rate")},
+            "train": run.step("train"),
+            "gates": run.step("gates"),
+        },
+        description=f"{config.algorithm} of {parent_card.ref} on {data.source}: "
+        + ("criteria hold" if verdict.passed else "refused: " + verdict.summary()),
+    )
+    return card.ref
+
+
+def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
+    from tuneloop.trainer.evaluate import evaluate
+
+    config = run.config
+    criteria = cr.load_criteria(run.dir / CRITERIA_FILE)
+    parent = run.state["parent"]
+    parent_card = reg.card(parent)
+    parent_dir = reg.resolve(parent)
+
+    data = _load_data(run)
+    gates = run.step("gates") or run.record("gates", check_gates(config, data, parent_card))
+    if not gates["passed"]:
+        return run.finish("refused", f"gates: {gates['reason']}")
+    dataset = to_dpo_dataset(data, config.preferences.tie_policy, config.preferences.both_bad_policy)
+
+    if config.reward_model is not None and run.step("reward_model") is None:
+        from tuneloop.trainer.reward_stage import RewardStageConfig, run as run_reward_stage
+
+        fields = config._reward_stage_fields(run.dir / "reward", data.source)
+        (run.dir / "reward").mkdir(exist_ok=True)
+        result = run_reward_stage(build(RewardStageConfig, fields))
+        run.record("reward_model", {k: result[k] for k in ("ref", "version", "promoted", "refused_reason")} | {"metrics": result["metrics"]})
+    reward_stage = run.step("reward_model")
+    if reward_stage and not reward_stage["promoted"] and config.algorithm != "dpo":
+        return run.finish("refused", f"reward model {reward_stage['ref']} failed its gate: {reward_stage['refused_reason']}")
+
+    reward = _reward_func(run, reg)
+    if run.step("eval_before") is None:
+        run.write_json("eval_before.json", evaluate(parent_dir, criteria, reward_func=reward))
+        run.record("eval_before", "eval_before.json")
+
+    if run.step("train") is None:
+        run.record("train", _train(run, reg, dataset, reward))
+    candidate_dir = run.dir / TRAIN_DIR / FINAL_DIR
+
+    if run.step("eval_after") is None:
+        run.write_json("eval_after.json", evaluate(candidate_dir, criteria, reward_func=reward, reference_dir=parent_dir))
+        run.record("eval_after", "eval_after.json")
+
+    before = json.loads((run.dir / "eval_before.json").read_text())
+    after = json.loads((run.dir / "eval_after.json").read_text())
+    verdict = cr.compare(before, after, criteria)
+    run.write_json("verdict.json", verdict.model_dump())
+    run.record("verdict", verdict.model_dump())
+
+    candidate = run.step("register") or run.record("register", _register(run, reg, parent_card, data, verdict))
+    run.state["candidate"] = candidate
+    if not verdict.passed:
+        return run.finish("refused", f"criteria: {verdict.summary()}")
+    current = reg.current(config.policy_name, "production")
+    if f"{config.policy_name}@{current}" != parent:
+        return run.finish("refused", f"production moved from {parent} to {config.policy_name}@{current} during the run")
+    reg.promote(config.policy_name, candidate.split("@", 1)[1], "production")
+    log.info("promoted", extra={"fields": {"candidate": candidate, "parent": parent}})
+    return run.finish("promoted")
+
+
+def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = None) -> dict[str, Any]:
+    """Runs (or resumes) one retrain; returns the outcome. Errors are recorded in the run, then raised."""
+    if (config is None) == (resume is None):
+        raise ConfigError("give a config for a new run or --resume RUN_DIR, not both")
+    if resume is not None:
+        run_config = Run.open(Path(resume)).config
+    else:
+        assert config is not None
+        run_config = config
+    events = None
+    if run_config.kafka_bootstrap_servers:
+        from tuneloop.trainer.events import KafkaModelEvents
+
+        root = run_config.registry_root or registry().root
+        events = KafkaModelEvents(run_config.kafka_bootstrap_servers, str(root))
+    reg = registry(run_config.registry_root)
+    reg.on_event = events
+    run = Run.open(Path(resume)) if resume is not None else Run.create(run_config, reg)
+    if run.state["status"] in ("promoted", "refused"):
+        log.info("run already finished", extra={"fields": {"status": run.state["status"]}})
+        return run.finish(run.state["status"], run.state.get("reason", ""))
+    run.state.update(status="running", reason="")
+    run.save()
+    try:
+        return _pipeline(run, reg)
+    except BaseException as err:
+        run.finish("failed", f"{type(err).__name__}: {err}", error=repr(err))
+        raise
+    finally:
+        if events is not None:
+            events.close()

@@ -1,0 +1,238 @@
+"""The TRL-backed stages: SFT, DPO, and RLOO/GRPO.
+
+Each stage trains in `output_dir/checkpoints/` (HF Trainer checkpoints, resumable), logs
+every step to `output_dir/metrics.jsonl` and the trainer gauges, and writes the final
+model to `output_dir/model/` in one rename; `output_dir/stage.json` says it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from tuneloop.trainer.config import (
+    ConfigError,
+    DPOParams,
+    DPOStageConfig,
+    MetricsParams,
+    OnlineRLParams,
+    OnlineRLStageConfig,
+    SFTStageConfig,
+    TrainParams,
+)
+from tuneloop.trainer.data import prompt_dataset, prompt_rows, sft_dataset
+from tuneloop.trainer.metrics import MetricsCallback, StepMetrics
+from tuneloop.trainer.modeling import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    last_checkpoint,
+    load_policy,
+    load_tokenizer,
+    lora_config,
+    resolve,
+    save_final,
+    trl_args,
+)
+from tuneloop.trainer.rewards import RewardFunc, reward_function
+
+log = logging.getLogger(__name__)
+
+STAGE_FILE = "stage.json"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    model_dir: str
+    steps: int
+    train_loss: float | None
+    seconds: float
+    resumed_from: str | None
+
+    def write(self, output_dir: Path) -> None:
+        (output_dir / STAGE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+
+def checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from; refuses to silently train over an earlier run's."""
+    found = last_checkpoint(output_dir / CHECKPOINTS_DIR)
+    if found is not None and not resume:
+        raise ConfigError(
+            f"output_dir: {output_dir} already holds checkpoints ({found.name}); resume it or choose a new folder"
+        )
+    return found
+
+
+def _train(
+    stage: str,
+    trainer: Any,
+    tokenizer: Any,
+    output_dir: Path,
+    resume: bool,
+) -> StageResult:
+    from transformers import PrinterCallback
+
+    # Steps are logged as JSON by MetricsCallback; the printer would repeat them as Python dicts.
+    trainer.remove_callback(PrinterCallback)
+    started = time.monotonic()
+    checkpoint = checkpoint_to_resume(output_dir, resume)
+    if checkpoint is not None:
+        log.info("resuming %s from %s", stage, checkpoint)
+    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    model_dir = save_final(trainer.model, tokenizer, output_dir / FINAL_DIR)
+    result = StageResult(
+        stage=stage,
+        model_dir=str(model_dir),
+        steps=int(out.global_step),
+        train_loss=float(out.training_loss) if out.training_loss is not None else None,
+        seconds=round(time.monotonic() - started, 2),
+        resumed_from=str(checkpoint) if checkpoint else None,
+    )
+    result.write(output_dir)
+    return result
+
+
+def _setup(params: TrainParams, model_ref: str, output_dir: Path, registry_root: Path | None) -> tuple[Any, Any]:
+    from transformers import set_seed
+
+    set_seed(params.seed)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = resolve(model_ref, registry_root)
+    return load_policy(path), load_tokenizer(path)
+
+
+def run_sft(config: SFTStageConfig, *, resume: bool = False) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+
+    dataset = sft_dataset(config.data)
+    model, tokenizer = _setup(config, config.model, config.output_dir, config.registry_root)
+    args = trl_args(
+        SFTConfig,
+        config,
+        config.output_dir,
+        max_length=config.max_length,
+        completion_only_loss=config.completion_only_loss,
+        packing=False,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(config.lora),
+        callbacks=[MetricsCallback(StepMetrics(config.output_dir, "sft", config.metrics))],
+    )
+    return _train("sft", trainer, tokenizer, config.output_dir, resume)
+
+
+def run_dpo_on(
+    params: DPOParams,
+    model_ref: str,
+    dataset: Any,
+    output_dir: Path,
+    *,
+    registry_root: Path | None = None,
+    metrics: MetricsParams | None = None,
+    resume: bool = False,
+) -> StageResult:
+    """DPO of `model_ref` on a TRL preference dataset (also the retrain pipeline's default)."""
+    from trl import DPOConfig, DPOTrainer
+
+    model, tokenizer = _setup(params, model_ref, output_dir, registry_root)
+    ref_model = load_policy(resolve(params.reference, registry_root)) if params.reference else None
+    loss_type = params.loss_type if isinstance(params.loss_type, list) else [params.loss_type]
+    args = trl_args(
+        DPOConfig,
+        params,
+        output_dir,
+        beta=params.beta,
+        loss_type=loss_type,
+        label_smoothing=params.label_smoothing,
+        max_length=params.max_length,
+    )
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(params.lora),
+        callbacks=[MetricsCallback(StepMetrics(output_dir, "dpo", metrics))],
+    )
+    return _train("dpo", trainer, tokenizer, output_dir, resume)
+
+
+def run_dpo(config: DPOStageConfig, *, resume: bool = False) -> StageResult:
+    from tuneloop.trainer.data import load_preferences, to_dpo_dataset
+
+    pref = config.preferences
+    dataset = to_dpo_dataset(load_preferences(pref), pref.tie_policy, pref.both_bad_policy)
+    return run_dpo_on(
+        config,
+        config.model,
+        dataset,
+        config.output_dir,
+        registry_root=config.registry_root,
+        metrics=config.metrics,
+        resume=resume,
+    )
+
+
+Algorithm = Literal["rloo", "grpo"]
+
+
+def run_online_rl_on(
+    algorithm: Algorithm,
+    params: OnlineRLParams,
+    model_ref: str,
+    prompts: list[Any],
+    reward: RewardFunc,
+    output_dir: Path,
+    *,
+    registry_root: Path | None = None,
+    metrics: MetricsParams | None = None,
+    resume: bool = False,
+) -> StageResult:
+    """RLOO or GRPO (TRL) of `model_ref` on `prompts`, rewarded by `reward`."""
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
+    model, tokenizer = _setup(params, model_ref, output_dir, registry_root)
+    args = trl_args(
+        config_cls,
+        params,
+        output_dir,
+        beta=params.beta,
+        epsilon=params.epsilon,
+        num_generations=params.num_generations,
+        max_completion_length=params.max_completion_length,
+        temperature=params.temperature,
+    )
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=prompt_dataset(prompts),
+        processing_class=load_tokenizer(resolve(model_ref, registry_root), padding_side="left"),
+        peft_config=lora_config(params.lora),
+        callbacks=[MetricsCallback(StepMetrics(output_dir, algorithm, metrics))],
+    )
+    return _train(algorithm, trainer, tokenizer, output_dir, resume)
+
+
+def run_online_rl(algorithm: Algorithm, config: OnlineRLStageConfig, *, resume: bool = False) -> StageResult:
+    return run_online_rl_on(
+        algorithm,
+        config,
+        config.model,
+        prompt_rows(config.prompts),
+        reward_function(config.reward, config.registry_root),
+        config.output_dir,
+        registry_root=config.registry_root,
+        metrics=config.metrics,
+        resume=resume,
+    )

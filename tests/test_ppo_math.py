@@ -1,0 +1,102 @@
+"""PPO arithmetic against numbers worked out by hand (the working is in each comment)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tuneloop.trainer import ppo_math as pm
+
+
+def t(*rows: list[float]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_gae_single_episode() -> None:
+    # gamma=1, lam=0.5; deltas: t2 = 1 - 0.7 = 0.3, t1 = 0.7 - 0.6 = 0.1, t0 = 0.6 - 0.5 = 0.1
+    # A2 = 0.3, A1 = 0.1 + 0.5 * 0.3 = 0.25, A0 = 0.1 + 0.5 * 0.25 = 0.225
+    adv, ret = pm.gae(t([0, 0, 1]), t([0.5, 0.6, 0.7]), t([1, 1, 1]), gamma=1.0, lam=0.5)
+    assert adv[0].tolist() == pytest.approx([0.225, 0.25, 0.3])
+    assert ret[0].tolist() == pytest.approx([0.725, 0.85, 1.0])
+
+
+def test_gae_stops_at_padding() -> None:
+    # gamma=0.9, lam=1; the third token is padding, so the episode ends after t1:
+    # A1 = 2 - 1 = 1, A0 = (0 + 0.9 * 1 - 1) + 0.9 * 1 = 0.8; padding values must not leak in.
+    adv, ret = pm.gae(t([0, 2, 99]), t([1, 1, 99]), t([1, 1, 0]), gamma=0.9, lam=1.0)
+    assert adv[0].tolist() == pytest.approx([0.8, 1.0, 0.0])
+    assert ret[0].tolist() == pytest.approx([1.8, 2.0, 0.0])
+
+
+def test_whiten_masked() -> None:
+    # mean of (1, 2, 3) is 2, population variance 2/3, so (x - 2) / sqrt(2/3)
+    s = 1 / math.sqrt(2 / 3)
+    out = pm.whiten(t([1, 2, 3, 40]), t([1, 1, 1, 0]))
+    assert out[0].tolist() == pytest.approx([-s, 0.0, s, 0.0], abs=1e-6)
+    kept = pm.whiten(t([1, 2, 3, 40]), t([1, 1, 1, 0]), shift_mean=False)
+    assert kept[0].tolist() == pytest.approx([2 - s, 2.0, 2 + s, 0.0], abs=1e-6)
+
+
+def test_kl_estimators() -> None:
+    lp, ref = t([math.log(0.5)]), t([math.log(0.25)])
+    # k1 = log(0.5 / 0.25) = log 2
+    assert pm.kl_penalty(lp, ref, "k1").item() == pytest.approx(math.log(2))
+    # k3 with q/p = 0.5: (0.5 - 1) - log 0.5 = 0.19315
+    assert pm.kl_penalty(lp, ref, "k3").item() == pytest.approx(-0.5 + math.log(2))
+    # k3 is never negative, even where k1 is
+    assert pm.kl_penalty(ref, lp, "k1").item() < 0 < pm.kl_penalty(ref, lp, "k3").item()
+    with pytest.raises(ValueError, match="k2"):
+        pm.kl_penalty(lp, ref, "k2")  # type: ignore[arg-type]
+
+
+def test_token_rewards_put_score_on_last_real_token() -> None:
+    kl = t([0.1, 0.2, 0.3], [0.5, 0.5, 0.0])
+    rewards = pm.token_rewards(t([1.0, 2.0])[0], kl, t([1, 1, 1], [1, 1, 0]), kl_coef=0.1)
+    assert rewards.tolist()[0] == pytest.approx([-0.01, -0.02, 0.97])
+    assert rewards.tolist()[1] == pytest.approx([-0.05, 1.95, 0.0])
+
+
+def test_clipped_policy_loss() -> None:
+    # r = 1.5, A = 1: max(-1.5, -1.2) = -1.2 (clipped); r = 0.5, A = -1: max(0.5, 0.8) = 0.8 (clipped)
+    out = pm.clipped_policy_loss(
+        t([math.log(1.5), math.log(0.5)]), t([0.0, 0.0]), t([1.0, -1.0]), t([1, 1]), clip_range=0.2
+    )
+    assert out.loss.item() == pytest.approx((-1.2 + 0.8) / 2)
+    assert out.clip_fraction.item() == pytest.approx(1.0)
+    assert out.approx_kl.item() == pytest.approx(0.25 * (math.log(1.5) ** 2 + math.log(0.5) ** 2))
+    # r = 0.5, A = 1: max(-0.5, -0.8) = -0.5, the unclipped term; the masked token is ignored
+    out = pm.clipped_policy_loss(t([math.log(0.5), 5.0]), t([0.0, 0.0]), t([1.0, 7.0]), t([1, 0]))
+    assert out.loss.item() == pytest.approx(-0.5)
+    assert out.clip_fraction.item() == 0.0
+
+
+def test_clipped_value_loss() -> None:
+    # token 1: v=2 clipped to 1.5 (old 1, range 0.5); (2-3)^2 = 1 < (1.5-3)^2 = 2.25 -> 2.25
+    # token 2: unchanged, (0-1)^2 = 1 either way; loss = 0.5 * (2.25 + 1) / 2
+    out = pm.clipped_value_loss(t([2.0, 0.0]), t([1.0, 0.0]), t([3.0, 1.0]), t([1, 1]), clip_range=0.5)
+    assert out.loss.item() == pytest.approx(0.8125)
+    assert out.clip_fraction.item() == pytest.approx(0.5)
+
+
+def test_entropy_of_uniform_is_log_n() -> None:
+    assert pm.entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4))
+
+
+def test_adaptive_kl_controller() -> None:
+    # error clipped to +0.2: 0.2 * (1 + 0.2 * 256 / 10000) = 0.201024
+    ctl = pm.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(9.0, n_steps=256)
+    assert ctl.value == pytest.approx(0.201024)
+    # error 6.6/6 - 1 = 0.1, not clipped
+    ctl = pm.AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    ctl.update(6.6, n_steps=256)
+    assert ctl.value == pytest.approx(0.2 * (1 + 0.1 * 0.0256))
+    # KL far below target: error clipped to -0.2, coefficient shrinks
+    ctl.load_state_dict({"value": 0.2})
+    ctl.update(0.0, n_steps=256)
+    assert ctl.value == pytest.approx(0.2 * (1 - 0.2 * 0.0256))
+    fixed = pm.FixedKLController(0.05)
+    fixed.update(100.0, 256)
+    assert fixed.value == 0.05
