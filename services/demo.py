@@ -396,7 +396,7 @@ class Demo:
 
     def results(self, run_dir: Path, agreement: Table, live: list, seconds: float) -> None:
         report = json.loads((run_dir / "report.json").read_text())
-        console.print(_before_after_table(report))
+        console.print(_before_after_table(run_dir))
         console.print(_criteria_table(report))
         console.print(agreement)
         live_table = Table(title="Served now, through the gateway (greedy)")
@@ -427,23 +427,32 @@ def _progress() -> Progress:
                     console=console)
 
 
-def _before_after_table(report: dict) -> Table:
+def _before_after_table(run_dir: Path) -> Table:
     table = Table(title="Held-out answers, before and after (greedy)")
     for col in ("prompt", "before", "after"):
         table.add_column(col, overflow="fold")
-    for s in report.get("samples", [])[:8]:
-        table.add_row(s["prompt"], s["before"], s["after"])
+    for prompt, before, after in held_out_pairs(run_dir)[:8]:
+        table.add_row(prompt, before, after)
     return table
 
 
+def held_out_pairs(run_dir: Path) -> list[tuple[str, str, str]]:
+    """(prompt, parent's answer, candidate's answer) from a retrain run's evaluations."""
+    files = [run_dir / "eval_before.json", run_dir / "eval_after.json"]
+    if not all(f.exists() for f in files):
+        return []
+    before, after = (json.loads(f.read_text())["held_out"] for f in files)
+    return [(b["prompt"], b["output"], a["output"]) for b, a in zip(before, after, strict=True)]
+
+
 def _criteria_table(report: dict) -> Table:
-    verdict = report.get("verdict", {})
-    table = Table(title=f"Success criteria: {'PROMOTED' if verdict.get('promoted') else 'REFUSED'}")
-    for col in ("criterion", "before", "after", "bar", "holds"):
+    verdict = report.get("verdict") or {}
+    table = Table(title=f"Success criteria — run {report.get('status', '?').upper()} {report.get('reason', '')}")
+    for col in ("criterion", "before", "after", "required", "holds"):
         table.add_column(col)
     for c in verdict.get("criteria", []):
-        table.add_row(str(c.get("name")), _fmt(c.get("before")), _fmt(c.get("after")), str(c.get("bar", "")),
-                      "yes" if c.get("passed") else "NO")
+        holds = "skipped" if c.get("skipped") else ("yes" if c.get("passed") else "NO")
+        table.add_row(str(c.get("name")), _fmt(c.get("before")), _fmt(c.get("after")), str(c.get("threshold", "")), holds)
     return table
 
 

@@ -296,4 +296,11 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         if runs.resolve() not in path.parents or not path.exists():
             raise ApiError(404, f"no report for run {run!r}", "not_found_error", "run")
         report = json.loads(path.read_text())
-        return {"run": run, "verdict": report.get("verdict"), "samples": report.get("samples", [])}
+        evals = [path.parent / "eval_before.json", path.parent / "eval_after.json"]
+        samples = []
+        if all(e.exists() for e in evals):
+            before, after = (json.loads(e.read_text())["held_out"] for e in evals)
+            samples = [{"prompt": b["prompt"], "before": b["output"], "after": a["output"]}
+                       for b, a in zip(before, after, strict=True)]
+        return {"run": run, "status": report.get("status"), "reason": report.get("reason", ""),
+                "verdict": report.get("verdict"), "samples": samples}
