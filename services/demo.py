@@ -38,6 +38,7 @@ BEHAVIOUR = re.compile(r"^\s*TL;DR:", re.IGNORECASE)
 SEED = 7
 MAX_TOKENS = 64  # answers are cut here, in the demonstrations, the comparisons and the evaluation
 CONCURRENCY = 16
+ANCHOR_BAR = 0.7  # annotators below this accuracy on anchors leave the queue after calibration
 
 
 @dataclass(frozen=True)
@@ -145,9 +146,7 @@ class Demo:
 
             self.step("5/8 The app: A/B comparisons through the gateway, feedback from users and annotators")
             comparisons = self.app_traffic(traffic)
-            sent = self.annotate(comparisons)
-            self.wait_for_store(sent)
-            agreement = self.agreement_table()
+            agreement = self.annotate(comparisons)
 
             self.step("6/8 Scheduled retrain: gates → reward model → DPO → criteria → promotion")
             criteria = self.write_criteria(held_out)
@@ -253,43 +252,62 @@ class Demo:
 
         return _concurrently(compare, prompts, "A/B comparisons, production vs candidate")
 
-    def annotate(self, comparisons: list[dict]) -> int:
-        """The annotator pool judges every pair: a calibration round everyone judges first,
-        anchors with known answers mixed in, the rest by two annotators each."""
+    def annotate(self, comparisons: list[dict]) -> Table:
+        """Round one: every annotator judges the calibration items and the anchors (known
+        answers, unmarked). The lead reads the round's report and takes annotators whose anchor
+        accuracy is below the bar off the queue; round two: the rest of the pairs, two of the
+        remaining annotators each. Returns the final agreement table."""
         calibration = comparisons[:8]
         anchors = [c for c in comparisons[8:] if guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b")][:6]
-        anchor_ids = {id(c) for c in anchors}
-        answers = {}
-        for c in anchors:
-            known = guideline_choice(c["a"]["content"], c["b"]["content"])
-            answers[self.item_id(c)] = c[known]["completion_id"]
+        regular = [c for c in comparisons[8:] if c not in anchors]
+        answers = {self.item_id(c): c[guideline_choice(c["a"]["content"], c["b"]["content"])]["completion_id"]
+                   for c in anchors}
         store = self.root / "store"
         store.mkdir(parents=True, exist_ok=True)
         (store / "anchors.json").write_text(json.dumps({"answers": answers}, indent=1))
 
+        sent = self.judge([(c, ANNOTATORS, True, False) for c in calibration]
+                          + [(c, ANNOTATORS, False, True) for c in anchors])
+        self.wait_for_store(sent)
+        console.print("[bold]Calibration round")
+        from tuneloop.feedback.agreement import measure_store
+
+        quality = {q.annotator_id: q.anchor_accuracy for q in measure_store(store).annotators}
+        self.agreement_table()
+        kept = [a for a in ANNOTATORS if quality.get(a.name, 0.0) >= ANCHOR_BAR]
+        dropped = sorted(set(a.name for a in ANNOTATORS) - {a.name for a in kept})
+        console.print(f"anchor accuracy below {ANCHOR_BAR}: {', '.join(dropped) or 'nobody'} — taken off the queue")
+        sent += self.judge([(c, self.rng.sample(kept, min(2, len(kept))), False, False) for c in regular])
+        self.wait_for_store(sent)
+        truth_share = sum(guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b") for c in comparisons)
+        console.print(f"{sent} judgements on {len(comparisons)} pairs ({truth_share} pairs where exactly one "
+                      "answer follows the guideline)")
+        console.print("[bold]All judgements")
+        return self.agreement_table()
+
+    def judge(self, work: list[tuple[dict, list[Annotator], bool, bool]]) -> int:
+        """Each annotator judges its items by the guideline, at its declared noise; sent
+        through the gateway as a batch per annotator."""
         batches: dict[str, list[dict]] = {a.name: [] for a in ANNOTATORS}
-        for i, c in enumerate(comparisons):
-            everyone = i < len(calibration) or id(c) in anchor_ids
-            judges = ANNOTATORS if everyone else self.rng.sample(ANNOTATORS, 2)
+        for c, judges, calibration, anchor in work:
+            truth = guideline_choice(c["a"]["content"], c["b"]["content"])
             for a in judges:
-                truth = guideline_choice(c["a"]["content"], c["b"]["content"])
                 choice = self.rng.choice(CHOICES) if self.rng.random() < a.noise else truth
                 batches[a.name].append({
                     "type": "pairwise", "event_id": uuid.uuid4().hex, "user": a.name, "project": "tldr",
                     "completion_ids": [c["a"]["completion_id"], c["b"]["completion_id"]], "choice": choice,
-                    "criteria": ["opens-with-tldr", "helpfulness"], "calibration": i < len(calibration),
-                    "anchor": id(c) in anchor_ids, "item_id": self.item_id(c),
+                    "criteria": ["opens-with-tldr", "helpfulness"], "calibration": calibration,
+                    "anchor": anchor, "item_id": self.item_id(c),
                 })
         sent = 0
         for name, events in batches.items():
+            if not events:
+                continue
             r = self.http("/v1/feedback", {"events": events}, key=name)
             bad = [x for x in r["results"] if x["status"] == "rejected"]
             if bad:
                 raise RuntimeError(f"feedback from {name} rejected: {bad[:3]}")
             sent += len(events)
-        truth_share = sum(guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b") for c in comparisons)
-        console.print(f"{sent} judgements from {len(ANNOTATORS)} annotators on {len(comparisons)} pairs "
-                      f"({truth_share} pairs where exactly one answer follows the guideline)")
         return sent
 
     @staticmethod
@@ -299,7 +317,7 @@ class Demo:
     def wait_for_store(self, sent: int) -> None:
         from tuneloop.feedback.snapshot import load_judgements
 
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         with _progress() as progress:
             task = progress.add_task("stored in the preference store", total=sent)
             while time.monotonic() < deadline:
@@ -311,7 +329,7 @@ class Demo:
                 if n >= sent:
                     return
                 time.sleep(1)
-        raise RuntimeError(f"the store holds {n} of {sent} judgements after 180 s")
+        raise RuntimeError(f"the store holds {n} of {sent} judgements after 600 s")
 
     def agreement_table(self) -> Table:
         from tuneloop.feedback.agreement import measure_store
@@ -379,7 +397,7 @@ class Demo:
 
         target = registry.current("policy", "production")
         client = openai.OpenAI(base_url=self.url + "/v1", api_key="app", max_retries=2)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             served = client.chat.completions.create(model="production", max_tokens=4, temperature=0,
                                                     messages=[{"role": "user", "content": "Hi"}]).model
