@@ -118,8 +118,9 @@ def make_tiny(out_dir: Path | str, seed: int = 0) -> tuple[Path, Path]:
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        # head_dim 32: vLLM's CPU attention supports 32, 64, 80 and up, not 16.
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
