@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import sys
 import tempfile
 import time
@@ -130,6 +131,7 @@ def main() -> None:
     parser.add_argument("--skip-vllm", action="store_true", help="Leave vLLM out.")
     parser.add_argument("--json", type=Path, help="Also write the result here.")
     args = parser.parse_args()
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
 
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
         scratch = Path(tmp)
@@ -184,6 +186,9 @@ def main() -> None:
         print(f"{name}: answer_mismatches vs one at a time = {mode['answer_mismatches']}")
     result = {
         "benchmark": "generation",
+        # Other work on the machine slows the transformers modes far more than vLLM (on two
+        # cores, one at a time fell from 15 to 3 tokens/s at load 8): read ratios with it.
+        "load_average": {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]},
         "model": args.model if args.model in ("smollm2", "tiny") else str(folder),
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
