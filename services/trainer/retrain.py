@@ -434,8 +434,16 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
 
         fields = config._reward_stage_fields(run.dir / "reward", data.source)
         (run.dir / "reward").mkdir(exist_ok=True)
+        previous = reg.current(config.reward_name) if config.reward_name in reg.names() else None
         result = run_reward_stage(build(RewardStageConfig, fields))
         run.record("reward_model", {k: result[k] for k in ("ref", "version", "promoted", "refused_reason")} | {"metrics": result["metrics"]})
+        if result["promoted"] and reg.on_event is not None:
+            # The stage moves the alias through a registry of its own, without our listener:
+            # announce it here so the Reward service swaps on the event, not the next poll.
+            try:
+                reg.on_event("promoted", config.reward_name, result["version"], "production", previous)
+            except Exception:  # noqa: BLE001 - as the registry does: a lost event delays a swap, never fails a run
+                log.exception("publishing the reward model's promotion failed")
     reward_stage = run.step("reward_model")
     if reward_stage and not reward_stage["promoted"] and config.algorithm != "dpo":
         return run.finish("refused", f"reward model {reward_stage['ref']} failed its gate: {reward_stage['refused_reason']}")
