@@ -120,6 +120,19 @@ def test_feedback_relayed_into_kafka_and_tenancy_enforced(stack) -> None:
     assert mine[0].tenant == "acme" and mine[0].pairwise.choice == feedback_pb2.PAIRWISE_CHOICE_TIE
 
 
+def test_annotator_feedback_is_marked_as_annotator(stack) -> None:
+    event_id = uuid.uuid4().hex
+    r = _feedback(stack, {"type": "rating", "completion_id": "cmpl-" + "2" * 32, "score": 3, "event_id": event_id},
+                  key="acme-annotator")
+    assert r.status_code == 200, r.text
+    consumer = KafkaConsumer(FEEDBACK_TOPIC, bootstrap_servers=stack["bootstrap"], auto_offset_reset="earliest",
+                             consumer_timeout_ms=10_000)
+    events = [feedback_pb2.FeedbackEvent.FromString(m.value) for m in consumer]
+    consumer.close()
+    (mine,) = [e for e in events if e.event_id == event_id]
+    assert mine.source == feedback_pb2.FEEDBACK_SOURCE_ANNOTATOR and mine.annotator_id == "acme-annotator"
+
+
 def test_feedback_batch_reports_each_event(stack) -> None:
     good = {"type": "rating", "completion_id": "cmpl-" + "0" * 32, "score": 4}
     bad = {"type": "rating", "completion_id": "cmpl-" + "1" * 32, "score": 9}

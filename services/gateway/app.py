@@ -193,14 +193,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
-    def authed(role: str):
+    def authed(*roles: str):
         def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
             token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
             key = keys.lookup(token)
             if key is None:
                 raise ApiError(401, "missing or invalid API key", "authentication_error")
-            if role not in key.roles and "lead" not in key.roles:
-                raise ApiError(403, f"this key lacks the '{role}' role", "permission_error")
+            if not key.roles & {*roles, "lead"}:
+                raise ApiError(403, f"this key lacks the role for this call ({' or '.join(roles)})", "permission_error")
             wait = limiter.acquire(key.sha256)
             if wait > 0:
                 raise ApiError(429, "rate limit exceeded", "rate_limit_error",
@@ -309,7 +309,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ]
 
     @app.post("/v1/feedback", tags=["feedback"])
-    async def feedback(body: FeedbackIn | FeedbackBatch, key: Annotated[ApiKey, Depends(authed("app"))]):
+    async def feedback(body: FeedbackIn | FeedbackBatch, key: Annotated[ApiKey, Depends(authed("app", "annotator"))]):
         """One event, or {"events": [...]}. Each is accepted, a duplicate, or rejected with its field."""
         items = body.events if isinstance(body, FeedbackBatch) else [body]
         if len(items) > settings.max_feedback_batch:
