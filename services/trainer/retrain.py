@@ -483,11 +483,9 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
     """Runs (or resumes) one retrain; returns the outcome. Errors are recorded in the run, then raised."""
     if (config is None) == (resume is None):
         raise ConfigError("give a config for a new run or --resume RUN_DIR, not both")
-    if resume is not None:
-        run_config = Run.open(Path(resume)).config
-    else:
-        assert config is not None
-        run_config = config
+    opened = Run.open(Path(resume)) if resume is not None else None
+    run_config = opened.config if opened is not None else config
+    assert run_config is not None
     events = None
     if run_config.kafka_bootstrap_servers:
         from tuneloop.trainer.events import KafkaModelEvents
@@ -496,7 +494,7 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
         events = KafkaModelEvents(run_config.kafka_bootstrap_servers, str(root))
     reg = registry(run_config.registry_root)
     reg.on_event = events
-    run = Run.open(Path(resume)) if resume is not None else Run.create(run_config, reg)
+    run = opened or Run.create(run_config, reg)
     if run.state["status"] in ("promoted", "refused"):
         log.info("run already finished", extra={"fields": {"status": run.state["status"]}})
         return run.finish(run.state["status"], run.state.get("reason", ""))
