@@ -150,6 +150,9 @@ def test_calibration_round_in_the_browser(stack, browser) -> None:
     anchors = {q["annotator_id"]: q for q in cli["annotators"]}
     assert anchors["ann1"]["anchor_accuracy"] == 1.0 and anchors["ann2"]["anchor_accuracy"] == 0.0
     assert "c2" in page.inner_text("#cal-disagreements")  # the item they split on most is listed
+    page.click("#nav-review")
+    page.wait_for_selector("#review:not(.hidden)")
+    page.screenshot(path=str(ARTIFACTS / "review.png"), full_page=True)
     page.close()
 
 
