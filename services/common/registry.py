@@ -37,6 +37,8 @@ import typer
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tuneloop.common.durable import fsync_dir as _fsync_dir
+
 log = logging.getLogger(__name__)
 
 Kind = Literal["policy", "reward"]
@@ -139,14 +141,6 @@ def _check_alias(alias: str) -> str:
     if VERSION_RE.match(alias) or alias == LATEST:
         raise InvalidRefError(f"{alias!r} is reserved and cannot be used as an alias")
     return alias
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, data: bytes) -> None:

@@ -35,6 +35,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tuneloop.common.durable import fsync_dir
 from tuneloop.common.kafka import FEEDBACK_TOPIC, OffsetSnapshot
 from tuneloop.feedback.pairs import BOTH_BAD, PREFERENCE, TIE
 
@@ -150,14 +151,6 @@ def _read_index(root: Path) -> sqlite3.Connection | None:
     conn = sqlite3.connect(Path(root) / INDEX_FILE, isolation_level=None, timeout=30.0)
     conn.execute("PRAGMA query_only=1")
     return conn
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

@@ -17,6 +17,8 @@ import struct
 import zlib
 from pathlib import Path
 
+from tuneloop.common.durable import fsync_dir as _fsync_dir
+
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">II")
@@ -31,14 +33,6 @@ def _write_durable(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SpoolBusyError(RuntimeError):
