@@ -2,9 +2,10 @@
 
 Both send the same number of 1 KiB records with acks=all and idempotence on, the same
 linger.ms, no keys and no compression, to fresh 3-partition topics on one local broker, one
-after the other in one run. Prints records/s and MB/s for each and the Python/Java ratio.
+after the other in one run. Prints records/s and MB/s for each and the Python/Java ratio,
+then the results as one JSON object on the last line (and in PATH with --json).
 
-    .venv/bin/python bench/bench_kafka.py [--records 50000] [--bootstrap HOST:PORT]
+    .venv/bin/python bench/bench_kafka.py [--records 50000] [--bootstrap HOST:PORT] [--json PATH]
 
 Without --bootstrap it starts a broker of its own in a temporary directory (jars from
 `tuneloop kafka install`) and stops it at the end.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -75,6 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--bootstrap", help="use this broker instead of starting one")
+    parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args()
     home = install()
     with broker_at(args.bootstrap, home) as bootstrap:
@@ -90,6 +93,20 @@ def main() -> None:
     print(f"kafka-python {kafka_python_version}: {py_rate:10.0f} records/s {py_rate * mb:7.1f} MB/s")
     print(f"Java ProducerPerformance:  {java_rate:10.0f} records/s {java_rate * mb:7.1f} MB/s")
     print(f"ratio python/java: {py_rate / java_rate:.3f}")
+    result = {
+        "benchmark": "kafka",
+        "setup": {"records": args.records, "record_bytes": RECORD_BYTES, "acks": "all", "idempotent": True,
+                  "linger_ms": settings.linger_ms, "kafka_python": kafka_python_version},
+        "python_records_per_s": round(py_rate, 1),
+        "java_records_per_s": round(java_rate, 1),
+        "python_mb_per_s": round(py_rate * mb, 2),
+        "java_mb_per_s": round(java_rate * mb, 2),
+        "ratios": [{"name": "kafka-python/Java producer throughput", "value": round(py_rate / java_rate, 3),
+                    "numerator": f"{py_rate:,.0f} rec/s", "denominator": f"{java_rate:,.0f} rec/s"}],
+    }
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ their ratios and absolute figures into one table and bench/results.json.
 
 Results are read, in this order, from: the file given to a benchmark as `--json PATH` (when
 its source mentions `--json`), the last line of its stdout when that is a JSON object, or
-its printed text (`ratio NAME: VALUE` lines, plus the known text summary of bench_kafka.py).
+its printed `ratio NAME: VALUE` lines.
 A benchmark that fails, times out or prints nothing readable shows as such in the table; the
 others still run.
 """
@@ -24,7 +24,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,31 +37,10 @@ STOP_GRACE_S = 60.0
 Ratio = dict[str, Any]
 
 
-def parse_kafka_text(stdout: str) -> dict[str, Any] | None:
-    """bench_kafka.py prints text only: its two rates and the ratio line."""
-    summary = r"^(kafka-python|Java ProducerPerformance)[^:]*:\s+([\d.]+) records/s"
-    rates = dict(re.findall(summary, stdout, re.MULTILINE))
-    ratio = re.search(r"^ratio python/java: ([\d.]+)", stdout, re.MULTILINE)
-    if not ratio or len(rates) != 2:
-        return None
-    python, java = float(rates["kafka-python"]), float(rates["Java ProducerPerformance"])
-    return {
-        "benchmark": "kafka",
-        "python_records_per_s": python,
-        "java_records_per_s": java,
-        "ratios": [{"name": "kafka-python/Java producer throughput", "value": float(ratio[1]),
-                    "numerator": f"{python:,.0f} rec/s", "denominator": f"{java:,.0f} rec/s"}],
-    }
-
-
 def parse_ratio_lines(stdout: str) -> dict[str, Any] | None:
     """Any benchmark's `ratio NAME: VALUE` lines, for one that prints no JSON."""
     found = re.findall(r"^ratio ([^:\n]+):\s*([-+\d.eE]+)\s*$", stdout, re.MULTILINE)
     return {"ratios": [{"name": name.strip(), "value": float(v)} for name, v in found]} if found else None
-
-
-# Benchmarks without machine-readable output, and how their text is read.
-TEXT_PARSERS: dict[str, Callable[[str], dict[str, Any] | None]] = {"kafka": parse_kafka_text}
 
 
 def last_json_line(stdout: str) -> dict[str, Any] | None:
@@ -143,8 +121,6 @@ def run_one(script: Path, timeout_s: float, extra: list[str]) -> dict[str, Any]:
             result, source = json.loads(json_path.read_text()), "--json file"
         if result is None and (result := last_json_line(stdout)) is not None:
             source = "last stdout line"
-        if result is None and name in TEXT_PARSERS and (result := TEXT_PARSERS[name](stdout)) is not None:
-            source = "text output (no machine-readable output)"
         if result is None and (result := parse_ratio_lines(stdout)) is not None:
             source = "ratio lines of the text output (no machine-readable output)"
     if result is None:
