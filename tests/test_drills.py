@@ -248,13 +248,15 @@ def test_broker_restart_during_ingestion_loses_and_doubles_nothing(
         pairs = ing.completion_pairs(40)
         ing.feedback.start()
         ing.store.start()
-        client = FeedbackClient(ing.feedback.target, pairs, events=300, pause_s=0.01)
+        # Thousands of events: each restart then lands on a steady stream, not its first records
+        # (about 80 s in all on 2 busy cores; the waits leave room for a slower machine).
+        client = FeedbackClient(ing.feedback.target, pairs, events=2000, pause_s=0.01)
         client.start()
-        wait_for(lambda: client.progress() >= 0.3, 60, "a third of the feedback")
+        wait_for(lambda: client.progress() >= 0.3, 180, "a third of the feedback")
         broker.restart()
-        wait_for(lambda: client.progress() >= 0.6, 120, "two thirds of the feedback")
+        wait_for(lambda: client.progress() >= 0.6, 180, "two thirds of the feedback")
         broker.restart(crash=True)
-        client.finish(180)
+        client.finish(300)
         assert client.retries > 0, "the restarts never reached the client: the drill tested nothing"
         # Stopped first so that no record of a timed-out call can still land after the count.
         ing.feedback.stop()
