@@ -62,6 +62,25 @@ class LoraParams(Strict):
     )
 
 
+class WatchParams(Strict):
+    """The reward-hacking watch (trainer/watch.py)."""
+
+    eval_every: int = Field(0, ge=0, description="Measure the eval metric every this many steps (0: bounds only).")
+    criteria: Path | None = Field(
+        None, description="Criteria file whose behaviour checks and probes make the eval metric; retrain: its own."
+    )
+    eval_prompts: int = Field(8, ge=1, description="Held-out prompts (from the criteria) answered per measurement.")
+    window: int = Field(
+        3, ge=2, description="Measurements looked back over: flag when reward is above and eval below the best of them."
+    )
+    min_change: float = Field(0.0, ge=0, description="Changes of at most this size count as flat.")
+    max_kl: float | None = Field(None, gt=0, description="Flag when the logged KL to the reference exceeds this.")
+    length_ratio: tuple[float, float] | None = Field(
+        None, description="Flag when the response length over the first step's leaves [min, max]."
+    )
+    stop: bool = Field(False, description="Stop the stage at the first flag (its model is then judged as usual).")
+
+
 class TrainParams(Strict):
     """What every stage shares: optimisation, checkpoints, LoRA, hardware."""
 
@@ -78,6 +97,7 @@ class TrainParams(Strict):
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
     lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapters (peft).")
+    watch: WatchParams = Field(default_factory=WatchParams, description="Reward-hacking watch while training.")
     bf16: bool | None = Field(None, description="bf16 mixed precision; unset: on for a bf16-capable GPU, off on CPU.")
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations to save memory; unset: on for GPU, off on CPU."

@@ -10,7 +10,11 @@ it, or at the extra path in `metrics.textfile`) and, when a Pushgateway is confi
 Gauges: `tuneloop_trainer_reward` (mean reward of the step's samples, or DPO's implicit
 reward margin), `tuneloop_trainer_kl` (mean KL to the reference per response),
 `tuneloop_trainer_response_length_ratio` (mean response length over the first step's: the
-length drift that reward hacking shows as), `tuneloop_trainer_step`.
+length drift that reward hacking shows as), `tuneloop_trainer_step`,
+`tuneloop_trainer_eval_metric` (the hacking watch's eval metric), the counter
+`tuneloop_trainer_watch_flags_total{flag}` (see `watch.py`), and
+`tuneloop_trainer_last_success_timestamp_seconds` (set when a stage finishes; the chart's
+alert fires when it grows stale).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_to_textfile
+from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway, write_to_textfile
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuneloop.trainer.config import MetricsParams, TrainerSettings
@@ -73,7 +77,12 @@ class StepMetrics:
                 registry=self.registry,
             ),
             "step": Gauge("tuneloop_trainer_step", "Last logged optimizer step.", labels, registry=self.registry),
+            "eval_metric": Gauge("tuneloop_trainer_eval_metric", "The hacking watch's last eval metric.", labels, registry=self.registry),
         }
+        self.flags = Counter("tuneloop_trainer_watch_flags", "Hacking-watch flags raised.", [*labels, "flag"], registry=self.registry)
+        self.last_success = Gauge("tuneloop_trainer_last_success_timestamp_seconds",
+                                  "Unix time the stage last finished.", labels, registry=self.registry)
+        self.last_row: dict[str, Any] | None = None
 
     def _first_length(self) -> float | None:
         """On resume the baseline is the first length this stage ever logged, not the resumed one."""
@@ -101,11 +110,24 @@ class StepMetrics:
             if self._baseline_length is None:
                 self._baseline_length = length
             row["response_length_ratio"] = length / self._baseline_length
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self._append(row)
+        self.last_row = row
         self._export(row)
         log.info("step", extra={"fields": row})
         return row
+
+    def flag(self, step: int, name: str, detail: str) -> None:
+        self._append({"stage": self.stage, "step": step, "time": time.time(), "watch_flag": name, "detail": detail})
+        self.flags.labels(stage=self.stage, run=self.run, flag=name).inc()
+        self._export({})
+
+    def finished(self) -> None:
+        self.last_success.labels(stage=self.stage, run=self.run).set(time.time())
+        self._export({})
+
+    def _append(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     def _export(self, row: dict[str, Any]) -> None:
         for name, gauge in self.gauges.items():

@@ -36,7 +36,6 @@ from torch import nn
 from tuneloop.trainer import ppo_math as pm
 from tuneloop.trainer.config import MetricsParams, PPOParams, PPOStageConfig
 from tuneloop.trainer.data import prompt_rows
-from tuneloop.trainer.metrics import StepMetrics
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
     FINAL_DIR,
@@ -47,7 +46,7 @@ from tuneloop.trainer.modeling import (
     save_final,
 )
 from tuneloop.trainer.rewards import RewardFunc, reward_function
-from tuneloop.trainer.stages import StageResult, checkpoint_to_resume
+from tuneloop.trainer.stages import Observers, StageResult, checkpoint_to_resume
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +112,7 @@ class PPOTrainer:
         *,
         registry_root: Path | None = None,
         metrics: MetricsParams | None = None,
+        criteria: Path | None = None,
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
@@ -179,7 +179,8 @@ class PPOTrainer:
         self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.discard(None)
         self.step = 0
-        self.sink = StepMetrics(output_dir, "ppo", metrics)
+        self.observers = Observers("ppo", params, path, output_dir, metrics, criteria)
+        self.sink = self.observers.sink
 
     # ---- model passes -----------------------------------------------------------------
 
@@ -399,11 +400,23 @@ class PPOTrainer:
             self.load_checkpoint(checkpoint)
             log.info("resuming ppo from %s (step %d)", checkpoint, self.step)
         losses = []
+        watch = self.observers.watch
+        if watch.eval_fn is not None:
+            watch.baseline_eval = watch.eval_fn(self.policy)
+            self.sink.log(self.step, {"eval_metric": watch.baseline_eval})
         while self.step < self.params.max_steps:
             row = self.train_step()
             losses.append(row["loss"])
+            flags: list[str] = []
             if self.step % self.params.logging_steps == 0 or self.step == self.params.max_steps:
-                self.sink.log(self.step, row)
+                flags += watch.observe(self.step, self.sink.log(self.step, row))
+            if watch.eval_fn is not None and self.step % self.params.watch.eval_every == 0:
+                value = watch.eval_fn(self.policy)
+                self.sink.log(self.step, {"eval_metric": value})
+                flags += watch.evaluated(self.step, value)
+            if flags and self.params.watch.stop:
+                log.warning("ppo stopped by the hacking watch at step %d: %s", self.step, flags)
+                break
             if self.step % self.params.save_steps == 0 and self.step < self.params.max_steps:
                 self.save_checkpoint()
         model_dir = save_final(self.policy, self.tokenizer, self.output_dir / FINAL_DIR)
@@ -416,8 +429,10 @@ class PPOTrainer:
             train_loss=sum(losses) / len(losses) if losses else None,
             seconds=round(time.monotonic() - started, 2),
             resumed_from=str(checkpoint) if checkpoint else None,
+            watch_flags=watch.flags,
         )
         result.write(self.output_dir)
+        self.sink.finished()
         return result
 
 
@@ -431,8 +446,10 @@ def run_ppo_on(
     registry_root: Path | None = None,
     metrics: MetricsParams | None = None,
     resume: bool = False,
+    criteria: Path | None = None,
 ) -> StageResult:
-    trainer = PPOTrainer(params, model_ref, prompts, reward, output_dir, registry_root=registry_root, metrics=metrics)
+    trainer = PPOTrainer(params, model_ref, prompts, reward, output_dir, registry_root=registry_root, metrics=metrics,
+                         criteria=criteria)
     return trainer.train(resume=resume)
 
 

@@ -17,7 +17,7 @@ CRITERIA_PLOT = "criteria.png"
 
 def plot_training(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Reward, KL and response length per step (whichever the stage logged)."""
-    series = [k for k in ("reward", "kl", "response_length", "loss") if any(k in r for r in rows)]
+    series = [k for k in ("reward", "eval_metric", "kl", "response_length", "loss") if any(k in r for r in rows)]
     if not series:
         return None
     import matplotlib
@@ -114,6 +114,10 @@ def markdown(report: dict[str, Any]) -> str:
             + (f" (resumed from {Path(train['resumed_from']).name})" if train.get("resumed_from") else ""),
             "",
         ]
+        for f in train.get("watch_flags") or []:
+            lines.append(f"- watch flag at step {f['step']}: **{f['flag']}** — {f['detail']}")
+        if train.get("watch_flags"):
+            lines.append("")
         if report.get("plots", {}).get("training"):
             lines += [f"![training]({TRAINING_PLOT})", ""]
     verdict = report.get("verdict")

@@ -363,7 +363,8 @@ def _train(run: Run, reg: Registry, dataset: Any, reward: Any) -> dict[str, Any]
     if (out / STAGE_FILE).is_file() and (out / FINAL_DIR).is_dir():
         return json.loads((out / STAGE_FILE).read_text())  # finished before a kill hit the state write
     metrics = config.metrics.model_copy(update={"run_label": config.metrics.run_label or run.state["run_id"]})
-    parent, common = run.state["parent"], {"registry_root": config.registry_root, "metrics": metrics, "resume": True}
+    parent = run.state["parent"]
+    common = {"registry_root": config.registry_root, "metrics": metrics, "resume": True, "criteria": run.dir / CRITERIA_FILE}
     result: StageResult
     if config.algorithm == "dpo":
         result = stages.run_dpo_on(config.dpo, parent, dataset, out, **common)

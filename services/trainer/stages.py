@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +38,7 @@ from tuneloop.trainer.modeling import (
     trl_args,
 )
 from tuneloop.trainer.rewards import RewardFunc, reward_function
+from tuneloop.trainer.watch import HackingWatch, criteria_eval
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class StageResult:
     train_loss: float | None
     seconds: float
     resumed_from: str | None
+    watch_flags: list[dict[str, Any]] = field(default_factory=list)
 
     def write(self, output_dir: Path) -> None:
         (output_dir / STAGE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -67,12 +69,32 @@ def checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
     return found
 
 
+class Observers:
+    """A stage's step metrics and hacking watch, as trainer callbacks."""
+
+    def __init__(self, stage: str, params: TrainParams, model_path: Path, output_dir: Path,
+                 metrics: MetricsParams | None, criteria: Path | None = None) -> None:
+        self.sink = StepMetrics(output_dir, stage, metrics)
+        criteria = params.watch.criteria or criteria
+        eval_fn = None
+        if params.watch.eval_every and criteria is not None:
+            eval_fn = criteria_eval(criteria, model_path, params.watch.eval_prompts)
+        elif params.watch.eval_every:
+            raise ConfigError("watch.eval_every: set watch.criteria, the file whose checks make the eval metric")
+        self.watch = HackingWatch(params.watch, self.sink, eval_fn)
+
+    @property
+    def callbacks(self) -> list[Any]:
+        return [MetricsCallback(self.sink), self.watch]
+
+
 def _train(
     stage: str,
     trainer: Any,
     tokenizer: Any,
     output_dir: Path,
     resume: bool,
+    observers: Observers,
 ) -> StageResult:
     from transformers import PrinterCallback
 
@@ -91,25 +113,28 @@ def _train(
         train_loss=float(out.training_loss) if out.training_loss is not None else None,
         seconds=round(time.monotonic() - started, 2),
         resumed_from=str(checkpoint) if checkpoint else None,
+        watch_flags=observers.watch.flags,
     )
     result.write(output_dir)
+    observers.sink.finished()
     return result
 
 
-def _setup(params: TrainParams, model_ref: str, output_dir: Path, registry_root: Path | None) -> tuple[Any, Any]:
+def _setup(params: TrainParams, model_ref: str, output_dir: Path, registry_root: Path | None) -> tuple[Any, Any, Path]:
     from transformers import set_seed
 
     set_seed(params.seed)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = resolve(model_ref, registry_root)
-    return load_policy(path), load_tokenizer(path)
+    return load_policy(path), load_tokenizer(path), path
 
 
 def run_sft(config: SFTStageConfig, *, resume: bool = False) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     dataset = sft_dataset(config.data)
-    model, tokenizer = _setup(config, config.model, config.output_dir, config.registry_root)
+    model, tokenizer, path = _setup(config, config.model, config.output_dir, config.registry_root)
+    observers = Observers("sft", config, path, config.output_dir, config.metrics)
     args = trl_args(
         SFTConfig,
         config,
@@ -124,9 +149,9 @@ def run_sft(config: SFTStageConfig, *, resume: bool = False) -> StageResult:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(config.lora),
-        callbacks=[MetricsCallback(StepMetrics(config.output_dir, "sft", config.metrics))],
+        callbacks=observers.callbacks,
     )
-    return _train("sft", trainer, tokenizer, config.output_dir, resume)
+    return _train("sft", trainer, tokenizer, config.output_dir, resume, observers)
 
 
 def run_dpo_on(
@@ -138,11 +163,14 @@ def run_dpo_on(
     registry_root: Path | None = None,
     metrics: MetricsParams | None = None,
     resume: bool = False,
+    criteria: Path | None = None,
 ) -> StageResult:
-    """DPO of `model_ref` on a TRL preference dataset (also the retrain pipeline's default)."""
+    """DPO of `model_ref` on a TRL preference dataset (also the retrain pipeline's default);
+    `criteria` makes the hacking watch's eval metric unless `watch.criteria` names another."""
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer = _setup(params, model_ref, output_dir, registry_root)
+    model, tokenizer, path = _setup(params, model_ref, output_dir, registry_root)
+    observers = Observers("dpo", params, path, output_dir, metrics, criteria)
     ref_model = load_policy(resolve(params.reference, registry_root)) if params.reference else None
     loss_type = params.loss_type if isinstance(params.loss_type, list) else [params.loss_type]
     args = trl_args(
@@ -161,9 +189,9 @@ def run_dpo_on(
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=lora_config(params.lora),
-        callbacks=[MetricsCallback(StepMetrics(output_dir, "dpo", metrics))],
+        callbacks=observers.callbacks,
     )
-    return _train("dpo", trainer, tokenizer, output_dir, resume)
+    return _train("dpo", trainer, tokenizer, output_dir, resume, observers)
 
 
 def run_dpo(config: DPOStageConfig, *, resume: bool = False) -> StageResult:
@@ -196,12 +224,14 @@ def run_online_rl_on(
     registry_root: Path | None = None,
     metrics: MetricsParams | None = None,
     resume: bool = False,
+    criteria: Path | None = None,
 ) -> StageResult:
     """RLOO or GRPO (TRL) of `model_ref` on `prompts`, rewarded by `reward`."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
-    model, tokenizer = _setup(params, model_ref, output_dir, registry_root)
+    model, tokenizer, path = _setup(params, model_ref, output_dir, registry_root)
+    observers = Observers(algorithm, params, path, output_dir, metrics, criteria)
     args = trl_args(
         config_cls,
         params,
@@ -217,11 +247,11 @@ def run_online_rl_on(
         reward_funcs=reward,
         args=args,
         train_dataset=prompt_dataset(prompts),
-        processing_class=load_tokenizer(resolve(model_ref, registry_root), padding_side="left"),
+        processing_class=load_tokenizer(path, padding_side="left"),
         peft_config=lora_config(params.lora),
-        callbacks=[MetricsCallback(StepMetrics(output_dir, algorithm, metrics))],
+        callbacks=observers.callbacks,
     )
-    return _train(algorithm, trainer, tokenizer, output_dir, resume)
+    return _train(algorithm, trainer, tokenizer, output_dir, resume, observers)
 
 
 def run_online_rl(algorithm: Algorithm, config: OnlineRLStageConfig, *, resume: bool = False) -> StageResult:

@@ -1,0 +1,149 @@
+"""The reward-hacking watch: reward is a proxy, so a run that pleases it while getting worse
+at what was declared must be seen while it trains, not after.
+
+Every logged step the watch reads the stage's reward, KL and response-length ratio (as
+`metrics.StepMetrics` names them); every `watch.eval_every` steps it also measures an eval
+metric on the live model — by default the criteria file's behaviour checks and probes on a
+few held-out prompts, greedy. It flags:
+
+- `reward_up_eval_down`: against the best eval among the last `watch.window` measurements
+  (the first taken before training), the reward is now higher and the eval metric lower,
+  each by more than `watch.min_change`;
+- `kl_out_of_bounds`: KL to the reference above `watch.max_kl`;
+- `length_out_of_bounds`: response length ratio outside `watch.length_ratio`.
+
+A flag is a line in metrics.jsonl (`watch_flag`), a WARNING log, the
+`tuneloop_trainer_watch_flags_total{flag}` counter, and an entry in the stage's result; with
+`watch.stop` the stage stops at that step (and its model is what the criteria then judge).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from tuneloop.trainer.config import WatchParams
+from tuneloop.trainer.metrics import StepMetrics
+
+log = logging.getLogger(__name__)
+
+EvalFn = Callable[[Any], float]
+
+
+def criteria_eval(criteria_path: Path, model_ref: Path, prompts: int) -> EvalFn:
+    """Eval metric from a criteria file: the mean of each behaviour check's pass rate and the
+    probes' pass rate, on the first `prompts` held-out prompts plus every probe, greedy."""
+    from tuneloop.trainer import criteria as cr
+    from tuneloop.trainer.evaluate import _messages, generate
+    from tuneloop.trainer.modeling import load_tokenizer
+
+    spec = cr.load_criteria(criteria_path)
+    held = spec.held_out_prompts[:prompts]
+    tokenizer = load_tokenizer(model_ref, padding_side="left")
+
+    def measure(model: Any) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            messages = [_messages(p, spec.generation) for p in held] + [
+                _messages(p.prompt, spec.generation) for p in spec.probes.items
+            ]
+            answers = [a for a, _ in generate(model, tokenizer, messages, spec.generation)]
+        finally:
+            model.train(was_training)
+        texts, probe_answers = answers[: len(held)], answers[len(held) :]
+        scores = [cr.pass_rate(c, texts) for c in spec.behaviour]
+        if spec.probes.items:
+            scores.append(sum(cr.probe_passes(p, a) for p, a in zip(spec.probes.items, probe_answers)) / len(probe_answers))
+        return sum(scores) / len(scores) if scores else 0.0
+
+    return measure
+
+
+class HackingWatch(TrainerCallback):
+    """Checks every logged step against the watch's rules; see the module docstring."""
+
+    def __init__(self, params: WatchParams, sink: StepMetrics, eval_fn: EvalFn | None = None) -> None:
+        self.params = params
+        self.sink = sink
+        self.eval_fn = eval_fn
+        self.rewards: list[float] = []  # the latest reward at each evaluation
+        self.evals: list[float] = []
+        self.last_reward: float | None = None
+        self.baseline_eval: float | None = None  # measured before the first update
+        self.flags: list[dict[str, Any]] = []
+        self.due = False
+
+    # --- rules, separate from the trainer plumbing so they are testable on plain numbers ---
+    def observe(self, step: int, row: dict[str, Any]) -> list[str]:
+        """Bounds on one logged row; remembers its reward for the next evaluation."""
+        p, found = self.params, []
+        if row.get("reward") is not None:
+            self.last_reward = float(row["reward"])
+            if self.baseline_eval is not None and not self.evals:
+                # The first logged reward was measured on the batch before its update: it pairs
+                # with the eval taken before training.
+                self.rewards.append(self.last_reward)
+                self.evals.append(self.baseline_eval)
+        kl = row.get("kl")
+        if p.max_kl is not None and kl is not None and kl > p.max_kl:
+            found.append(self._flag(step, "kl_out_of_bounds", f"KL {kl:.3f} > {p.max_kl}"))
+        ratio = row.get("response_length_ratio")
+        if p.length_ratio is not None and ratio is not None and not p.length_ratio[0] <= ratio <= p.length_ratio[1]:
+            found.append(self._flag(step, "length_out_of_bounds", f"length ratio {ratio:.2f} outside {list(p.length_ratio)}"))
+        return found
+
+    def evaluated(self, step: int, value: float) -> list[str]:
+        """One eval measurement, paired with the latest reward. Flags when, against the best
+        eval among the last `window` measurements, reward is now higher and eval lower."""
+        if self.last_reward is None:
+            return []
+        self.rewards.append(self.last_reward)
+        self.evals.append(value)
+        recent = list(zip(self.rewards, self.evals))[-self.params.window :]
+        if len(recent) < 2:
+            return []
+        best_reward, best_eval = max(recent[:-1], key=lambda pair: pair[1])
+        d_reward, d_eval = self.last_reward - best_reward, value - best_eval
+        if d_reward > self.params.min_change and d_eval < -self.params.min_change:
+            return [self._flag(step, "reward_up_eval_down",
+                               f"reward {d_reward:+.3f} while eval {d_eval:+.3f} from its best of the last {len(recent)} measurements")]
+        return []
+
+    def _flag(self, step: int, name: str, detail: str) -> str:
+        self.flags.append({"step": step, "flag": name, "detail": detail})
+        self.sink.flag(step, name, detail)
+        log.warning("watch flag %s at step %d: %s", name, step, detail)
+        return name
+
+    # --- trainer plumbing ---
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       model: Any = None, **kwargs: Any) -> None:
+        if self.eval_fn is not None and self.params.eval_every and model is not None:
+            self.baseline_eval = self.eval_fn(model)
+            self.sink.log(state.global_step, {"eval_metric": self.baseline_eval})
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        every = self.params.eval_every
+        if self.eval_fn is not None and every and state.global_step % every == 0:
+            self.due = True  # measured at this step's log, so the eval pairs with the step's reward
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+               logs: dict[str, Any] | None = None, model: Any = None, **kwargs: Any) -> None:
+        if not logs or "train_runtime" in logs or self.sink.last_row is None:
+            return
+        found = self.observe(state.global_step, self.sink.last_row)
+        if self.due and model is not None and self.eval_fn is not None:
+            self.due = False
+            value = self.eval_fn(model)
+            self.sink.log(state.global_step, {"eval_metric": value})
+            found += self.evaluated(state.global_step, value)
+        self._maybe_stop(found, control)
+
+    def _maybe_stop(self, found: list[str], control: TrainerControl) -> None:
+        if found and self.params.stop:
+            control.should_training_stop = True
