@@ -5,6 +5,10 @@ served model's chat template (raw prompts go in unchanged), and handed to the en
 candidate gets an id and, once it is served, a CompletionRecord on the completion log.
 When the client goes away or its deadline passes, the generation is aborted. A watcher
 follows the registry alias and swaps the served version on promotion or rollback.
+
+A version may be a LoRA adapter (peft's adapter_config.json; see `adapters`): the engine
+then serves it on top of its base model, and the base itself answers requests that name
+it (its version or one of its aliases), so both are listed by ListModels.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from tuneloop.common.logs import configure_logging
 from tuneloop.common.registry import LATEST, VERSION_RE, Registry, RegistryError, RegistrySettings
 from tuneloop.common.settings import SettingsError, load_settings
 from tuneloop.generation import metrics
+from tuneloop.generation.adapters import with_base
 from tuneloop.generation.completion_log import CompletionLog
 from tuneloop.generation.engines.base import (
     Delta,
@@ -179,14 +184,17 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.ListModelsRequest, context: grpc.ServicerContext
     ) -> generation_pb2.ListModelsResponse:
         ref = self._engine.model
+        # The served version first; for an adapter, its base after it (it answers too).
+        served = [(ref, ref.adapter), *([(ref.base, False)] if ref.base is not None else [])]
         return generation_pb2.ListModelsResponse(
             models=[
                 generation_pb2.ServedModel(
-                    model=completion_pb2.ModelVersion(name=ref.name, version=ref.version),
-                    aliases=self._aliases_of(ref),
+                    model=completion_pb2.ModelVersion(name=m.name, version=m.version),
+                    aliases=self._aliases_of(m),
                     engine=self._engine.name,
-                    adapter=False,
+                    adapter=adapter,
                 )
+                for m, adapter in served
             ]
         )
 
@@ -199,17 +207,25 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except (RegistryError, OSError):
             return []
 
-    def _check_model(self, wanted: str, context: grpc.ServicerContext) -> None:
+    def _check_model(self, wanted: str, context: grpc.ServicerContext) -> bool:
+        """Aborts NOT_FOUND unless `wanted` is served here; True when it names the base of
+        the served adapter rather than the served version."""
         ref = self._engine.model
         # The watched alias always means the served version, also while a swap is under way.
         ok = {"", "production", ref.version, ref.name, f"{ref.name}@{ref.version}"}
         for alias in {*self._aliases_of(ref), *([self._alias] if self._alias else [])}:
             ok |= {alias, f"{ref.name}@{alias}"}
-        if wanted not in ok:
-            context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"model: {wanted!r} is not served here; this server serves {ref.name}@{ref.version}",
-            )
+        if wanted in ok:
+            return False
+        base = ref.base
+        if base is not None:
+            names = {base.version, f"{base.name}@{base.version}"}
+            for alias in self._aliases_of(base):
+                names |= {alias, f"{base.name}@{alias}"}
+            if wanted in names:
+                return True
+        served = f"{ref.name}@{ref.version}" + (f" (a LoRA adapter on {base.name}@{base.version})" if base else "")
+        context.abort(grpc.StatusCode.NOT_FOUND, f"model: {wanted!r} is not served here; this server serves {served}")
 
     def _render(self, prompt: completion_pb2.Prompt, context: grpc.ServicerContext) -> tuple[str, list[int]]:
         tok = self._engine.tokenizer
@@ -244,12 +260,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             sampling = sampling_from(request.sampling, self._settings)
         except FieldError as err:
             abort_invalid(context, err)
-        self._check_model(request.model, context)
+        use_base = self._check_model(request.model, context)
         rendered, ids = self._render(request.prompt, context)
         request_id = request.request_id or "req-" + uuid.uuid4().hex
         metrics.PROMPT_TOKENS.inc(len(ids))
         try:
-            stream = self._engine.generate(EngineRequest(request_id, ids, sampling))
+            stream = self._engine.generate(EngineRequest(request_id, ids, sampling, use_base=use_base))
         except EngineError as err:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
         # Fires when the call ends for any reason: after a normal end it changes nothing.
@@ -295,16 +311,17 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
 
 def resolve_model(ref: str, registry: Registry) -> tuple[ModelRef, str | None]:
-    """The version to load and the alias to follow (None for a pinned version or a folder)."""
+    """The version to load (with its base when it is a LoRA adapter) and the alias to follow
+    (None for a pinned version or a folder)."""
     folder = Path(ref)
     if folder.is_dir() or "@" not in ref:
         if not folder.is_dir():
             raise RegistryError(f"model {ref!r} is neither a folder nor a registry ref NAME@ALIAS")
-        return ModelRef(folder.resolve().name, "local", folder.resolve()), None
+        return with_base(ModelRef(folder.resolve().name, "local", folder.resolve()), registry), None
     name, _, tag = ref.partition("@")
     path = registry.resolve(ref)
     alias = None if VERSION_RE.match(tag) or tag == LATEST else tag
-    return ModelRef(name, path.name, path), alias
+    return with_base(ModelRef(name, path.name, path), registry), alias
 
 
 class GenerationApp:
@@ -373,9 +390,9 @@ class GenerationApp:
 
     def _swap_to(self, version: str) -> None:
         name = self.engine.model.name
-        ref = ModelRef(name, version, self.registry.resolve(f"{name}@{version}"))
         started = time.monotonic()
         try:
+            ref = with_base(ModelRef(name, version, self.registry.resolve(f"{name}@{version}")), self.registry)
             self.engine.swap(ref)
         except Exception:
             metrics.SWAPS.labels(result="failed").inc()
@@ -383,7 +400,8 @@ class GenerationApp:
         metrics.SWAPS.labels(result="ok").inc()
         metrics.SWAP_SECONDS.observe(time.monotonic() - started)
         metrics.set_model_info(name, version, self.engine.name)
-        log.info("serving new version", extra={"fields": {"model": f"{name}@{version}"}})
+        base = {"base": f"{ref.base.name}@{ref.base.version}"} if ref.base else {}
+        log.info("serving new version", extra={"fields": {"model": f"{name}@{version}", **base}})
 
     def start(self) -> GenerationApp:
         self.completions.start()

@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The LoRA ranks vLLM can be sized for (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class GenerationSettings(BaseSettings):
@@ -60,6 +63,14 @@ class GenerationSettings(BaseSettings):
     vllm_enforce_eager: bool = Field(
         True, description="Skip torch.compile (starts in ~20 s instead of ~90 s on a CPU)."
     )
+    vllm_max_lora_rank: int = Field(
+        0,
+        description=(
+            "Start vLLM with LoRA support for adapters up to this rank, so that LoRA adapter versions can be "
+            "swapped in (one of 0, " + ", ".join(map(str, VLLM_LORA_RANKS)) + "). 0: LoRA only when the first "
+            "version served is an adapter (sized to it). On a CPU, LoRA support turns torch.compile off."
+        ),
+    )
 
     # ---- completion log ----------------------------------------------------------------
     spool_path: Path | None = Field(
@@ -94,6 +105,13 @@ class GenerationSettings(BaseSettings):
         # Port 0 (a free port picked at start) cannot be found again: one spool per process.
         suffix = str(self.port) if self.port else f"pid{os.getpid()}"
         return Path(".tuneloop/generation") / f"completions-{suffix}.spool"
+
+    @field_validator("vllm_max_lora_rank")
+    @classmethod
+    def _lora_rank_vllm_takes(cls, value: int) -> int:
+        if value != 0 and value not in VLLM_LORA_RANKS:
+            raise ValueError(f"must be 0 or one of {', '.join(map(str, VLLM_LORA_RANKS))}, not {value}")
+        return value
 
     @model_validator(mode="after")
     def _defaults_within_cap(self) -> GenerationSettings:

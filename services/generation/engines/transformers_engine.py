@@ -10,17 +10,29 @@ long one and streamed deltas leave after every step.
 A swap loads the new version beside the old one in the caller's thread and replaces the
 reference the scheduler reads when it forms the next batch: a batch in progress finishes on
 the version it started with, and no request ever sees two versions.
+
+LoRA adapter versions (peft) are applied onto their base model in place. When the base is
+the one already in memory (the served full model, or the base of the served adapter), the
+base is not loaded again: the scheduler thread, between two batches, adds the new adapter
+to the live model and drops the old one (or removes the adapter layers when the base itself
+becomes the served version), so a batch never sees its model change. Only one adapter is
+kept in memory. A request may ask for the adapter's base (`use_base`): its rows of a batch
+run with the adapter off (peft's per-row `adapter_names`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -38,23 +50,58 @@ from tuneloop.generation.engines.base import (
 from tuneloop.generation.engines.text import TextTracker
 
 if TYPE_CHECKING:
+    from peft import PeftModel
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tuneloop.generation.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
 
+_BASE_ROW = "__base__"  # peft's adapter name for rows computed without any adapter
 
-@dataclass(frozen=True)
-class _Bundle:
-    """A loaded version: model, tokenizer and the ids that end a sequence."""
 
-    ref: ModelRef
+@dataclass
+class _Weights:
+    """A full model in memory. LoRA layers are added onto its modules in place (`peft`), and
+    only the scheduler thread changes them, between batches."""
+
+    ref: ModelRef  # the full model version these weights are
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     eos_ids: frozenset[int]
     pad_id: int
     max_len: int
+    peft: PeftModel | None = None  # set while an adapter is applied
+
+
+@dataclass(frozen=True)
+class _Bundle:
+    """The served version: a full model, or an adapter (`adapter`: its peft name) on `weights`."""
+
+    ref: ModelRef
+    weights: _Weights
+    tokenizer: PreTrainedTokenizerBase
+    adapter: str | None = None
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        return self.weights.eos_ids
+
+    @property
+    def pad_id(self) -> int:
+        return self.weights.pad_id
+
+    @property
+    def max_len(self) -> int:
+        return self.weights.max_len
+
+    def forward(self, rows: list[_Candidate], **kwargs: Any) -> Any:
+        if self.adapter is None:
+            return self.weights.model(**kwargs)
+        assert self.weights.peft is not None
+        if any(c.request.use_base for c in rows):
+            kwargs["adapter_names"] = [_BASE_ROW if c.request.use_base else self.adapter for c in rows]
+        return self.weights.peft(**kwargs)
 
 
 @dataclass
@@ -78,7 +125,8 @@ class _Candidate:
     finished: bool = False
 
 
-def _load(ref: ModelRef, dtype: torch.dtype, max_model_len: int | None) -> _Bundle:
+def _load(ref: ModelRef, dtype: torch.dtype, max_model_len: int | None) -> _Weights:
+    """A full model (never an adapter) with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(ref.path)
@@ -90,7 +138,65 @@ def _load(ref: ModelRef, dtype: torch.dtype, max_model_len: int | None) -> _Bund
     eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids), 0)
     limit = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
-    return _Bundle(ref, model, tokenizer, eos_ids, pad, min(limit, max_model_len or limit))
+    return _Weights(ref, model, tokenizer, eos_ids, pad, min(limit, max_model_len or limit))
+
+
+@dataclass(frozen=True)
+class _AdapterFiles:
+    """An adapter read from disk (in the caller's thread), ready to be applied."""
+
+    name: str
+    config: Any  # peft LoraConfig
+    state: dict[str, torch.Tensor]
+    tokenizer: PreTrainedTokenizerBase | None  # the adapter folder's own, if it has one
+
+
+def _read_adapter(ref: ModelRef, name: str) -> _AdapterFiles:
+    from peft import LoraConfig
+    from peft.utils import load_peft_weights
+    from transformers import AutoTokenizer
+
+    config = LoraConfig.from_pretrained(ref.path)
+    config.inference_mode = True
+    state = load_peft_weights(str(ref.path), device="cpu")
+    has_tokenizer = (Path(ref.path) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(ref.path) if has_tokenizer else None
+    return _AdapterFiles(name, config, state, tokenizer)
+
+
+def _apply_adapter(weights: _Weights, files: _AdapterFiles) -> None:
+    """Adds the adapter to `weights` and makes it the only one; on failure `weights` is left
+    as it was."""
+    from peft import PeftModel
+    from peft.utils import set_peft_model_state_dict
+
+    first = weights.peft is None
+    peft = weights.peft
+    try:
+        if peft is None:
+            peft = PeftModel(weights.model, files.config, adapter_name=files.name)
+        else:
+            peft.add_adapter(files.name, files.config)
+        result = set_peft_model_state_dict(peft, files.state, adapter_name=files.name)
+        if result.unexpected_keys:
+            raise SwapError(
+                f"adapter weights {sorted(result.unexpected_keys)[:3]} match no layer of the base model"
+            )
+        peft.set_adapter(files.name, inference_mode=True)
+    except Exception:
+        if peft is not None and first:
+            peft.unload()  # takes the adapter layers out of the base model again
+        elif peft is not None and files.name in peft.peft_config:
+            peft.delete_adapter(files.name)
+        raise
+    for old in [name for name in peft.peft_config if name != files.name]:
+        peft.delete_adapter(old)
+    peft.eval()
+    weights.peft = peft
+
+
+def _same(a: ModelRef, b: ModelRef) -> bool:
+    return Path(a.path).resolve() == Path(b.path).resolve()
 
 
 class TransformersEngine(Engine):
@@ -105,13 +211,16 @@ class TransformersEngine(Engine):
             torch.set_num_threads(settings.torch_threads)
         self._bundle: _Bundle | None = None
         self._pending: deque[_Pending] = deque()
+        # Changes to the live model, run by the scheduler thread between batches.
+        self._ops: deque[tuple[Callable[[], None], Future[None]]] = deque()
+        self._adapters = 0  # peft adapter names are unique per load
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="generation-batcher", daemon=True)
 
     # ---- Engine ----------------------------------------------------------------------
     def load(self, model: ModelRef) -> None:
-        self._bundle = _load(model, self._dtype, self._max_model_len)
+        self._bundle = self._fresh(model)
         self._thread.start()
 
     @property
@@ -144,11 +253,22 @@ class TransformersEngine(Engine):
 
     def swap(self, model: ModelRef) -> None:
         try:
-            bundle = _load(model, self._dtype, self._max_model_len)
+            live = self._current().weights
+            if not _same(model.weights, live.ref):
+                # Another base or full model: loaded beside the served one, then one
+                # reference assignment (the scheduler reads it once per batch).
+                self._bundle = self._fresh(model)
+            elif model.adapter:
+                # The same base: only the adapter changes, on the live model.
+                files = _read_adapter(model, self._adapter_name(model))
+                self._between_batches(lambda: self._serve_adapter(model, live, files))
+            else:
+                # The base of the served adapter becomes the served version.
+                self._between_batches(lambda: self._serve_base(model, live))
+        except SwapError:
+            raise
         except Exception as err:
             raise SwapError(f"cannot load {model.name}@{model.version} from {model.path}: {err}") from err
-        # One reference assignment: the scheduler reads it once per batch.
-        self._bundle = bundle
 
     def close(self) -> None:
         with self._cond:
@@ -158,6 +278,44 @@ class TransformersEngine(Engine):
             self._thread.join(timeout=30)
         for pending in self._drain_all():
             self._abort_unstarted(pending)
+        with self._cond:
+            ops, self._ops = list(self._ops), deque()
+        for _, future in ops:
+            future.set_exception(SwapError("engine is closed"))
+
+    # ---- versions --------------------------------------------------------------------
+    def _adapter_name(self, model: ModelRef) -> str:
+        self._adapters += 1
+        return re.sub(r"\W", "_", f"{model.name}_{model.version}_{self._adapters}")
+
+    def _fresh(self, model: ModelRef) -> _Bundle:
+        """`model` loaded from disk, sharing nothing with the served version."""
+        weights = _load(model.weights, self._dtype, self._max_model_len)
+        if not model.adapter:
+            return _Bundle(model, weights, weights.tokenizer)
+        files = _read_adapter(model, self._adapter_name(model))
+        _apply_adapter(weights, files)
+        return _Bundle(model, weights, files.tokenizer or weights.tokenizer, files.name)
+
+    def _serve_adapter(self, model: ModelRef, live: _Weights, files: _AdapterFiles) -> None:
+        _apply_adapter(live, files)
+        self._bundle = _Bundle(model, live, files.tokenizer or live.tokenizer, files.name)
+
+    def _serve_base(self, model: ModelRef, live: _Weights) -> None:
+        if live.peft is not None:
+            live.peft.unload()  # the adapter layers leave the base model's modules
+            live.peft = None
+        self._bundle = _Bundle(model, live, live.tokenizer)
+
+    def _between_batches(self, change: Callable[[], None]) -> None:
+        """Runs `change` in the scheduler thread once no batch is in progress; waits for it."""
+        future: Future[None] = Future()
+        with self._cond:
+            if self._closed or not self._thread.is_alive():
+                raise SwapError("engine is closed")
+            self._ops.append((change, future))
+            self._cond.notify_all()
+        future.result()
 
     # ---- scheduler -------------------------------------------------------------------
     def _current(self) -> _Bundle:
@@ -181,13 +339,31 @@ class TransformersEngine(Engine):
             pending.stream.push(Delta(index=index, text="", completion_tokens=0, finish_reason="aborted"))
         pending.stream.finish()
 
-    def _next_batch(self) -> list[_Pending]:
-        """Waits for work, then gathers what arrives within the batching window."""
+    def _run_ops(self) -> None:
+        """Runs the queued changes to the live model."""
         with self._cond:
-            while not self._closed and not self._pending:
+            ops, self._ops = list(self._ops), deque()
+        for change, future in ops:
+            try:
+                change()
+            except BaseException as err:  # noqa: BLE001 (handed to the caller of swap)
+                future.set_exception(err)
+            else:
+                future.set_result(None)
+
+    def _next_batch(self) -> list[_Pending] | None:
+        """Waits for work, then gathers what arrives within the batching window; None once
+        closed, [] after running changes to the live model."""
+        with self._cond:
+            while not self._closed and not self._pending and not self._ops:
                 self._cond.wait()
             if self._closed:
-                return []
+                return None
+            changes = bool(self._ops)
+        if changes:
+            self._run_ops()
+            return []
+        with self._cond:
             window_end = self._pending[0].queued_at + self._window_s
             while not self._closed:
                 size = sum(p.request.sampling.n for p in self._pending)
@@ -209,7 +385,7 @@ class TransformersEngine(Engine):
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
-            if not batch:
+            if batch is None:
                 return
             live = []
             for pending in batch:
@@ -232,7 +408,8 @@ class TransformersEngine(Engine):
     def _generate(self, bundle: _Bundle, batch: list[_Pending]) -> None:
         cands: list[_Candidate] = []
         for pending in batch:
-            pending.stream.model = bundle.ref
+            base = bundle.ref.base if pending.request.use_base else None
+            pending.stream.model = base or bundle.ref
             req = pending.request
             sampling = req.sampling
             budget = min(sampling.max_tokens, bundle.max_len - len(req.prompt_ids))
@@ -257,8 +434,8 @@ class TransformersEngine(Engine):
             mask[row, width - len(prompt) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         # logits_to_keep=1: only the last position's logits are needed, not prompt-length x vocab.
-        out = bundle.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        out = bundle.forward(
+            cands, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
@@ -281,7 +458,8 @@ class TransformersEngine(Engine):
                 rows = [rows[row] for row in keep]
             mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
             last_pos = last_pos + 1
-            out = bundle.model(
+            out = bundle.forward(
+                rows,
                 input_ids=tokens[:, None],
                 attention_mask=mask,
                 position_ids=last_pos[:, None],

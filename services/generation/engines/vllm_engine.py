@@ -11,6 +11,14 @@ scheduler is paused, `reload_weights` replaces the weights in place from the new
 the prefix cache (built from the old weights) is dropped, and the gate reopens. Weights
 are replaced in place, so only versions of the same architecture and tokenizer can be
 swapped in; any other is refused and the served version stays.
+
+LoRA adapter versions are served with vLLM's LoRA support (`enable_lora`, one adapter at a
+time): requests carry the served adapter's `LoRARequest`, and requests that name the base
+carry none. vLLM is started with LoRA when the first version is an adapter (sized to its
+rank) or when `vllm_max_lora_rank` is set; only then can adapters be swapped in. A swap to
+an adapter goes through the same gate: the base weights are reloaded only when the new
+adapter has another base than the weights in the engine, then the old adapter is removed
+and the new one added. Without LoRA support, a swap to an adapter is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.generation import metrics
+from tuneloop.generation.adapters import lora_rank
 from tuneloop.generation.engines.base import (
     Delta,
     Engine,
@@ -37,6 +46,7 @@ from tuneloop.generation.engines.base import (
     SwapError,
 )
 from tuneloop.generation.engines.vllm_worker import WeightSwapExtension
+from tuneloop.generation.settings import VLLM_LORA_RANKS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -75,6 +85,36 @@ def _check_supported(path: Path) -> None:
         )
 
 
+def _same(a: ModelRef, b: ModelRef) -> bool:
+    return Path(a.path).resolve() == Path(b.path).resolve()
+
+
+def _tokenizer_of(model: ModelRef) -> PreTrainedTokenizerBase:
+    """An adapter folder's own tokenizer when it has one, else its base's (or the model's)."""
+    from transformers import AutoTokenizer
+
+    own = model.adapter and (Path(model.path) / "tokenizer_config.json").is_file()
+    return AutoTokenizer.from_pretrained(model.path if own else model.weights.path)
+
+
+def _lora_rank_for(model: ModelRef, configured: int) -> int:
+    """vLLM's max_lora_rank for the first version: the setting, else (0) LoRA off for a full
+    model and the smallest rank vLLM takes that fits an adapter."""
+    if not model.adapter:
+        return configured
+    need = lora_rank(model)
+    if configured:
+        if need > configured:
+            raise EngineError(
+                f"{model.name}@{model.version} is a LoRA adapter of rank {need}, above vllm_max_lora_rank {configured}"
+            )
+        return configured
+    fits = [r for r in VLLM_LORA_RANKS if r >= need]
+    if not fits:
+        raise EngineError(f"{model.name}@{model.version}: LoRA rank {need} is above what vLLM serves ({VLLM_LORA_RANKS[-1]})")
+    return fits[0]
+
+
 def _prepare_environment(cache_dir: Path) -> None:
     """Process-wide settings vLLM reads at import and when it spawns workers."""
     cache_dir = cache_dir.resolve()
@@ -97,6 +137,10 @@ class VllmEngine(Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-loop", daemon=True)
         self._llm: Any = None
         self._ref: ModelRef | None = None
+        self._weights: ModelRef | None = None  # the full model whose weights are in the engine
+        self._lora: Any = None  # LoRARequest of the served adapter
+        self._lora_ids = 0
+        self._max_lora_rank = 0  # 0: vLLM runs without LoRA support
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._max_len = 0
         # Created in the loop: asyncio primitives belong to the loop that uses them.
@@ -111,13 +155,29 @@ class VllmEngine(Engine):
     # ---- Engine ----------------------------------------------------------------------
     def load(self, model: ModelRef) -> None:
         _prepare_environment(self._settings.vllm_cache_dir)
-        from transformers import AutoTokenizer
-
-        _check_supported(model.path)
+        _check_supported(model.weights.path)
+        self._max_lora_rank = _lora_rank_for(model, self._settings.vllm_max_lora_rank)
+        tokenizer = _tokenizer_of(model)
+        if model.adapter:
+            self._check_tokenizer(model, tokenizer, _tokenizer_of(model.weights))
         self._thread.start()
-        self._call(self._create(model))
-        self._tokenizer = AutoTokenizer.from_pretrained(model.path)
+        self._call(self._create(model.weights))
+        self._weights = model.weights
+        if model.adapter:
+            try:
+                self._call(self._set_lora(model))
+            except Exception as err:
+                raise EngineError(f"vLLM cannot serve the LoRA adapter {model.name}@{model.version}: {err}") from err
+        self._tokenizer = tokenizer
         self._ref = model
+
+    @staticmethod
+    def _check_tokenizer(
+        model: ModelRef, tokenizer: PreTrainedTokenizerBase, served: PreTrainedTokenizerBase
+    ) -> None:
+        # vLLM decodes with the tokenizer of the weights it was started with.
+        if tokenizer.get_vocab() != served.get_vocab():
+            raise SwapError(f"{model.name}@{model.version} has another tokenizer than the served version")
 
     async def _create(self, model: ModelRef) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -137,6 +197,11 @@ class VllmEngine(Engine):
             max_num_seqs=s.vllm_max_num_seqs,
             disable_log_stats=True,
             worker_extension_cls=f"{WeightSwapExtension.__module__}.{WeightSwapExtension.__qualname__}",
+            **(
+                {"enable_lora": True, "max_lora_rank": self._max_lora_rank, "max_loras": 1}
+                if self._max_lora_rank
+                else {}
+            ),
         )
         self._llm = AsyncLLM.from_engine_args(args)
         self._max_len = int(self._llm.model_config.max_model_len)
@@ -172,19 +237,26 @@ class VllmEngine(Engine):
 
     def swap(self, model: ModelRef) -> None:
         current = self.model
-        if _shape(model.path) != _shape(current.path):
+        assert self._weights is not None
+        if _shape(model.weights.path) != _shape(self._weights.path):
             raise SwapError(
                 f"{model.name}@{model.version} has another architecture or shape than the served "
                 f"{current.name}@{current.version}; in-place weight reload cannot switch to it"
             )
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(model.path)
-        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
-            raise SwapError(f"{model.name}@{model.version} has another tokenizer than the served version")
-        self._call(self._swap(model))
-        self._tokenizer = tokenizer
-        self._ref = model
+        if model.adapter:
+            if not self._max_lora_rank:
+                raise SwapError(
+                    f"{model.name}@{model.version} is a LoRA adapter and vLLM was started without LoRA support: "
+                    "set TUNELOOP_GENERATION_VLLM_MAX_LORA_RANK to serve adapter versions after a full model"
+                )
+            if (rank := lora_rank(model)) > self._max_lora_rank:
+                raise SwapError(
+                    f"{model.name}@{model.version} has LoRA rank {rank}; vLLM was started for at most "
+                    f"{self._max_lora_rank} (TUNELOOP_GENERATION_VLLM_MAX_LORA_RANK)"
+                )
+        tokenizer = _tokenizer_of(model)
+        self._check_tokenizer(model, tokenizer, self.tokenizer)
+        self._call(self._swap(model, tokenizer))
 
     def close(self) -> None:
         if self._llm is not None:
@@ -207,7 +279,11 @@ class VllmEngine(Engine):
             await self._gate.wait()
             self._active += 1
             admitted = True
-            stream.model = self._ref
+            ref = self._ref
+            assert ref is not None
+            use_base = request.use_base and ref.base is not None
+            stream.model = ref.base if use_base else ref
+            lora = None if use_base else self._lora
             params = SamplingParams(
                 n=s.n,
                 temperature=s.temperature,
@@ -222,7 +298,7 @@ class VllmEngine(Engine):
             # A caller may reuse its request id; vLLM needs one unique among live requests.
             engine_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
             prompt = {"prompt_token_ids": list(request.prompt_ids)}
-            async for out in self._llm.generate(prompt, params, request_id=engine_id):
+            async for out in self._llm.generate(prompt, params, request_id=engine_id, lora_request=lora):
                 for c in out.outputs:
                     new = len(c.token_ids)
                     tokens[c.index] += new
@@ -256,26 +332,65 @@ class VllmEngine(Engine):
                     self._active -= 1
                     self._idle.notify_all()
 
-    async def _swap(self, model: ModelRef) -> None:
+    async def _swap(self, model: ModelRef, tokenizer: PreTrainedTokenizerBase) -> None:
         async with self._swap_lock:
             self._gate.clear()
             try:
                 async with self._idle:
                     await self._idle.wait_for(lambda: self._active == 0)
-                await self._llm.pause_generation(mode="wait", clear_cache=True)
+                assert self._weights is not None
+                served = self._weights
+                reload = not _same(model.weights, served)
+                if reload:
+                    await self._reload_paused(model.weights.path, served.path)
                 try:
-                    await self._reload(model.path)
-                finally:
-                    await self._llm.resume_generation()
+                    await self._set_lora(model if model.adapter else None)
+                except Exception as err:
+                    if reload:
+                        await self._reload_paused(served.path, model.weights.path)
+                    raise SwapError(f"vLLM cannot load the LoRA adapter {model.name}@{model.version}: {err}") from err
+                # Before the gate opens: the next request gets the new version and its adapter.
+                self._weights, self._ref, self._tokenizer = model.weights, model, tokenizer
             finally:
                 self._gate.set()
 
-    async def _reload(self, path: Path) -> None:
+    async def _reload_paused(self, path: Path, served: Path) -> None:
+        await self._llm.pause_generation(mode="wait", clear_cache=True)
+        try:
+            await self._reload(path, served)
+        finally:
+            await self._llm.resume_generation()
+
+    async def _reload(self, path: Path, served: Path) -> None:
         try:
             await self._llm.collective_rpc("swap_weights", kwargs={"weights_path": str(path)})
         except Exception as err:
             # A reload that failed half-way leaves mixed weights: put the served ones back.
-            await self._llm.collective_rpc("swap_weights", kwargs={"weights_path": str(self.model.path)})
+            await self._llm.collective_rpc("swap_weights", kwargs={"weights_path": str(served)})
             raise SwapError(f"reloading weights from {path} failed: {err}") from err
         finally:
             await self._llm.reset_prefix_cache()
+
+    async def _set_lora(self, model: ModelRef | None) -> None:
+        """Serve `model`'s adapter (None: no adapter) from the next request on; the served
+        adapter stays when the new one cannot be loaded. No request may be in flight."""
+        from vllm.lora.request import LoRARequest
+
+        old = self._lora
+        if old is not None:
+            await self._llm.remove_lora(old.lora_int_id)
+            self._lora = None
+        if model is None:
+            return
+        self._lora_ids += 1
+        # The name keys vLLM's prefix cache: one per version (its files never change).
+        new = LoRARequest(f"{model.name}@{model.version}", self._lora_ids, str(model.path))
+        try:
+            if not await self._llm.add_lora(new):
+                raise EngineError("vLLM did not add it")
+        except Exception:
+            if old is not None:
+                await self._llm.add_lora(old)
+                self._lora = old
+            raise
+        self._lora = new
