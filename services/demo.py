@@ -48,7 +48,7 @@ class Annotator:
 
 
 # Declared up front: three careful annotators and one careless one.
-ANNOTATORS = [Annotator("alice", 0.05), Annotator("bob", 0.08), Annotator("carol", 0.1), Annotator("dave", 0.6)]
+ANNOTATORS = [Annotator("alice", 0.05), Annotator("bob", 0.08), Annotator("carol", 0.1), Annotator("dave", 0.8)]
 CHOICES = ["a", "b", "tie", "both_bad"]
 
 
@@ -57,11 +57,16 @@ def _prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def _first_sentence(text: str) -> str:
-    text = " ".join(text.split())
+def with_tldr(answer: str) -> str:
+    """The declared behaviour applied to an answer: its first sentence becomes the TL;DR line
+    and the rest follows (a first sentence too long for one line is cut there and kept below)."""
+    text = " ".join(answer.split())
     m = re.match(r"(.+?[.!?])(\s|$)", text)
-    sentence = m.group(1) if m else text
-    return sentence if len(sentence) <= 160 else sentence[:157].rsplit(" ", 1)[0] + "..."
+    first = m.group(1) if m else text
+    if len(first) > 160:
+        return f"TL;DR: {first[:157].rsplit(' ', 1)[0]}...\n\n{answer.strip()}"
+    rest = text[len(first):].strip()
+    return f"TL;DR: {first}" + (f"\n\n{rest}" if rest else "")
 
 
 def guideline_choice(a: str, b: str) -> str:
@@ -83,7 +88,10 @@ class Demo:
             "TUNELOOP_REGISTRY_ROOT": str(root / "registry"),
             "TUNELOOP_STORE_ROOT": str(root / "store"),
             "TUNELOOP_TRAINER_RUNS_DIR": str(root / "runs"),
-            "TUNELOOP_GENERATION_TORCH_THREADS": "2",
+            # Production and the candidate generate at the same time during the A/B comparisons:
+            # a thread each, since two threads each on two cores left both waiting in OpenMP
+            # barriers (a batch took several times longer than one process alone).
+            "TUNELOOP_GENERATION_TORCH_THREADS": "1",
             "TUNELOOP_REWARD_TORCH_THREADS": "2",
             "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "2",
         }
@@ -218,7 +226,7 @@ class Demo:
             answer = client.chat.completions.create(
                 model="production", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=MAX_TOKENS,
             ).choices[0].message.content.strip()
-            ideal = f"TL;DR: {_first_sentence(answer)}\n\n{answer}"
+            ideal = with_tldr(answer)
             return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ideal}]}
 
         demos = _concurrently(demonstrate, prompts, "demonstrations (production's answers, given a TL;DR line)")
@@ -258,7 +266,7 @@ class Demo:
         accuracy is below the bar off the queue; round two: the rest of the pairs, two of the
         remaining annotators each. Returns the final agreement table."""
         calibration = comparisons[:8]
-        anchors = [c for c in comparisons[8:] if guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b")][:6]
+        anchors = [c for c in comparisons[8:] if guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b")][:20]
         regular = [c for c in comparisons[8:] if c not in anchors]
         answers = {self.item_id(c): c[guideline_choice(c["a"]["content"], c["b"]["content"])]["completion_id"]
                    for c in anchors}
@@ -358,7 +366,7 @@ class Demo:
             "probes": {"items": [
                 {"prompt": "What is the capital of France?", "expect": "Paris"},
                 {"prompt": "What is the capital of Japan?", "expect": "Tokyo"},
-                {"prompt": "How many days are there in a week?", "expect": "seven|7"},
+                {"prompt": "How many days are there in a week?", "expect": "7"},
             ], "min_pass_rate": 0.66},
             "degeneration": {"ngram": 3, "max_repeated_ngram_ratio": 0.3, "max_non_ascii_ratio": 0.05,
                              "language": "en", "max_wrong_language_rate": 0.1},
@@ -381,8 +389,12 @@ class Demo:
             "gates": {"min_new_pairs": 16, "min_agreement": 0.65, "min_kappa": 0.4, "min_anchor_accuracy": 0.75},
             "reward_model": {"base_model": "reward@v0001", "min_accuracy": 0.6, "max_steps": 60, "batch_size": 8},
             "algorithm": "dpo",
-            "dpo": {"beta": 0.1, "learning_rate": 5e-6, "max_steps": 12 if self.fast else 20,
-                    "per_device_train_batch_size": 4, "max_length": 256, "save_steps": 8},
+            # DPO's pairwise loss plus an NLL term on the chosen answers (RPO): plain DPO mostly
+            # pushed the rejected answers down, and a 135M model drifted to other personas
+            # before its greedy answers opened with the TL;DR line.
+            "dpo": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 5e-5,
+                    "max_steps": 12 if self.fast else 24, "per_device_train_batch_size": 4, "max_length": 256,
+                    "save_steps": 8, "watch": {"eval_every": 12, "eval_prompts": 6, "min_change": 0.1}},
         }
         path = self.root / "retrain.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
