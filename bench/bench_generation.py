@@ -1,8 +1,7 @@
 """Generation: the service against in-process generation on the same model and load, its
 engines and batching, and the peak memory of each, for the tiny model and SmolLM2-135M.
 
-For each model of `--models`, on the same greedy fp32 chat prompts, one mode after the other
-so that they never share the cores:
+For each model of `--models`, on the same greedy fp32 chat prompts:
 
 - service, one at a time: `tuneloop serve generation` (transformers, max batch 1), one client
   sending the prompts in turn over gRPC;
@@ -14,11 +13,18 @@ so that they never share the cores:
   fresh Python process;
 - in-process, batched: `generate` on batches of `--max-batch` left-padded prompts.
 
-Tokens/s counts generated tokens over the wall time of all prompts (each mode warms up on
-one prompt first; start-up is printed, not counted). The service modes include everything a
-caller gets: gRPC, templating and tokenisation, the engine's scheduler, the completion log
-(records spool locally unless `--bootstrap` names a Kafka broker). `answer_mismatches` counts
-answers that differ from the in-process one-at-a-time answers: 0 in fp32 greedy.
+The processes stay up side by side (each loaded and warmed up once) and the modes run in
+`--rounds` rounds, one mode at a time: each service mode right next to the in-process mode
+it is compared with, the order swapped every round, so that other work on the machine
+weighs on both sides of a ratio alike. First the two transformers services with the
+in-process worker; then the one-at-a-time service stops, vLLM starts, and vLLM, the
+dynamic-batching service and in-process batches take turns.
+
+Tokens/s counts generated tokens over the wall time of all prompts, summed over rounds
+(start-up is printed, not counted). The service modes include everything a caller gets:
+gRPC, templating and tokenisation, the engine's scheduler, the completion log (records
+spool locally unless `--bootstrap` names a Kafka broker). `answer_mismatches` counts answers
+that differ from the in-process one-at-a-time answers: 0 in fp32 greedy.
 
 Peak memory is the RSS high-water mark (VmHWM in /proc/PID/status) of the service process,
 read before it stops, and of the in-process worker. vLLM computes in child processes, so
@@ -26,7 +32,8 @@ for vLLM the sum over the service's process tree is reported too (shared pages c
 per process: an upper bound).
 
     .venv/bin/python bench/bench_generation.py [--models tiny smollm2] [--prompts 16]
-        [--max-tokens 32] [--max-batch 16] [--vllm-models smollm2] [--skip-vllm] [--json PATH]
+        [--max-tokens 32] [--max-batch 16] [--rounds 2] [--vllm-models smollm2] [--skip-vllm]
+        [--json PATH]
 
 The last stdout line is the result as JSON (also written to `--json PATH`).
 """
@@ -42,7 +49,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -126,54 +133,48 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
-# ---- the service --------------------------------------------------------------------------
+# ---- the modes ---------------------------------------------------------------------------
 
 
-def run_service(
-    name: str, env: dict[str, str], requests: list[generation_pb2.GenerateRequest], concurrency: int, scratch: Path
-) -> dict[str, Any]:
-    process = ServiceProcess("generation", env=env, log_dir=scratch)
-    started = time.monotonic()
-    process.start(timeout=900)
-    startup_s = time.monotonic() - started
-    assert process.proc is not None
-    try:
-        stub = generation_pb2_grpc.GenerationStub(make_channel(process.target, SERVICE_NAME))
-        stub.Generate(requests[0], timeout=600)  # warm-up: first-call allocations and caches
+class Service:
+    """A `tuneloop serve generation` process, started and warmed up once."""
+
+    def __init__(self, name: str, env: dict[str, str], concurrency: int, scratch: Path) -> None:
+        self.name, self.concurrency = name, concurrency
+        self.process = ServiceProcess("generation", env=env, log_dir=scratch)
+        started = time.monotonic()
+        self.process.start(timeout=900)
+        self.startup_s = time.monotonic() - started
+        self.stub = generation_pb2_grpc.GenerationStub(make_channel(self.process.target, SERVICE_NAME))
+        self.peak: dict[str, float] = {}
+
+    def warm_up(self, request: generation_pb2.GenerateRequest) -> None:
+        self.stub.Generate(request, timeout=1800)  # first-call allocations and caches
+
+    def run(self, requests: list[generation_pb2.GenerateRequest]) -> tuple[int, float, list[str]]:
         began = time.monotonic()
-        with ThreadPoolExecutor(concurrency) as pool:
-            answers = list(pool.map(lambda r: stub.Generate(r, timeout=1800), requests))
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            answers = list(pool.map(lambda r: self.stub.Generate(r, timeout=1800), requests))
         seconds = time.monotonic() - began
-        batches = _scrape(process.metrics_port)
-        peak = vm_hwm_mb(process.proc.pid)
-        tree = peak + sum(vm_hwm_mb(child) for child in descendants(process.proc.pid))
-    finally:
-        process.stop()
-    tokens = sum(a.completions[0].completion_tokens for a in answers)
-    result: dict[str, Any] = {
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 2),
-        "startup_s": round(startup_s, 1),
-        "peak_rss_mb": round(peak, 1),
-        "texts": [a.completions[0].text for a in answers],
-    }
-    if tree > peak:
-        result["peak_rss_tree_mb"] = round(tree, 1)
-    if batches[1]:  # the transformers engine reports its batches (warm-up included)
-        result["mean_batch_size"] = round(batches[0] / batches[1], 2)
-    _report(name, result)
-    return result
+        return sum(a.completions[0].completion_tokens for a in answers), seconds, [a.completions[0].text for a in answers]
 
-
-def _report(name: str, mode: dict[str, Any]) -> None:
-    tree = f", tree {mode['peak_rss_tree_mb']:.0f} MiB" if "peak_rss_tree_mb" in mode else ""
-    start = f", startup {mode['startup_s']:.0f} s" if "startup_s" in mode else ""
-    print(
-        f"{name:>28}: {mode['tokens']} tokens in {mode['seconds']:.1f} s = {mode['tokens_per_s']:.1f} tokens/s, "
-        f"peak RSS {mode['peak_rss_mb']:.0f} MiB{tree}{start}",
-        flush=True,
-    )
+    def stop(self) -> dict[str, Any]:
+        """Stops the process; its start-up time, peak memory and mean batch size."""
+        proc = self.process.proc
+        assert proc is not None
+        info: dict[str, Any] = {"startup_s": round(self.startup_s, 1)}
+        try:
+            batches = _scrape(self.process.metrics_port)
+            peak = vm_hwm_mb(proc.pid)
+            tree = peak + sum(vm_hwm_mb(child) for child in descendants(proc.pid))
+        finally:
+            self.process.stop()
+        info["peak_rss_mb"] = round(peak, 1)
+        if tree > peak:
+            info["peak_rss_tree_mb"] = round(tree, 1)
+        if batches[1]:  # the transformers engine reports its batches (warm-up included)
+            info["mean_batch_size"] = round(batches[0] / batches[1], 2)
+        return info
 
 
 def _scrape(port: int | None) -> tuple[float, float]:
@@ -189,11 +190,8 @@ def _scrape(port: int | None) -> tuple[float, float]:
     return found["sum"], found["count"]
 
 
-# ---- in-process ---------------------------------------------------------------------------
-
-
-def in_process(folder: str, texts: list[str], max_tokens: int, max_batch: int) -> dict[str, Any]:
-    """transformers `generate` in this (fresh) process: one prompt at a time, then batches."""
+def _worker(conn: Any, folder: str, texts: list[str], max_tokens: int, max_batch: int) -> None:
+    """The in-process side, in a fresh process: transformers `generate`, on request."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -228,31 +226,73 @@ def in_process(folder: str, texts: list[str], max_tokens: int, max_batch: int) -
         return answers
 
     generate(prompts[:1])  # warm-up
-    modes: dict[str, Any] = {}
-    for name, size in (("one_at_a_time", 1), ("batched", max_batch)):
+    conn.send("ready")
+    while (size := conn.recv()) is not None:
         began = time.monotonic()
         answers = [a for i in range(0, len(prompts), size) for a in generate(prompts[i : i + size])]
-        seconds = time.monotonic() - began
-        tokens = sum(n for n, _ in answers)
-        modes[name] = {
-            "tokens": tokens,
-            "seconds": round(seconds, 3),
-            "tokens_per_s": round(tokens / seconds, 2),
-            "texts": [text for _, text in answers],
-        }
-    peak = round(vm_hwm_mb(), 1)
-    for mode in modes.values():
-        mode["peak_rss_mb"] = peak  # one process ran both
-    return modes
+        conn.send((sum(n for n, _ in answers), time.monotonic() - began, [text for _, text in answers]))
+    conn.send(vm_hwm_mb())
 
 
-def run_in_process(folder: Path, texts: list[str], max_tokens: int, max_batch: int) -> dict[str, Any]:
-    """`in_process` in a fresh spawned process, so its memory is its own."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        modes = pool.submit(in_process, str(folder), texts, max_tokens, max_batch).result()
-    _report("in-process, one at a time", modes["one_at_a_time"])
-    _report("in-process, batched", modes["batched"])
-    return modes
+class InProcess:
+    """transformers `generate` in a spawned process of its own (so its memory is its own)."""
+
+    def __init__(self, folder: Path, texts: list[str], max_tokens: int, max_batch: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.proc = context.Process(target=_worker, args=(child, str(folder), texts, max_tokens, max_batch))
+        self.proc.start()
+        if not self.conn.poll(900) or self.conn.recv() != "ready":
+            raise RuntimeError("the in-process worker did not start")
+
+    def runner(self, batch: int) -> Any:
+        def run(requests: object) -> tuple[int, float, list[str]]:
+            self.conn.send(batch)
+            return self.conn.recv()
+
+        return run
+
+    def stop(self) -> float:
+        """Stops the worker; its peak RSS in MiB."""
+        self.conn.send(None)
+        peak = self.conn.recv()
+        self.proc.join(60)
+        return round(peak, 1)
+
+
+class Tally:
+    """Tokens, seconds and each round's tokens/s of one mode."""
+
+    def __init__(self) -> None:
+        self.tokens, self.seconds, self.rates, self.texts = 0, 0.0, [], None
+
+    def add(self, tokens: int, seconds: float, texts: list[str]) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+        self.rates.append(tokens / seconds)
+        self.texts = self.texts or texts
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
+
+    def summary(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "seconds": round(self.seconds, 3), "tokens_per_s": round(self.rate, 2),
+                "tokens_per_s_by_round": [round(r, 2) for r in self.rates]}
+
+
+def take_turns(
+    modes: dict[str, Any], rounds: int, requests: list[generation_pb2.GenerateRequest]
+) -> dict[str, Tally]:
+    """Runs every mode once per round, in turn, the order reversed every other round."""
+    tallies = {name: Tally() for name in modes}
+    for r in range(rounds):
+        order = list(modes) if r % 2 == 0 else list(reversed(modes))
+        for name in order:
+            tallies[name].add(*modes[name](requests))
+            t = tallies[name]
+            print(f"  round {r + 1} {name:>28}: {t.rates[-1]:8.1f} tokens/s", flush=True)
+    return tallies
 
 
 # ---- one model ----------------------------------------------------------------------------
@@ -277,36 +317,66 @@ def bench_model(
     def env(mode: str, **extra: str) -> dict[str, str]:
         return {**base, "TUNELOOP_GENERATION_SPOOL_PATH": str(scratch / f"{label}-{mode}.spool"), **extra}
 
-    modes: dict[str, dict[str, Any]] = {}
-    modes["service_one_at_a_time"] = run_service(
-        "service, one at a time",
-        env("one", TUNELOOP_GENERATION_ENGINE="transformers", TUNELOOP_GENERATION_MAX_BATCH_SIZE="1",
-            TUNELOOP_GENERATION_BATCH_WINDOW_MS="0"),
-        requests, 1, scratch,
-    )
-    modes["service_dynamic_batching"] = run_service(
-        "service, dynamic batching",
-        env("dyn", TUNELOOP_GENERATION_ENGINE="transformers",
-            TUNELOOP_GENERATION_MAX_BATCH_SIZE=str(args.max_batch), TUNELOOP_GENERATION_BATCH_WINDOW_MS="10"),
-        requests, args.prompts, scratch,
-    )
-    if with_vllm:
-        modes["service_vllm"] = run_service(
-            "service, vLLM", env("vllm", TUNELOOP_GENERATION_ENGINE="vllm"), requests, args.prompts, scratch
-        )
-    local = run_in_process(folder, texts, args.max_tokens, args.max_batch)
-    modes["in_process_one_at_a_time"] = local["one_at_a_time"]
-    modes["in_process_batched"] = local["batched"]
+    # One at a time at the start: each process warms up alone, on quiet cores.
+    one = Service("service one at a time", env("one", TUNELOOP_GENERATION_ENGINE="transformers",
+                  TUNELOOP_GENERATION_MAX_BATCH_SIZE="1", TUNELOOP_GENERATION_BATCH_WINDOW_MS="0"), 1, scratch)
+    one.warm_up(requests[0])
+    dyn = Service("service dynamic batching", env("dyn", TUNELOOP_GENERATION_ENGINE="transformers",
+                  TUNELOOP_GENERATION_MAX_BATCH_SIZE=str(args.max_batch), TUNELOOP_GENERATION_BATCH_WINDOW_MS="10"),
+                  args.prompts, scratch)
+    dyn.warm_up(requests[0])
+    local = InProcess(folder, texts, args.max_tokens, args.max_batch)
+    vllm = None
+    info: dict[str, dict[str, Any]] = {}
+    try:
+        # Each service mode next to the in-process mode it is compared with.
+        first = take_turns({
+            "service_one_at_a_time": one.run, "in_process_one_at_a_time": local.runner(1),
+            "service_dynamic_batching": dyn.run, "in_process_batched": local.runner(args.max_batch),
+        }, args.rounds, requests)
+        info["service_one_at_a_time"] = one.stop()
+        second: dict[str, Tally] = {}
+        if with_vllm:
+            vllm = Service("service vLLM", env("vllm", TUNELOOP_GENERATION_ENGINE="vllm"), args.prompts, scratch)
+            vllm.warm_up(requests[0])
+            second = take_turns({
+                "service_vllm": vllm.run, "service_dynamic_batching": dyn.run,
+                "in_process_batched": local.runner(args.max_batch),
+            }, args.rounds, requests)
+            info["service_vllm"] = vllm.stop()
+            vllm = None
+        info["service_dynamic_batching"] = dyn.stop()
+        peak = local.stop()
+        info["in_process_one_at_a_time"] = info["in_process_batched"] = {"peak_rss_mb": peak}  # one process
+    finally:
+        for service in (one, dyn, vllm):
+            if service is not None and service.process.proc is not None and service.process.proc.poll() is None:
+                service.process.stop()
+        if local.proc.is_alive():
+            local.proc.kill()
 
-    reference = modes["in_process_one_at_a_time"]["texts"]
-    for mode in modes.values():
-        texts_ = mode.pop("texts")
-        mode["answer_mismatches"] = sum(a != b for a, b in zip(texts_, reference, strict=True))
+    modes: dict[str, dict[str, Any]] = {name: {**t.summary(), **info[name]} for name, t in first.items()}
+    if second:
+        modes["service_vllm"] = {**second["service_vllm"].summary(), **info["service_vllm"]}
+        modes["beside_vllm"] = {name: second[name].summary() for name in ("service_dynamic_batching", "in_process_batched")}
+    reference = first["in_process_one_at_a_time"].texts
+    checked = [*first.items(), *([("service_vllm", second["service_vllm"])] if second else [])]
+    for name, tally in checked:
+        modes[name]["answer_mismatches"] = sum(a != b for a, b in zip(tally.texts, reference, strict=True))
+    for name in ("service_one_at_a_time", "service_dynamic_batching", "service_vllm", "in_process_one_at_a_time",
+                 "in_process_batched"):
+        if name in modes:
+            m = modes[name]
+            tree = f", tree {m['peak_rss_tree_mb']:.0f} MiB" if "peak_rss_tree_mb" in m else ""
+            start = f", startup {m['startup_s']:.0f} s" if "startup_s" in m else ""
+            print(f"{name:>28}: {m['tokens']} tokens in {m['seconds']:.1f} s = {m['tokens_per_s']:.1f} tokens/s, "
+                  f"peak RSS {m['peak_rss_mb']:.0f} MiB{tree}{start}", flush=True)
 
-    def rate(num: str, den: str, name: str) -> dict[str, Any]:
-        a, b = modes[num]["tokens_per_s"], modes[den]["tokens_per_s"]
-        return {"name": f"{label} {name}", "value": round(a / b, 3),
-                "numerator": f"{a:.1f} tokens/s", "denominator": f"{b:.1f} tokens/s"}
+    def rate(tallies: dict[str, Tally], num: str, den: str, name: str) -> dict[str, Any]:
+        a, b = tallies[num], tallies[den]
+        return {"name": f"{label} {name}", "value": round(a.rate / b.rate, 3),
+                "numerator": f"{a.rate:.1f} tokens/s", "denominator": f"{b.rate:.1f} tokens/s",
+                "by_round": [round(x / y, 3) for x, y in zip(a.rates, b.rates, strict=True)]}
 
     def memory(num: str, den: str, name: str, key: str = "peak_rss_mb") -> dict[str, Any]:
         a, b = modes[num].get(key, modes[num]["peak_rss_mb"]), modes[den]["peak_rss_mb"]
@@ -315,16 +385,18 @@ def bench_model(
 
     b = args.max_batch
     ratios = [
-        rate("service_one_at_a_time", "in_process_one_at_a_time", "service/in-process tokens/s, one at a time"),
-        rate("service_dynamic_batching", "in_process_batched",
+        rate(first, "service_one_at_a_time", "in_process_one_at_a_time", "service/in-process tokens/s, one at a time"),
+        rate(first, "service_dynamic_batching", "in_process_batched",
              f"service dynamic batching/in-process batches of {b}, tokens/s"),
-        rate("service_dynamic_batching", "service_one_at_a_time", "service dynamic batching/one at a time, tokens/s"),
+        rate(first, "service_dynamic_batching", "service_one_at_a_time",
+             "service dynamic batching/one at a time, tokens/s"),
         memory("service_dynamic_batching", "in_process_batched", "service/in-process peak RSS"),
     ]
-    if with_vllm:
+    if second:
         ratios += [
-            rate("service_vllm", "service_dynamic_batching", "vLLM/transformers dynamic batching service, tokens/s"),
-            rate("service_vllm", "in_process_batched", f"vLLM service/in-process batches of {b}, tokens/s"),
+            rate(second, "service_vllm", "service_dynamic_batching",
+                 "vLLM/transformers dynamic batching service, tokens/s"),
+            rate(second, "service_vllm", "in_process_batched", f"vLLM service/in-process batches of {b}, tokens/s"),
             memory("service_vllm", "service_dynamic_batching", "vLLM (process tree)/transformers service peak RSS",
                    key="peak_rss_tree_mb"),
         ]
@@ -338,6 +410,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16, help="Chat prompts per mode (also the client concurrency).")
     parser.add_argument("--max-tokens", type=int, default=32, help="Greedy tokens per answer.")
     parser.add_argument("--max-batch", type=int, default=16, help="Max batch of the batched modes.")
+    parser.add_argument("--rounds", type=int, default=2, help="Times each mode runs, taking turns with the others.")
     parser.add_argument(
         "--bootstrap", default="127.0.0.1:1", help="Kafka for completion records (default: none, they spool)."
     )
@@ -361,10 +434,11 @@ def main() -> None:
         ratios.append({"name": f"service peak RSS {last}/{first}", "value": round(a / b, 3),
                        "numerator": f"{a:.0f} MiB", "denominator": f"{b:.0f} MiB"})
     for ratio in ratios:
-        print(f"ratio {ratio['name']}: {ratio['value']}\n    {ratio['numerator']} / {ratio['denominator']}")
+        rounds = f" (by round: {', '.join(map(str, ratio['by_round']))})" if "by_round" in ratio else ""
+        print(f"ratio {ratio['name']}: {ratio['value']}\n    {ratio['numerator']} / {ratio['denominator']}{rounds}")
     for label, result in results.items():
         for name, mode in result["modes"].items():
-            if mode["answer_mismatches"]:
+            if mode.get("answer_mismatches"):
                 print(f"{label} {name}: {mode['answer_mismatches']} answers differ from in-process one at a time")
     result = {
         "benchmark": "generation",
@@ -374,6 +448,7 @@ def main() -> None:
         "prompts": args.prompts,
         "max_tokens": args.max_tokens,
         "max_batch": args.max_batch,
+        "rounds": args.rounds,
         "models": results,
         "ratios": ratios,
     }
