@@ -23,12 +23,12 @@ from tests.test_generation_helpers import (  # noqa: F401 (tiny_policies is a fi
     raw,
     read_records,
     rpc_error,
+    serve_vllm,
     tiny_policies,
     wait_for,
 )
 from tuneloop.common.errors import field_of
 from tuneloop.common.kafka import KafkaSettings
-from tuneloop.common.processes import ServiceProcess
 from tuneloop.generation.server import GenerationApp
 from tuneloop.generation.settings import GenerationSettings
 from tuneloop.v1 import completion_pb2, generation_pb2
@@ -62,24 +62,9 @@ def vllm_server(
     tiny_policies: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str
 ) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("gen-vllm")
-    registry = make_registry(root / "registry", tiny_policies)
-    env = {
-        "TUNELOOP_REGISTRY_ROOT": str(registry.root),
-        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "TUNELOOP_GENERATION_ENGINE": "vllm",
-        "TUNELOOP_GENERATION_HOST": "127.0.0.1",
-        "TUNELOOP_GENERATION_MODEL": "policy@production",
-        "TUNELOOP_GENERATION_SPOOL_PATH": str(root / "spool"),
-        "TUNELOOP_GENERATION_VLLM_KV_CACHE_BYTES": str(256 << 20),
-        "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "0.5",
-    }
-    process = ServiceProcess("generation", env=env, log_dir=root)
-    process.start(timeout=600)
-    try:
-        assert process.metrics_port is not None
-        yield Served("vllm", process.target, process.metrics_port, registry)
-    finally:
-        assert process.stop() == 0, process.log_tail()
+    with serve_vllm(make_registry(root / "registry", tiny_policies), root, kafka_bootstrap,
+                    TUNELOOP_GENERATION_WATCH_INTERVAL_S="0.5") as served:
+        yield served
 
 
 @pytest.fixture(scope="module", params=["transformers", "vllm"])

@@ -23,11 +23,11 @@ from tests.test_generation_helpers import (  # noqa: F401 (tiny_policies is a fi
     make_registry,
     raw,
     read_records,
+    serve_vllm,
     tiny_policies,
     wait_for,
 )
 from tuneloop.common.kafka import KafkaSettings
-from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
 from tuneloop.generation.adapters import AdapterError, with_base
 from tuneloop.generation.engines.base import ModelRef
@@ -328,24 +328,9 @@ def vllm_lora(
     root = tmp_path_factory.mktemp("gen-vllm-lora")
     registry = lora_registry(root / "registry", tiny_policies, adapters)
     registry.promote("policy", "v0003")
-    env = {
-        "TUNELOOP_REGISTRY_ROOT": str(registry.root),
-        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
-        "TUNELOOP_GENERATION_ENGINE": "vllm",
-        "TUNELOOP_GENERATION_HOST": "127.0.0.1",
-        "TUNELOOP_GENERATION_MODEL": "policy@production",
-        "TUNELOOP_GENERATION_SPOOL_PATH": str(root / "spool"),
-        "TUNELOOP_GENERATION_VLLM_KV_CACHE_BYTES": str(256 << 20),
-        "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "0.2",
-        "TUNELOOP_GENERATION_WATCH_EVENTS": "false",
-    }
-    process = ServiceProcess("generation", env=env, log_dir=root)
-    process.start(timeout=600)
-    try:
-        assert process.metrics_port is not None
-        yield Served("vllm", process.target, process.metrics_port, registry)
-    finally:
-        assert process.stop() == 0, process.log_tail()
+    with serve_vllm(registry, root, kafka_bootstrap, TUNELOOP_GENERATION_WATCH_INTERVAL_S="0.2",
+                    TUNELOOP_GENERATION_WATCH_EVENTS="false") as served:
+        yield served
 
 
 def test_vllm_serves_adapters_with_lora_requests(vllm_lora: Served, expected: dict[str, list[Answer]]) -> None:

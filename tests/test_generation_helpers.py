@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tuneloop.common.grpc_client import make_channel
 from tuneloop.common.kafka import COMPLETIONS_TOPIC, KafkaSettings, make_consumer
 from tuneloop.common.models import make_tiny
+from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
 from tuneloop.generation.server import SERVICE_NAME
 from tuneloop.v1 import completion_pb2, generation_pb2, generation_pb2_grpc
@@ -53,6 +55,28 @@ class Served:
 
     def metric(self, name: str, **labels: str) -> float:
         return scrape(self.metrics_port, name, **labels)
+
+
+@contextmanager
+def serve_vllm(registry: Registry, root: Path, kafka_bootstrap: str, **env: str) -> Iterator[Served]:
+    """`tuneloop serve generation` with the vLLM engine as a process, serving policy@production;
+    `env` adds or overrides settings."""
+    process = ServiceProcess("generation", env={
+        "TUNELOOP_REGISTRY_ROOT": str(registry.root),
+        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "TUNELOOP_GENERATION_ENGINE": "vllm",
+        "TUNELOOP_GENERATION_HOST": "127.0.0.1",
+        "TUNELOOP_GENERATION_MODEL": "policy@production",
+        "TUNELOOP_GENERATION_SPOOL_PATH": str(root / "spool"),
+        "TUNELOOP_GENERATION_VLLM_KV_CACHE_BYTES": str(256 << 20),
+        **env,
+    }, log_dir=root)
+    process.start(timeout=600)
+    try:
+        assert process.metrics_port is not None
+        yield Served("vllm", process.target, process.metrics_port, registry)
+    finally:
+        assert process.stop() == 0, process.log_tail()
 
 
 def scrape(port: int, name: str, **labels: str) -> float:
