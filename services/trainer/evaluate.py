@@ -81,6 +81,16 @@ def kl_to_reference(
     return total / len(prompts)
 
 
+def answer(
+    model: Any, tokenizer: Any, spec: cr.Criteria, held_out: list[str]
+) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
+    """Greedy answers to `held_out` and to every probe of `spec`, in one batched pass."""
+    held = [_messages(p, spec.generation) for p in held_out]
+    probes = [_messages(p.prompt, spec.generation) for p in spec.probes.items]
+    answers = generate(model, tokenizer, held + probes, spec.generation)
+    return answers[: len(held)], answers[len(held) :]
+
+
 def evaluate(
     model_dir: Path | str,
     criteria: cr.Criteria | Path | str,
@@ -98,10 +108,8 @@ def evaluate(
     tokenizer = load_tokenizer(Path(model_dir), padding_side="left")
     model = load_policy(Path(model_dir)).eval()
 
+    held_answers, probe_answers = answer(model, tokenizer, spec, spec.held_out_prompts)
     held = [_messages(p, spec.generation) for p in spec.held_out_prompts]
-    probes = [_messages(p.prompt, spec.generation) for p in spec.probes.items]
-    answers = generate(model, tokenizer, held + probes, spec.generation)
-    held_answers, probe_answers = answers[: len(held)], answers[len(held) :]
     texts = [a for a, _ in held_answers]
 
     rewards: list[float | None] = [None] * len(texts)

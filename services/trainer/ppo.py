@@ -401,20 +401,16 @@ class PPOTrainer:
             log.info("resuming ppo from %s (step %d)", checkpoint, self.step)
         losses = []
         watch = self.observers.watch
-        if watch.eval_fn is not None:
-            watch.baseline_eval = watch.eval_fn(self.policy)
-            self.sink.log(self.step, {"eval_metric": watch.baseline_eval})
+        watch.begin(self.step, self.policy)
+        every = self.params.watch.eval_every
         while self.step < self.params.max_steps:
             row = self.train_step()
             losses.append(row["loss"])
-            flags: list[str] = []
+            logged = None
             if self.step % self.params.logging_steps == 0 or self.step == self.params.max_steps:
-                flags += watch.observe(self.step, self.sink.log(self.step, row))
-            if watch.eval_fn is not None and self.step % self.params.watch.eval_every == 0:
-                value = watch.eval_fn(self.policy)
-                self.sink.log(self.step, {"eval_metric": value})
-                flags += watch.evaluated(self.step, value)
-            if flags and self.params.watch.stop:
+                logged = self.sink.log(self.step, row)
+            flags = watch.check(self.step, logged, self.policy, measure=bool(every) and self.step % every == 0)
+            if watch.should_stop(flags):
                 log.warning("ppo stopped by the hacking watch at step %d: %s", self.step, flags)
                 break
             if self.step % self.params.save_steps == 0 and self.step < self.params.max_steps:

@@ -38,7 +38,7 @@ def criteria_eval(criteria_path: Path, model_ref: Path, prompts: int) -> EvalFn:
     """Eval metric from a criteria file: the mean of each behaviour check's pass rate and the
     probes' pass rate, on the first `prompts` held-out prompts plus every probe, greedy."""
     from tuneloop.trainer import criteria as cr
-    from tuneloop.trainer.evaluate import _messages, generate
+    from tuneloop.trainer.evaluate import answer
     from tuneloop.trainer.modeling import load_tokenizer
 
     spec = cr.load_criteria(criteria_path)
@@ -49,16 +49,14 @@ def criteria_eval(criteria_path: Path, model_ref: Path, prompts: int) -> EvalFn:
         was_training = model.training
         model.eval()
         try:
-            messages = [_messages(p, spec.generation) for p in held] + [
-                _messages(p.prompt, spec.generation) for p in spec.probes.items
-            ]
-            answers = [a for a, _ in generate(model, tokenizer, messages, spec.generation)]
+            held_answers, probe_answers = answer(model, tokenizer, spec, held)
         finally:
             model.train(was_training)
-        texts, probe_answers = answers[: len(held)], answers[len(held) :]
+        texts = [a for a, _ in held_answers]
         scores = [cr.pass_rate(c, texts) for c in spec.behaviour]
         if spec.probes.items:
-            scores.append(sum(cr.probe_passes(p, a) for p, a in zip(spec.probes.items, probe_answers)) / len(probe_answers))
+            right = [cr.probe_passes(p, a) for p, (a, _) in zip(spec.probes.items, probe_answers, strict=True)]
+            scores.append(sum(right) / len(right))
         return sum(scores) / len(scores) if scores else 0.0
 
     return measure
@@ -120,12 +118,29 @@ class HackingWatch(TrainerCallback):
         log.warning("watch flag %s at step %d: %s", name, step, detail)
         return name
 
+    def begin(self, step: int, model: Any) -> None:
+        """The eval metric before the first update (when the watch measures one)."""
+        if self.eval_fn is not None and self.params.eval_every:
+            self.baseline_eval = self.eval_fn(model)
+            self.sink.log(step, {"eval_metric": self.baseline_eval})
+
+    def check(self, step: int, row: dict[str, Any] | None, model: Any, measure: bool) -> list[str]:
+        """One logged step (`row`), plus an eval measurement when `measure`; returns new flags."""
+        found = self.observe(step, row) if row is not None else []
+        if measure and self.eval_fn is not None and model is not None:
+            value = self.eval_fn(model)
+            self.sink.log(step, {"eval_metric": value})
+            found += self.evaluated(step, value)
+        return found
+
+    def should_stop(self, found: list[str]) -> bool:
+        return bool(found) and self.params.stop
+
     # --- trainer plumbing ---
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: Any = None, **kwargs: Any) -> None:
-        if self.eval_fn is not None and self.params.eval_every and model is not None:
-            self.baseline_eval = self.eval_fn(model)
-            self.sink.log(state.global_step, {"eval_metric": self.baseline_eval})
+        if model is not None:
+            self.begin(state.global_step, model)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         every = self.params.eval_every
@@ -136,14 +151,7 @@ class HackingWatch(TrainerCallback):
                logs: dict[str, Any] | None = None, model: Any = None, **kwargs: Any) -> None:
         if not logs or "train_runtime" in logs or self.sink.last_row is None:
             return
-        found = self.observe(state.global_step, self.sink.last_row)
-        if self.due and model is not None and self.eval_fn is not None:
-            self.due = False
-            value = self.eval_fn(model)
-            self.sink.log(state.global_step, {"eval_metric": value})
-            found += self.evaluated(state.global_step, value)
-        self._maybe_stop(found, control)
-
-    def _maybe_stop(self, found: list[str], control: TrainerControl) -> None:
-        if found and self.params.stop:
+        found = self.check(state.global_step, self.sink.last_row, model, self.due)
+        self.due = False
+        if self.should_stop(found):
             control.should_training_stop = True
