@@ -230,12 +230,19 @@ def commit_timeline(root: Path) -> list[tuple[float, int]]:
     return out
 
 
-def materialisation(bootstrap: str, work: Path, tag: str, args: argparse.Namespace) -> dict:
+def store_topics(bootstrap: str, name: str, events: int) -> tuple[KafkaSettings, str, str, int]:
+    """Fresh feedback and completions topics, the completions for `events` judgements already in
+    (two judgements per pair): (settings, feedback topic, completions topic, pairs)."""
     settings = KafkaSettings(bootstrap_servers=bootstrap)
-    feedback_topic, completions_topic = f"bench.store.feedback.{tag}", f"bench.store.completions.{tag}"
+    feedback_topic, completions_topic = f"bench.{name}.feedback", f"bench.{name}.completions"
     ensure_topics(settings, [feedback_topic, completions_topic])
-    pairs = max(1, args.store_events // 2)
+    pairs = max(1, events // 2)
     fill_completions(settings, completions_topic, pairs)
+    return settings, feedback_topic, completions_topic, pairs
+
+
+def materialisation(bootstrap: str, work: Path, tag: str, args: argparse.Namespace) -> dict:
+    settings, feedback_topic, completions_topic, pairs = store_topics(bootstrap, f"store.{tag}", args.store_events)
     producer = make_producer(settings)
     for i in range(args.store_events):
         event = feedback_event(i % pairs, i // pairs, size=None)
@@ -296,11 +303,7 @@ class IndexWatcher(threading.Thread):
 
 
 def latency(bootstrap: str, work: Path, tag: str, args: argparse.Namespace) -> dict:
-    settings = KafkaSettings(bootstrap_servers=bootstrap)
-    feedback_topic, completions_topic = f"bench.latency.feedback.{tag}", f"bench.latency.completions.{tag}"
-    ensure_topics(settings, [feedback_topic, completions_topic])
-    pairs = max(1, args.latency_events // 2)
-    fill_completions(settings, completions_topic, pairs)
+    settings, feedback_topic, completions_topic, pairs = store_topics(bootstrap, f"latency.{tag}", args.latency_events)
     completion_ends = end_offsets(settings, completions_topic)
     events = [feedback_event(i % pairs, i // pairs, size=None) for i in range(args.latency_events)]
 
