@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_CACHE_ROOT := $(CURDIR)/.tuneloop/cache/vllm
 
 
-.PHONY: setup proto docs test test-heavy drill demo bench lint-chart clean
+.PHONY: setup proto docs chart-schema test test-heavy drill demo bench lint-chart clean
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,9 @@ proto: setup
 
 docs: setup
 	$(PY) scripts/gen_config_docs.py
+
+chart-schema: setup
+	$(PY) scripts/gen_chart_schema.py
 
 test: setup
 	$(PY) -m pytest -q

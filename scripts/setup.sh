@@ -44,4 +44,5 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "setup: chromium missing and not root: the workbench browser tests will be skipped" >&2
   fi
 fi
+scripts/build_kube.sh  # kube-apiserver, kube-controller-manager and kine for the tests' control plane
 echo "setup: ok"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -9,6 +10,8 @@ from collections.abc import Iterator
 import pytest
 from tuneloop.common.broker import LocalBroker, free_port, install
 from tuneloop.common.kafka import KafkaSettings
+
+from tests import kube as _kube
 
 __all__ = ["free_port"]
 
@@ -48,3 +51,22 @@ def unique_topic(request: pytest.FixtureRequest) -> str:
     """A topic name no other test uses (not created: see ensure_topics)."""
     name = re.sub(r"[^A-Za-z0-9._-]", "-", request.node.name)[:180]
     return f"test.{name}.{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_kube.KubeControlPlane]:
+    """A real Kubernetes control plane (kine, kube-apiserver, kube-controller-manager; no nodes),
+    started once per session. Missing binaries fail the tests that use it, unless
+    TUNELOOP_SKIP_KUBE=1 skips them."""
+    missing = _kube.missing_binaries()
+    if missing:
+        message = f"{', '.join(missing)} not built in {_kube.BIN}: `make setup` builds them (scripts/build_kube.sh)"
+        if os.environ.get(_kube.SKIP_ENV) == "1":
+            pytest.skip(f"{message}; skipped because {_kube.SKIP_ENV}=1")
+        pytest.fail(message, pytrace=False)
+    plane = _kube.KubeControlPlane(tmp_path_factory.mktemp("kube"))
+    plane.start()
+    try:
+        yield plane
+    finally:
+        plane.stop()

@@ -11,6 +11,7 @@ import base64
 import functools
 import ipaddress
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -160,7 +161,7 @@ def test_default_install_has_every_service_and_no_optional_objects():
     assert set(by_kind(objs, "Deployment")) == {name_of(s) for s in SERVICES}
     assert set(by_kind(objs, "Service")) == {name_of(s) for s in SERVICES}
     assert list(by_kind(objs, "CronJob")) == [f"{RELEASE}-tuneloop-retrain"]
-    assert set(by_kind(objs, "PersistentVolumeClaim")) == {name_of("registry"), name_of("preferences")}
+    assert set(by_kind(objs, "PersistentVolumeClaim")) == {name_of("registry"), name_of("preferences"), name_of("runs")}
     # Optional objects (and the CRDs they need) stay off unless asked for.
     assert not kinds & {"HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Ingress", "Job"}
     assert not any("nvidia.com/gpu" in json.dumps(spec) for spec in pod_specs(objs).values())
@@ -252,15 +253,93 @@ def test_settings_and_volumes_are_wired_to_the_right_services():
     config_volume = next(v for v in trainer_pod["volumes"] if v["name"] == "config")["configMap"]["name"]
     config_map = by_kind(objs, "ConfigMap")[config_volume]
     assert set(config_map["data"]) == {"retrain.yaml", "success-criteria.yaml"}
-    retrain = yaml.safe_load(config_map["data"]["retrain.yaml"])
-    assert retrain["success_criteria"] == "/etc/tuneloop/success-criteria.yaml"
-    assert yaml.safe_load(config_map["data"]["success-criteria.yaml"])
+    # What the files say is checked by the trainer's own loaders below.
     # Each claim a pod mounts is one the chart creates.
     claims = set(by_kind(objs, "PersistentVolumeClaim"))
     for where, spec in pod_specs(objs).items():
         for v in spec["volumes"]:
             if "persistentVolumeClaim" in v:
                 assert v["persistentVolumeClaim"]["claimName"] in claims, where
+
+
+def _mounted_config_maps(
+    objs: list[dict[str, Any]], pod: dict[str, Any], c: dict[str, Any]
+) -> dict[str, str]:
+    """{path in the container: content} of every ConfigMap key the container mounts."""
+    config_maps = by_kind(objs, "ConfigMap")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    files = {}
+    for mount in c["volumeMounts"]:
+        source = volumes[mount["name"]].get("configMap")
+        if source is None:
+            continue
+        data = config_maps[source["name"]]["data"]
+        paths = {i["key"]: i["path"] for i in source.get("items") or []} or {k: k for k in data}
+        for key, rel in paths.items():
+            if "subPath" in mount:
+                if mount["subPath"] == rel:
+                    files[mount["mountPath"]] = data[key]
+            else:
+                files[str(Path(mount["mountPath"]) / rel)] = data[key]
+    return files
+
+
+def _mount_of(c: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """The container's volumeMount that holds `path` (the deepest one)."""
+    holding = [m for m in c["volumeMounts"] if Path(path).is_relative_to(m["mountPath"])]
+    return max(holding, key=lambda m: len(m["mountPath"]), default=None)
+
+
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_trainer_config_is_read_by_the_trainers_own_loaders(values, tmp_path, monkeypatch):
+    """The retrain command's --config and the criteria it names are files in the trainer's
+    container, accepted by the code that reads them, pointing at the volumes mounted there."""
+    from tuneloop.common.registry import RegistrySettings
+    from tuneloop.trainer.config import TrainerSettings, load_config
+    from tuneloop.trainer.criteria import load_criteria
+    from tuneloop.trainer.retrain import RetrainConfig
+
+    objs = render(values)
+    pods = {k: v for k, v in pod_specs(objs).items() if k.split("/")[0] in ("CronJob", "Job")}
+    assert pods
+    for where, pod in pods.items():
+        trainer = next(c for c in pod["containers"] if c["name"] == "trainer")
+        files = _mounted_config_maps(objs, pod, trainer)
+        local = tmp_path / where.replace("/", "_")
+        local.mkdir()
+
+        def materialise(path: str) -> Path:
+            assert path in files, f"{where}: {path} is not mounted in the trainer (mounted: {sorted(files)})"
+            out = local / Path(path).name
+            out.write_text(files[path])
+            return out
+
+        args = trainer["args"]
+        config_path = args[args.index("--config") + 1]
+        config = load_config(RetrainConfig, materialise(config_path))
+        criteria = load_criteria(materialise(str(config.criteria)))
+        assert criteria.held_out_prompts and criteria.probes.items, where
+
+        # The preference store is the store volume, where this container mounts it.
+        store_volume = next(v for v in pod["volumes"] if v["name"] == "store")
+        store_mount = next(m for m in trainer["volumeMounts"] if m["name"] == "store")
+        assert "persistentVolumeClaim" in store_volume, where
+        assert config.preferences.store_root == Path(store_mount["mountPath"]), where
+        assert config.preferences.path is None
+
+        # registry_root and runs_dir left unset resolve, through the container's env, to
+        # writable volumes.
+        env = {e["name"]: e["value"] for e in trainer.get("env") or [] if "value" in e}
+        for name in [n for n in os.environ if n.startswith("TUNELOOP_")]:
+            monkeypatch.delenv(name)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        registry_root = config.registry_root or RegistrySettings().root
+        runs_dir = config.runs_dir or TrainerSettings().runs_dir
+        for what, path in (("registry", registry_root), ("runs", runs_dir)):
+            mount = _mount_of(trainer, str(path))
+            assert mount is not None and not mount.get("readOnly"), f"{where}: {what} {path} is not a writable volume"
+            assert "persistentVolumeClaim" in next(v for v in pod["volumes"] if v["name"] == mount["name"]), where
 
 
 def test_gpu_values_put_generation_and_the_trainer_on_gpu_nodes():

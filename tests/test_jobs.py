@@ -1,11 +1,12 @@
 """`tuneloop jobs`: the Job-from-CronJob construction and run summaries (pure functions), and the
-commands' calls against a minimal Kubernetes API server.
+commands against a real kube-apiserver and kube-controller-manager (the `kube` fixture: no nodes,
+so pods stay Pending).
 
-No real kube-apiserver is packaged for this machine, so the `..._against_fake_apiserver` tests
-run an HTTP server speaking the few REST endpoints the commands use (CronJob read, Job create,
-list, read and merge-patch, Pod list and log), with the API server's own request rules where
-the client could get them wrong (bearer token, JSON content type on create, merge patch on
-patch).
+Following a run's logs needs a kubelet (the API server proxies logs from it) and a pod that runs
+to an end, which that control plane has not; the `..._no_kubelet_against_fake_apiserver` tests
+run those against an HTTP server speaking the few REST endpoints the commands use, with the API
+server's own request rules where the client could get them wrong (bearer token, JSON content
+type on create, merge patch on patch).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from tests.kube import KubeControlPlane
 from tuneloop.trainer import jobs
 
 NS = "ml"
@@ -32,14 +34,14 @@ TOKEN = "test-token"
 CRONJOB_UID = "5f0c3b7e-0000-4000-8000-000000000001"
 
 
-def make_cronjob(uid: str | None = CRONJOB_UID) -> dict[str, Any]:
+def make_cronjob(uid: str | None = CRONJOB_UID, namespace: str = NS) -> dict[str, Any]:
     labels = {
         "helm.sh/chart": "tuneloop-0.2.0",
         "app.kubernetes.io/name": "tuneloop",
         "app.kubernetes.io/instance": "tuneloop",
         "app.kubernetes.io/component": "trainer",
     }
-    meta: dict[str, Any] = {"name": "tuneloop-retrain", "namespace": NS, "labels": labels}
+    meta: dict[str, Any] = {"name": "tuneloop-retrain", "namespace": namespace, "labels": labels}
     if uid:
         meta["uid"] = uid
     return {
@@ -268,6 +270,164 @@ def test_newest_pod_is_the_latest_attempt():
     assert jobs.newest_pod([]) is None
 
 
+# ---------------------------------------------------------------- against the real API server
+
+# Runs whose status the tests write themselves: the Job controller leaves a Job alone whose
+# spec.managedBy names another controller.
+TEST_MANAGER = "tuneloop.dev/tests"
+
+
+@pytest.fixture
+def real_ns(kube: KubeControlPlane) -> str:
+    return kube.create_namespace(f"jobs-{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture
+def real_kubeconfig(kube: KubeControlPlane, real_ns: str, tmp_path: Path) -> Path:
+    """A cluster admin (an operator starting runs), the test's namespace the default."""
+    return kube.admin_kubeconfig(tmp_path / "admin.kubeconfig", real_ns)
+
+
+@pytest.fixture
+def real_cronjob(kube: KubeControlPlane, real_ns: str) -> dict[str, Any]:
+    """make_cronjob() as stored by the API server (which gives it its uid)."""
+    return kube.request("POST", f"/apis/batch/v1/namespaces/{real_ns}/cronjobs", make_cronjob(None, real_ns))
+
+
+def jobs_path(namespace: str, name: str = "") -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs" + (f"/{name}" if name else "")
+
+
+def create_finished_run(
+    kube: KubeControlPlane,
+    namespace: str,
+    name: str,
+    *,
+    owner: dict[str, Any] | None,
+    labels: dict[str, str],
+    status: dict[str, Any],
+    annotations: dict[str, str] | None = None,
+) -> None:
+    """A Job of the CronJob's template whose status the test writes (the /status subresource)."""
+    meta: dict[str, Any] = {"name": name, "labels": labels, "annotations": annotations or {}}
+    if owner is not None:
+        ref = {"apiVersion": "batch/v1", "kind": "CronJob", "controller": True}
+        meta["ownerReferences"] = [{**ref, "name": owner["metadata"]["name"], "uid": owner["metadata"]["uid"]}]
+    spec = {**make_cronjob()["spec"]["jobTemplate"]["spec"], "managedBy": TEST_MANAGER}
+    job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}
+    kube.request("POST", jobs_path(namespace), job)
+    kube.request("PATCH", jobs_path(namespace, name) + "/status", {"status": status}, "application/merge-patch+json")
+
+
+def test_run_creates_a_manual_job_from_the_cronjob(kube, real_ns, real_kubeconfig, real_cronjob):
+    result = invoke(real_kubeconfig, "run", "--name", "retrain-now")
+    assert result.exit_code == 0, result.output
+    assert f"job.batch/retrain-now created in namespace {real_ns}" in result.output
+    job = kube.request("GET", jobs_path(real_ns, "retrain-now"))
+    meta = job["metadata"]
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "batch/v1",
+            "kind": "CronJob",
+            "name": "tuneloop-retrain",
+            "uid": real_cronjob["metadata"]["uid"],
+            "controller": True,
+        }
+    ]
+    assert meta["annotations"] == {"example.com/team": "ml", jobs.MANUAL_ANNOTATION: "manual"}
+    template = make_cronjob()["spec"]["jobTemplate"]
+    assert template["metadata"]["labels"].items() <= meta["labels"].items()
+    assert job["spec"]["backoffLimit"] == template["spec"]["backoffLimit"]
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    sent = template["spec"]["template"]["spec"]["containers"][0]
+    assert (container["image"], container["args"]) == (sent["image"], sent["args"])
+    assert container["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+
+    # The Job controller makes the run's pod; with no nodes it stays Pending.
+    with kube.api_client() as api:
+        cluster = jobs.Cluster(api, real_ns)
+        found = kube.wait_for("the Job controller's pod", lambda: cluster.pods_of("retrain-now"), timeout_s=60)
+    assert found[0]["status"]["phase"] == "Pending"
+    assert found[0]["metadata"]["ownerReferences"][0]["uid"] == meta["uid"]
+
+    runs = json.loads(invoke(real_kubeconfig, "list", "-o", "json").output)
+    assert [(r["name"], r["trigger"], r["status"]) for r in runs] == [("retrain-now", "manual", "Running")]
+
+
+def test_run_names_a_missing_cronjob(kube, real_ns, real_kubeconfig):
+    result = invoke(real_kubeconfig, "run", "--cronjob", "nope")
+    assert result.exit_code == 1
+    assert 'cronjobs.batch "nope" not found' in result.output
+    assert not kube.request("GET", jobs_path(real_ns))["items"]
+
+
+def test_list_shows_status_times_and_promoted_version(kube, real_ns, real_kubeconfig, real_cronjob):
+    labels = {"app.kubernetes.io/instance": "tuneloop", "app.kubernetes.io/component": "trainer"}
+    create_finished_run(
+        kube,
+        real_ns,
+        "tuneloop-retrain-29001",
+        owner=real_cronjob,
+        labels=labels,
+        status=complete("2025-03-03T03:00:05Z", "2025-03-03T04:02:05Z"),
+        annotations={jobs.PROMOTED_VERSION_KEY: "policy-v7"},
+    )
+    create_finished_run(
+        kube,
+        real_ns,
+        "tuneloop-retrain-29002",
+        owner=real_cronjob,
+        labels=labels,
+        status=failed("2025-03-04T03:00:04Z", "2025-03-04T03:10:00Z"),
+    )
+    other = failed("2025-03-05T03:00:04Z", "2025-03-05T03:10:00Z")
+    create_finished_run(kube, real_ns, "someone-else", owner=None, labels={}, status=other)
+
+    result = invoke(real_kubeconfig, "list", "-o", "json")
+    assert result.exit_code == 0, result.output
+    runs = json.loads(result.output)
+    assert [(r["name"], r["status"], r["promoted_version"]) for r in runs] == [
+        ("tuneloop-retrain-29002", "Failed", None),
+        ("tuneloop-retrain-29001", "Succeeded", "policy-v7"),
+    ]
+    assert runs[1]["started"] == "2025-03-03T03:00:05+00:00"
+    assert runs[1]["finished"] == "2025-03-03T04:02:05+00:00"
+    assert runs[1]["duration_s"] == 3720
+
+    table = invoke(real_kubeconfig, "list")
+    assert table.exit_code == 0, table.output
+    assert "policy-v7" in table.output
+    assert "BackoffLimitExceeded" in table.output
+    assert "1h02m" in table.output
+    assert "someone-else" not in table.output
+
+
+def test_logs_gives_up_on_a_pod_that_stays_pending(kube, real_ns, real_kubeconfig, real_cronjob):
+    assert invoke(real_kubeconfig, "run", "--name", "stuck").exit_code == 0
+    with kube.api_client() as api:
+        cluster = jobs.Cluster(api, real_ns)
+        pods = kube.wait_for("the Job controller's pod", lambda: cluster.pods_of("stuck"), timeout_s=60)
+    result = invoke(real_kubeconfig, "logs", "stuck", "--wait-seconds", "0")
+    assert result.exit_code == 1
+    assert f"pod {pods[0]['metadata']['name']} still Pending" in result.output
+
+
+def test_record_promoted_version_annotates_the_own_job(kube, real_ns, real_kubeconfig, real_cronjob):
+    from kubernetes import config
+
+    assert invoke(real_kubeconfig, "run", "--name", "nightly").exit_code == 0
+    env = {jobs.JOB_NAME_ENV: "nightly", jobs.JOB_NAMESPACE_ENV: real_ns}
+    with config.new_client_from_config(config_file=str(real_kubeconfig)) as api:
+        assert jobs.record_promoted_version("policy-v9", api=api, env=env) is True
+    # The merge patch adds the annotation and keeps the others.
+    annotations = kube.request("GET", jobs_path(real_ns, "nightly"))["metadata"]["annotations"]
+    assert annotations[jobs.PROMOTED_VERSION_KEY] == "policy-v9"
+    assert annotations[jobs.MANUAL_ANNOTATION] == "manual"
+
+    runs = json.loads(invoke(real_kubeconfig, "list", "-o", "json").output)
+    assert [(r["name"], r["trigger"], r["promoted_version"]) for r in runs] == [("nightly", "manual", "policy-v9")]
+
+
 # ---------------------------------------------------------------- against a fake API server
 
 
@@ -407,7 +567,8 @@ class FakeApiServer:
                     return self._send(201, server._create_job(body))
                 name = rest[0] if rest else ""
                 if name not in store:
-                    return self._status(404, "NotFound", f'{resource} "{name}" not found')
+                    qualified = resource if resource == "pods" else f"{resource}.batch"
+                    return self._status(404, "NotFound", f'{qualified} "{name}" not found')
                 if method == "GET" and len(rest) == 2 and rest[1] == "log" and resource == "pods":
                     self.send_response(200)
                     self.send_header("Content-Type", "text/plain")
@@ -474,21 +635,7 @@ def invoke(kubeconfig: Path, *args: str) -> Any:
     return CliRunner().invoke(jobs.cli, [*args, "--kubeconfig", str(kubeconfig)])
 
 
-def test_run_creates_a_manual_job_from_the_cronjob_against_fake_apiserver(apiserver, kubeconfig):
-    result = invoke(kubeconfig, "run", "--name", "retrain-now")
-    assert result.exit_code == 0, result.output
-    assert f"job.batch/retrain-now created in namespace {NS}" in result.output
-    posts = [r for r in apiserver.requests if r["method"] == "POST"]
-    assert len(posts) == 1
-    assert posts[0]["path"] == f"/apis/batch/v1/namespaces/{NS}/jobs"
-    sent = posts[0]["body"]
-    assert sent["metadata"]["ownerReferences"][0]["uid"] == CRONJOB_UID
-    assert sent["metadata"]["annotations"][jobs.MANUAL_ANNOTATION] == "manual"
-    assert sent["spec"] == make_cronjob()["spec"]["jobTemplate"]["spec"]
-    assert "retrain-now" in apiserver.jobs
-
-
-def test_run_follow_streams_logs_and_fails_with_the_run_against_fake_apiserver(apiserver, kubeconfig):
+def test_run_follow_streams_logs_and_fails_with_the_run_no_kubelet_against_fake_apiserver(apiserver, kubeconfig):
     apiserver.outcome = "Failed"
     result = invoke(kubeconfig, "run", "--name", "doomed", "--follow")
     assert result.exit_code == 1
@@ -504,45 +651,7 @@ def test_run_follow_streams_logs_and_fails_with_the_run_against_fake_apiserver(a
     assert "job.batch/fine Succeeded" in result.output
 
 
-def test_run_names_a_missing_cronjob_against_fake_apiserver(apiserver, kubeconfig):
-    result = invoke(kubeconfig, "run", "--cronjob", "nope")
-    assert result.exit_code == 1
-    assert 'cronjobs "nope" not found' in result.output
-    assert not apiserver.jobs
-
-
-def test_list_shows_status_times_and_promoted_version_against_fake_apiserver(apiserver, kubeconfig):
-    apiserver.jobs["tuneloop-retrain-29001"] = make_job(
-        "tuneloop-retrain-29001",
-        "2025-03-03T03:00:00Z",
-        status=complete("2025-03-03T03:00:05Z", "2025-03-03T04:02:05Z"),
-        annotations={jobs.PROMOTED_VERSION_KEY: "policy-v7"},
-    )
-    apiserver.jobs["tuneloop-retrain-29002"] = make_job(
-        "tuneloop-retrain-29002", "2025-03-04T03:00:00Z", status=failed("2025-03-04T03:00:04Z", "2025-03-04T03:10:00Z")
-    )
-    apiserver.jobs["someone-else"] = make_job("someone-else", "2025-03-05T03:00:00Z", owner_uid=None, labels={})
-
-    result = invoke(kubeconfig, "list", "-o", "json")
-    assert result.exit_code == 0, result.output
-    runs = json.loads(result.output)
-    assert [(r["name"], r["status"], r["promoted_version"]) for r in runs] == [
-        ("tuneloop-retrain-29002", "Failed", None),
-        ("tuneloop-retrain-29001", "Succeeded", "policy-v7"),
-    ]
-    assert runs[1]["started"] == "2025-03-03T03:00:05+00:00"
-    assert runs[1]["finished"] == "2025-03-03T04:02:05+00:00"
-    assert runs[1]["duration_s"] == 3720
-
-    table = invoke(kubeconfig, "list")
-    assert table.exit_code == 0, table.output
-    assert "policy-v7" in table.output
-    assert "BackoffLimitExceeded" in table.output
-    assert "1h02m" in table.output
-    assert "someone-else" not in table.output
-
-
-def test_logs_follows_the_newest_pod_of_the_newest_run_against_fake_apiserver(apiserver, kubeconfig):
+def test_logs_follows_the_newest_pod_of_the_newest_run_no_kubelet_against_fake_apiserver(apiserver, kubeconfig):
     apiserver.jobs["tuneloop-retrain-29002"] = make_job(
         "tuneloop-retrain-29002", "2025-03-04T03:00:00Z", status={"startTime": "2025-03-04T03:00:04Z", "active": 1}
     )
@@ -562,32 +671,6 @@ def test_logs_follows_the_newest_pod_of_the_newest_run_against_fake_apiserver(ap
     result = invoke(kubeconfig, "logs", "tuneloop-retrain-29001", "--no-follow")
     assert result.output == "old\n"
     assert [r for r in apiserver.requests if r["path"].endswith("/log")][-1]["query"]["follow"] == "false"
-
-
-def test_logs_gives_up_on_a_pod_that_stays_pending_against_fake_apiserver(apiserver, kubeconfig):
-    apiserver.jobs["stuck"] = make_job("stuck", "2025-03-04T03:00:00Z")
-    apiserver.add_pod("stuck", "stuck-pod", "2025-03-04T03:00:01Z", "Pending", [])
-    result = invoke(kubeconfig, "logs", "stuck", "--wait-seconds", "0")
-    assert result.exit_code == 1
-    assert "pod stuck-pod still Pending" in result.output
-
-
-def test_record_promoted_version_annotates_the_own_job_against_fake_apiserver(apiserver, kubeconfig):
-    from kubernetes import config
-
-    assert invoke(kubeconfig, "run", "--name", "nightly").exit_code == 0
-    api = config.new_client_from_config(config_file=str(kubeconfig))
-    env = {jobs.JOB_NAME_ENV: "nightly", jobs.JOB_NAMESPACE_ENV: NS}
-    assert jobs.record_promoted_version("policy-v9", api=api, env=env) is True
-    patches = [r for r in apiserver.requests if r["method"] == "PATCH"]
-    assert patches[0]["content_type"] == "application/merge-patch+json"
-    # The patch adds the annotation and keeps the others.
-    annotations = apiserver.jobs["nightly"]["metadata"]["annotations"]
-    assert annotations[jobs.PROMOTED_VERSION_KEY] == "policy-v9"
-    assert annotations[jobs.MANUAL_ANNOTATION] == "manual"
-
-    runs = json.loads(invoke(kubeconfig, "list", "-o", "json").output)
-    assert [(r["name"], r["trigger"], r["promoted_version"]) for r in runs] == [("nightly", "manual", "policy-v9")]
 
 
 def test_record_promoted_version_outside_a_job_does_nothing():

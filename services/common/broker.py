@@ -154,7 +154,10 @@ def serves(bootstrap: str, timeout_s: float = 2.0) -> bool:
 
 
 class LocalBroker:
-    """One KRaft node (broker and controller) on 127.0.0.1, its state under `data_dir`.
+    """One KRaft node (broker and controller), its state under `data_dir`.
+
+    It listens on 127.0.0.1 unless `host` names another local address (a bridge that pods in
+    their own network namespaces reach it through).
 
     Ports left out are picked free once, at construction, and kept across restarts so that
     clients reconnect to the same address.
@@ -170,7 +173,9 @@ class LocalBroker:
         heap: str = "512m",
         startup_timeout_s: float = 90.0,
         die_with_parent: bool = True,
+        host: str = _LOOPBACK,
     ) -> None:
+        self.host = host
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
@@ -184,7 +189,7 @@ class LocalBroker:
 
     @property
     def bootstrap(self) -> str:
-        return f"{_LOOPBACK}:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def config_path(self) -> Path:
@@ -203,13 +208,13 @@ class LocalBroker:
         return self._proc is not None and self._proc.poll() is None
 
     def _write_config(self) -> None:
-        voters = f"{NODE_ID}@{_LOOPBACK}:{self.controller_port}"
+        voters = f"{NODE_ID}@{self.host}:{self.controller_port}"
         props = {
             "process.roles": "broker,controller",
             "node.id": str(NODE_ID),
             "controller.quorum.voters": voters,
-            "listeners": f"PLAINTEXT://{_LOOPBACK}:{self.port},CONTROLLER://{_LOOPBACK}:{self.controller_port}",
-            "advertised.listeners": f"PLAINTEXT://{_LOOPBACK}:{self.port}",
+            "listeners": f"PLAINTEXT://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"PLAINTEXT://{self.host}:{self.port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",

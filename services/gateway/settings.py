@@ -34,6 +34,11 @@ class GatewaySettings(BaseSettings):
     workbench_projects_dir: Path | None = Field(
         None, description="Folder of annotation project files (YAML) served by /workbench."
     )
+    workbench_state_dir: Path | None = Field(
+        None,
+        description="Writable folder for the workbench's queue progress (JSON lines per project), shared by the "
+        "gateway replicas; default: <workbench_projects_dir>/.state.",
+    )
     workbench_runs_dir: Path | None = Field(
         None, description="Folder of retrain run directories, for the workbench's before/after review."
     )

@@ -9,6 +9,7 @@ GetAgreement (the store's numbers), never recomputed here.
 import csv
 import io
 import json
+import math
 import random
 import threading
 import time
@@ -113,13 +114,15 @@ class ProjectState:
 
 
 class Workbench:
-    def __init__(self, projects_dir: Path) -> None:
+    def __init__(self, projects_dir: Path, state_dir: Path | None = None) -> None:
         self.dir = projects_dir
         self.projects: dict[str, Project] = {}
         for path in sorted(projects_dir.glob("*.y*ml")):
             p = Project.model_validate(yaml.safe_load(path.read_text()))
             self.projects[p.project] = p
-        self.states = {name: ProjectState(projects_dir / ".state" / f"{name}.jsonl").load() for name in self.projects}
+        # Projects may come from a read-only mount (a ConfigMap): progress is kept apart.
+        state_dir = state_dir or projects_dir / ".state"
+        self.states = {name: ProjectState(state_dir / f"{name}.jsonl").load() for name in self.projects}
 
     def visible(self, key: ApiKey) -> list[Project]:
         return [p for p in self.projects.values()
@@ -188,13 +191,18 @@ def _event(p: Project, item: Item, j: Judgement, key: ApiKey) -> feedback_pb2.Fe
     )
 
 
+def measured(value: float) -> float | None:
+    """A figure the report could not measure (NaN: no anchors, no shared items) as JSON null."""
+    return None if math.isnan(value) else value
+
+
 def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
     """Adds /workbench (the page) and /workbench/api/* to the gateway, if projects are configured."""
     if settings.workbench_projects_dir is None:
         return
     from tuneloop.gateway.app import ApiError, from_rpc  # the gateway's own error mapping
 
-    bench = Workbench(settings.workbench_projects_dir)
+    bench = Workbench(settings.workbench_projects_dir, settings.workbench_state_dir)
     page = (Path(__file__).parent / "static" / "workbench.html").read_text()
 
     def member(role: str):
@@ -266,11 +274,12 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         return {
             "project": p.project,
             "agreement": {"items": report.items, "judgements": report.judgements, "annotators": report.annotators,
-                          "percent_agreement": report.percent_agreement, "kappa": report.kappa,
+                          "percent_agreement": measured(report.percent_agreement), "kappa": measured(report.kappa),
                           "kappa_method": report.kappa_method},
             "annotators": [{"annotator_id": q.annotator_id, "anchors": q.anchors,
-                            "anchor_accuracy": q.anchor_accuracy, "recent_anchor_accuracy": q.recent_anchor_accuracy,
-                            "majority_agreement": q.majority_agreement} for q in report.annotators_quality],
+                            "anchor_accuracy": measured(q.anchor_accuracy),
+                            "recent_anchor_accuracy": measured(q.recent_anchor_accuracy),
+                            "majority_agreement": measured(q.majority_agreement)} for q in report.annotators_quality],
             "disagreements": bench.disagreements(p, calibration_only)[:20],
             "anchor_history": bench.anchor_history(p),
         }

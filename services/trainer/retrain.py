@@ -52,6 +52,7 @@ from tuneloop.trainer.config import (
     format_errors,
 )
 from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset, unique_prompts
+from tuneloop.trainer.jobs import JOB_NAME_ENV, record_promoted_version
 from tuneloop.trainer.modeling import FINAL_DIR, registry
 from tuneloop.trainer.report import write_report
 from tuneloop.trainer.stages import STAGE_FILE, StageResult
@@ -169,9 +170,8 @@ class Run:
         if parent_version is None:
             raise ConfigError(f"{config.policy_name}@production is not set: nothing to start from")
         criteria = cr.load_criteria(config.criteria)  # invalid criteria fail before any work
-        run_id = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
-        runs_dir = config.runs_dir or TrainerSettings().runs_dir
-        run_dir = Path(runs_dir) / run_id
+        run_id = job_run_id() or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
+        run_dir = runs_dir(config) / run_id
         run_dir.mkdir(parents=True)
         shutil.copyfile(config.criteria, run_dir / CRITERIA_FILE)
         (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
@@ -477,13 +477,40 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
         return run.finish("refused", f"production moved from {parent} to {config.policy_name}@{current} during the run")
     reg.promote(config.policy_name, candidate.split("@", 1)[1], "production")
     log.info("promoted", extra={"fields": {"candidate": candidate, "parent": parent}})
+    _record_on_job(candidate)
     return run.finish("promoted")
 
 
+def _record_on_job(candidate: str) -> None:
+    """Annotate the trainer's Job with the promoted version (`tuneloop jobs list` shows it)."""
+    try:
+        record_promoted_version(candidate)
+    except Exception:  # noqa: BLE001 - the promotion stands; only its note on the Job is missing
+        log.exception("recording the promoted version on the Job failed")
+
+
+def runs_dir(config: RetrainConfig) -> Path:
+    return Path(config.runs_dir or TrainerSettings().runs_dir)
+
+
+def job_run_id() -> str | None:
+    """Inside a Kubernetes Job (the chart's trainer), the run is the Job's: a pod the Job starts
+    after losing one continues the same run instead of starting over."""
+    return os.environ.get(JOB_NAME_ENV) or None
+
+
 def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = None) -> dict[str, Any]:
-    """Runs (or resumes) one retrain; returns the outcome. Errors are recorded in the run, then raised."""
+    """Runs (or resumes) one retrain; returns the outcome. Errors are recorded in the run, then raised.
+
+    In a Job whose run folder already exists (an earlier pod of the same Job was lost), the run
+    resumes from that folder.
+    """
     if (config is None) == (resume is None):
         raise ConfigError("give a config for a new run or --resume RUN_DIR, not both")
+    job_run = job_run_id()
+    if config is not None and job_run and (runs_dir(config) / job_run / STATE_FILE).is_file():
+        log.info("resuming the Job's run", extra={"fields": {"run": job_run}})
+        config, resume = None, runs_dir(config) / job_run
     opened = Run.open(Path(resume)) if resume is not None else None
     run_config = opened.config if opened is not None else config
     assert run_config is not None

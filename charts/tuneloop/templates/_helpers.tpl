@@ -100,6 +100,14 @@ Args: (dict "root" $ "image" .Values.generation.image) */}}
 {{- .Values.persistence.store.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "preferences")) }}
 {{- end }}
 
+{{- define "tuneloop.workbenchClaimName" -}}
+{{- .Values.persistence.workbench.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "workbench")) }}
+{{- end }}
+
+{{- define "tuneloop.runsClaimName" -}}
+{{- .Values.persistence.runs.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "runs")) }}
+{{- end }}
+
 {{/* gRPC target of a service inside the cluster, e.g. "tuneloop-generation:50051".
 Args: (dict "root" $ "name" "generation") */}}
 {{- define "tuneloop.grpcTarget" -}}

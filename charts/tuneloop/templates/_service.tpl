@@ -6,7 +6,8 @@ Each service's own template files call these with its name and what is particula
   http   true for the gateway (HTTP probes, metrics on the serving port)
   args   extra CLI arguments
   env    extra EnvVars (list of dicts)
-  mounts any of "registry" (read-only), "store" (read-write), "api-keys"
+  mounts any of "registry" (read-only), "store" (read-write), "store-ro", "runs-ro", "api-keys",
+         "workbench" (the projects ConfigMap and the state volume)
 */}}
 
 {{- define "tuneloop.deployment" -}}
@@ -163,9 +164,24 @@ spec:
               mountPath: {{ $root.Values.persistence.registry.mountPath }}
               readOnly: true
             {{- end }}
-            {{- if has "store" $mounts }}
+            {{- if or (has "store" $mounts) (has "store-ro" $mounts) }}
             - name: store
               mountPath: {{ $root.Values.persistence.store.mountPath }}
+              {{- if has "store-ro" $mounts }}
+              readOnly: true
+              {{- end }}
+            {{- end }}
+            {{- if has "runs-ro" $mounts }}
+            - name: runs
+              mountPath: {{ $root.Values.persistence.runs.mountPath }}
+              readOnly: true
+            {{- end }}
+            {{- if has "workbench" $mounts }}
+            - name: workbench
+              mountPath: /etc/tuneloop/workbench
+              readOnly: true
+            - name: workbench-state
+              mountPath: {{ $root.Values.persistence.workbench.mountPath }}
             {{- end }}
             {{- if has "api-keys" $mounts }}
             - name: api-keys
@@ -186,10 +202,27 @@ spec:
             claimName: {{ include "tuneloop.registryClaimName" $root }}
             readOnly: true
         {{- end }}
-        {{- if has "store" $mounts }}
+        {{- if or (has "store" $mounts) (has "store-ro" $mounts) }}
         - name: store
           persistentVolumeClaim:
             claimName: {{ include "tuneloop.storeClaimName" $root }}
+            {{- if has "store-ro" $mounts }}
+            readOnly: true
+            {{- end }}
+        {{- end }}
+        {{- if has "runs-ro" $mounts }}
+        - name: runs
+          persistentVolumeClaim:
+            claimName: {{ include "tuneloop.runsClaimName" $root }}
+            readOnly: true
+        {{- end }}
+        {{- if has "workbench" $mounts }}
+        - name: workbench
+          configMap:
+            name: {{ include "tuneloop.componentName" (dict "root" $root "name" "workbench") }}
+        - name: workbench-state
+          persistentVolumeClaim:
+            claimName: {{ include "tuneloop.workbenchClaimName" $root }}
         {{- end }}
         {{- if has "api-keys" $mounts }}
         - name: api-keys

@@ -69,6 +69,13 @@ template:
             value: {{ .Values.persistence.registry.mountPath | quote }}
           - name: TUNELOOP_STORE_ROOT
             value: {{ .Values.persistence.store.mountPath | quote }}
+          {{- with .Values.metrics.pushgateway.url }}
+          - name: TUNELOOP_TRAINER_PUSHGATEWAY
+            value: {{ . | quote }}
+          {{- end }}
+          # Run folders outlive the pod: the Job's next pod resumes the run from its checkpoint.
+          - name: TUNELOOP_TRAINER_RUNS_DIR
+            value: {{ .Values.persistence.runs.mountPath | quote }}
           # Where the run records its promoted version (annotation tuneloop.dev/promoted-version).
           - name: TUNELOOP_TRAINER_JOB_NAME
             valueFrom:
@@ -100,6 +107,8 @@ template:
           - name: store
             mountPath: {{ .Values.persistence.store.mountPath }}
             readOnly: true
+          - name: runs
+            mountPath: {{ .Values.persistence.runs.mountPath }}
     volumes:
       {{- include "tuneloop.tmpVolume" . | nindent 6 }}
       {{- if $shm }}
@@ -118,4 +127,7 @@ template:
         persistentVolumeClaim:
           claimName: {{ include "tuneloop.storeClaimName" . }}
           readOnly: true
+      - name: runs
+        persistentVolumeClaim:
+          claimName: {{ include "tuneloop.runsClaimName" . }}
 {{- end }}

@@ -1,0 +1,306 @@
+"""The release runs as rendered: the chart's workloads started from their rendered specs
+(tests/release_harness.py), and the loop driven through them end to end.
+
+Per values file: the `openai` client calls the gateway's Service, which calls generation;
+feedback goes through the gateway to feedback, Kafka and the store; the CronJob's job template
+runs once (gates, DPO, criteria) and its pod is killed with kill -9 mid-training: the Job's
+next pod resumes the same run from its last checkpoint and promotes once; the generation pods
+hot-swap to the new version; the `helm test` pod passes. Kafka is the test broker on the
+node, reached through the rendered bootstrap address. Tiny models.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.kube import KubeControlPlane
+from tests.release_harness import CHART, ApiAccess, Network, Release, can_run, render
+from tests.test_kube_release import helm
+from tuneloop.common.broker import LocalBroker, install
+from tuneloop.common.models import make_tiny
+from tuneloop.common.registry import Registry
+from tuneloop.gateway.auth import hash_key
+from tuneloop.trainer import jobs
+from typer.testing import CliRunner
+
+pytestmark = pytest.mark.skipif(can_run() is not None, reason=str(can_run()))
+
+KEY = "release-app-key"
+HELD_OUT = ["Tell me about the sea.", "Tell me about dogs.", "Tell me about the sun."]
+PROMPTS = [f"Tell me about {t}." for t in ("cats", "rain", "tea", "maps", "trains", "books", "music", "bread")]
+# Criteria any candidate meets: this is a test of the release's mechanics, not of training.
+CRITERIA = {
+    "name": "release-journey",
+    "generation": {"max_new_tokens": 8},
+    "held_out_prompts": HELD_OUT,
+    "behaviour": [],
+    "probes": {"items": []},
+    "degeneration": {"max_repeated_ngram_ratio": 1.0, "max_wrong_language_rate": 1.0, "max_non_ascii_ratio": 1.0},
+    "reward": {"min_win_rate": 0.0},
+    "kl": {"max_kl": 100000.0},
+    "length_drift": {"min_ratio": 0.01, "max_ratio": 100.0},
+}
+PROJECT = {
+    "project": "journey", "tenant": "acme", "overlap": 2,
+    "rubric": [{"name": "helpfulness", "description": "Does it answer the question?"}],
+    "items": [{"id": "q1", "prompt": "Tell me about the sea.",
+               "a": {"completion_id": "cmpl-" + "a" * 32, "text": "Waves."},
+               "b": {"completion_id": "cmpl-" + "b" * 32, "text": "Salt."}}],
+}
+# Small requests: the node is this machine (two cores); the defaults are sized for real nodes.
+SMALL = {"requests": {"cpu": "50m", "memory": "256Mi"}, "limits": {"memory": "3Gi"}}
+
+
+@pytest.fixture(scope="module")
+def network():
+    net = Network().up()
+    try:
+        yield net
+    finally:
+        net.down()
+
+
+@pytest.fixture(scope="module")
+def broker(network: Network, tmp_path_factory: pytest.TempPathFactory):
+    """The test broker on the node's bridge address, where pods reach it."""
+    b = LocalBroker(tmp_path_factory.mktemp("release-kafka"), home=install(), host=network.node_ip)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return make_tiny(tmp_path_factory.mktemp("release-tiny"))
+
+
+class StandInPushgateway:
+    """Records what the trainer pushes, as Prometheus' Pushgateway receives it (PUT or POST
+    /metrics/job/<job>[/<label>/<value>...], text exposition format). The Pushgateway itself is
+    not packaged for this machine (no PyPI package, no module on the Go proxy here)."""
+
+    def __init__(self, host: str) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        pushes = self.pushes = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _push(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode()
+                pushes.append((self.command, self.path, body))
+                self.send_response(200)
+                self.end_headers()
+
+            do_PUT = do_POST = _push
+
+        self.server = ThreadingHTTPServer((host, 0), Handler)
+        self.url = f"http://{host}:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "") -> Path:
+    values = {
+        "kafka": {"bootstrapServers": broker.bootstrap},
+        "metrics": {"pushgateway": {"url": pushgateway}},
+        "extraEnv": [{"name": "TUNELOOP_GENERATION_TORCH_THREADS", "value": "1"},
+                     {"name": "TUNELOOP_REWARD_TORCH_THREADS", "value": "1"},
+                     {"name": "TUNELOOP_TRAINER_TORCH_THREADS", "value": "1"}],
+        "gateway": {"apiKeys": {"keys": [{"name": "app", "tenant": "acme", "roles": ["app", "annotator", "lead"],
+                                          "sha256": hash_key(KEY)}]},
+                    "workbench": {"enabled": True, "projects": {"journey.yaml": PROJECT}}},
+        "trainer": {
+            "retrainConfig": {
+                # One annotator, no item judged twice: agreement cannot be measured.
+                "gates": {"min_new_pairs": 6, "allow_unmeasured": True},
+                "reward_model": None,
+                "dpo": {"learning_rate": 1e-3, "max_steps": 300, "save_steps": 10, "per_device_train_batch_size": 2,
+                        "loss_type": "sigmoid"},
+            },
+            "successCriteria": CRITERIA,
+        },
+    }
+    for svc in ("generation", "reward", "feedback", "store", "gateway", "trainer"):
+        values.setdefault(svc, {})["resources"] = SMALL
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def seed_registry(release: Release, tiny: tuple[Path, Path]) -> Registry:
+    (claim,) = [o["metadata"]["name"] for o in release.all("PersistentVolumeClaim")
+                if o["metadata"]["labels"]["app.kubernetes.io/component"] == "registry"]
+    reg = Registry(release.claim_path(claim))
+    for name, folder, kind in (("policy", tiny[0], "policy"), ("reward", tiny[1], "reward")):
+        card = reg.register(name, folder, kind=kind)  # type: ignore[arg-type]
+        reg.promote(name, card.version)
+    return reg
+
+
+def claim_of(release: Release, component: str) -> Path:
+    (claim,) = [o["metadata"]["name"] for o in release.all("PersistentVolumeClaim")
+                if o["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+    return release.claim_path(claim)
+
+
+def wait_for(what: str, check: Any, timeout: float, release: Release | None = None, poll: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(poll)
+    logs = "" if release is None else "\n".join(f"--- {p.name}\n{p.log()[-2000:]}" for p in release.pods)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any) -> None:
+    reg = seed_registry(release, tiny)
+    release.start_deployments()
+    assert not release.not_started, release.not_started
+    release.wait_ready(timeout=300)
+
+    gateway = next(s["metadata"]["name"] for s in release.all("Service")
+                   if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway")
+    port = next(p["port"] for p in release.get("Service", gateway)["spec"]["ports"])
+    url = f"http://{release.address(gateway, port)}"
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=2, timeout=60)
+
+    # Chat completions through the gateway's Service, each pair judged by two annotators through
+    # /v1/feedback (they agree on all but the last).
+    auth = {"Authorization": f"Bearer {KEY}"}
+    accepted = 0
+    for i, prompt in enumerate(PROMPTS):
+        resp = client.chat.completions.create(model="production", messages=[{"role": "user", "content": prompt}],
+                                              max_tokens=6, n=2, temperature=1.0)
+        a, b = (c.model_extra["completion_id"] for c in resp.choices)
+        for user, choice in (("annotator-1", "a"), ("annotator-2", "b" if i == len(PROMPTS) - 1 else "a")):
+            r = httpx.post(url + "/v1/feedback", headers=auth, timeout=30,
+                           json={"type": "pairwise", "completion_ids": [a, b], "choice": choice, "user": user,
+                                 "event_id": uuid.uuid4().hex, "project": "journey", "item_id": f"journey/{i}"})
+            assert r.status_code == 200, r.text
+            accepted += r.json()["results"][0]["status"] == "accepted"
+    assert accepted == 2 * len(PROMPTS)
+
+    # The store joined them: read it where the release keeps it.
+    from tuneloop.feedback import snapshot
+
+    store_root = claim_of(release, "preferences")
+    wait_for("the store's rows", lambda: (store_root / snapshot.INDEX_FILE).is_file()
+             and len(snapshot.load_rows(store_root)) >= 2 * len(PROMPTS), 120, release)
+
+    # Agreement, served by the feedback pods from the store they mount read-only, as the
+    # workbench's calibration view shows it.
+    cal = httpx.get(url + "/workbench/api/projects/journey/calibration", params={"calibration_only": False},
+                    headers=auth, timeout=30)
+    assert cal.status_code == 200, cal.text
+    agreement = cal.json()["agreement"]
+    assert agreement["items"] == len(PROMPTS) and agreement["judgements"] == 2 * len(PROMPTS), agreement
+    assert agreement["percent_agreement"] == pytest.approx((len(PROMPTS) - 1) / len(PROMPTS))
+    # The workbench's queue progress lands on its volume, shared by the gateway pods.
+    judged = httpx.post(url + "/workbench/api/projects/journey/judgements", headers=auth, timeout=30,
+                        json={"item_id": "q1", "choice": "a"})
+    assert judged.status_code == 200, judged.text
+    assert '"item": "q1"' in (claim_of(release, "workbench") / "journey.jsonl").read_text()
+
+    # The CronJob's job template, once; its pod killed mid-training; the retry resumes.
+    job = start_job(release)
+    runs = claim_of(release, "runs")
+    killed: list[str] = []
+
+    def kill_mid_training(pod: Any) -> None:
+        if killed:
+            return
+        run_dir = runs / job.name
+        wait_for("a training checkpoint", lambda: list((run_dir / "train" / "checkpoints").glob("checkpoint-*"))
+                 or pod.phase != "Running", 600, poll=0.1)
+        assert pod.phase == "Running", pod.log()[-3000:]
+        pod.kill()
+        killed.append(pod.name)
+
+    status = job.run(timeout=900, on_pod=kill_mid_training)
+    logs = "\n".join(f"--- {p.name} {p.phase} {p.status.exit_codes}\n{p.log()[-4000:]}" for p in job.pods)
+    assert status == "Complete", logs
+    assert len(job.pods) == 2 and job.pods[0].status.exit_codes == [-9], logs
+    state = json.loads((runs / job.name / "state.json").read_text())
+    assert state["status"] == "promoted", state
+    assert state["steps"]["train"]["resumed_from"], state["steps"]["train"]
+    assert reg.current("policy") == "v0002" and reg.versions("policy") == ["v0001", "v0002"]
+
+    # The run's report, where the workbench's review reads it.
+    review = httpx.get(url + "/workbench/api/review", params={"run": job.name}, headers=auth, timeout=30)
+    assert review.status_code == 200, review.text
+    assert review.json()["status"] == "promoted" and len(review.json()["samples"]) == len(HELD_OUT)
+
+    # The generation pods hot-swap to it.
+    def serves_new() -> bool:
+        resp = client.chat.completions.create(model="production", messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=2)
+        return "v0002" in json.dumps(resp.model_dump())
+
+    wait_for("generation serving policy@v0002", serves_new, 180, release)
+
+    # `helm test`.
+    for pod in release.test_pods():
+        assert release.start_pod(pod)
+        assert pod.wait(120) == "Succeeded", pod.log()
+
+
+@pytest.mark.parametrize("values_file", [None, CHART / "values-dev.yaml"], ids=["values", "values-dev"])
+def test_journey_through_the_rendered_release(
+    values_file: Path | None, network: Network, broker: LocalBroker, tiny: tuple[Path, Path],
+    kube: KubeControlPlane, tmp_path: Path,
+) -> None:
+    """The release installed into the real API server (restricted Pod Security) and run on this
+    node: the trainer Job is created there from the CronJob by `tuneloop jobs run`, its pod runs
+    here with the trainer ServiceAccount's token and annotates that Job with what it promoted."""
+    pushgateway = StandInPushgateway(network.node_ip)
+    namespace = f"journey-{uuid.uuid4().hex[:6]}"
+    kube.create_namespace(namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
+    files = [*([values_file] if values_file else []), journey_values(broker, tmp_path / "journey.yaml", pushgateway.url)]
+    helm(kube, tmp_path / "helm", "install", "tuneloop", str(CHART), "--namespace", namespace,
+         *[a for f in files for a in ("-f", str(f))])
+    objects = render(files, namespace=namespace)
+    api = ApiAccess("127.0.0.1", kube.port, kube.ca.read_text(), kube.service_account_token)
+
+    def start_job(release: Release) -> Any:
+        (cron,) = release.all("CronJob")
+        name = "retrain-journey"
+        run = CliRunner().invoke(jobs.cli, ["run", "--cronjob", cron["metadata"]["name"], "--name", name,
+                                            "--namespace", namespace, "--kubeconfig", str(kube.kubeconfig)])
+        assert run.exit_code == 0, run.output
+        return release.job(name, cron["spec"]["jobTemplate"]["spec"], f"CronJob/{cron['metadata']['name']}.spec.jobTemplate")
+
+    release = Release(objects, tmp_path / "node", namespace=namespace, network=network, api=api)
+    try:
+        run_journey(release, tiny, start_job)
+    except BaseException:
+        print(release.logs())
+        raise
+    finally:
+        release.stop()
+        pushgateway.close()
+    # The trainer's gauges reached the Pushgateway the chart named, the stale-retrain alert's too.
+    pushed = "".join(body for _, _, body in pushgateway.pushes)
+    assert "tuneloop_trainer_last_success_timestamp_seconds" in pushed, pushgateway.pushes[-1:]
+    with kube.api_client() as client:
+        from kubernetes.client import BatchV1Api
+
+        annotations = BatchV1Api(client).read_namespaced_job("retrain-journey", namespace).metadata.annotations
+    assert annotations[jobs.PROMOTED_VERSION_KEY] == "policy@v0002"
