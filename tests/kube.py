@@ -8,10 +8,8 @@ There are no nodes: Pods are created and admitted (Pod Security, RBAC, ...) but 
 from __future__ import annotations
 
 import base64
-import ctypes
 import json
 import os
-import signal
 import ssl
 import subprocess
 import time
@@ -23,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import yaml
-from tuneloop.common.broker import free_port
+from tuneloop.common.broker import die_with_parent, free_port
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -37,7 +35,6 @@ SERVICE_CIDR = "10.96.0.0/16"
 # reach the API server there, so the serving certificate names it.
 KUBERNETES_SERVICE_IP = "10.96.0.1"
 ISSUER = "https://kubernetes.default.svc.cluster.local"
-_PR_SET_PDEATHSIG = 1
 
 
 class KubeApiError(RuntimeError):
@@ -51,11 +48,6 @@ class KubeApiError(RuntimeError):
 
 def missing_binaries(bin_dir: Path = BIN) -> list[str]:
     return [name for name in BINARIES if not os.access(bin_dir / name, os.X_OK)]
-
-
-def _die_with_parent() -> None:
-    # If the test run dies without cleaning up, the kernel sends the child SIGTERM.
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -144,7 +136,7 @@ class KubeControlPlane:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
 
     def log_tail(self, name: str, lines: int = 40) -> str:

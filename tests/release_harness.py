@@ -52,6 +52,8 @@ from typing import Any
 
 import yaml
 
+from tuneloop.common.broker import die_with_parent
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "tuneloop"
 HELM = ROOT / ".tools" / "bin" / "helm"
@@ -356,10 +358,12 @@ class ServiceProxy:
         async def close() -> None:
             for s in self._servers:
                 s.close()
+                await s.wait_closed()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(close(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
 
 
 class ClusterDNS(asyncio.DatagramProtocol):
@@ -445,6 +449,7 @@ class Pod:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.evicted = False
+        self.probe_failures = {"startup": 0, "liveness": 0, "readiness": 0}
 
     # -------------------------------------------------------- scheduling
 
@@ -711,9 +716,12 @@ class Pod:
         def enter_cgroups() -> None:
             for g in groups:
                 (g / "cgroup.procs").write_text(str(os.getpid()))
+            # The pod goes with the harness: no container outlives an interrupted test run.
+            die_with_parent()
 
-        cmd = ["nsenter", f"--net=/var/run/netns/{self.ns}", "unshare", "--mount", "--uts", "--pid", "--fork",
-               "--mount-proc", "--propagation", "private", sys.executable, str(POD_INIT), str(spec)]
+        cmd = ["nsenter", f"--net=/var/run/netns/{self.ns}", "unshare", "--mount", "--uts", "--pid",
+               "--fork", "--kill-child", "--mount-proc", "--propagation", "private", sys.executable, str(POD_INIT),
+               str(spec)]
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=enter_cgroups)
@@ -829,6 +837,7 @@ class Pod:
         start = time.monotonic()
         due = {"startup": 0.0, "liveness": 0.0, "readiness": 0.0}
         fails = {"startup": 0, "liveness": 0, "readiness": 0}
+        self.probe_failures = fails
         passes = {"readiness": 0}
         started_at: float | None = None if startup else start
         self.status.started = startup is None
@@ -1219,6 +1228,8 @@ class Release:
         for pod in self.pods:
             if pod.phase == "Running":
                 pod.delete()
+        if self.dns.transport is not None:
+            self.proxy.loop.call_soon_threadsafe(self.dns.transport.close)
         self.proxy.stop()
         if self._own_network:
             self.network.down()

@@ -304,3 +304,133 @@ def test_journey_through_the_rendered_release(
 
         annotations = BatchV1Api(client).read_namespaced_job("retrain-journey", namespace).metadata.annotations
     assert annotations[jobs.PROMOTED_VERSION_KEY] == "policy@v0002"
+
+
+def start_what_fits(release: Release, tiny: tuple[Path, Path]) -> None:
+    seed_registry(release, tiny)
+    release.start_deployments()
+    release.wait_ready(timeout=300)
+
+
+def test_gpu_values_start_all_but_the_gpu_pods_which_stay_pending(network, broker, tiny, tmp_path: Path) -> None:
+    """values-gpu.yaml on this node (no GPU): generation (vLLM image) and the trainer ask for GPU
+    nodes and stay Pending, with the scheduler's reason; everything else runs and is ready."""
+    values = journey_values(broker, tmp_path / "v.yaml")
+    # helm merges the small CPU and memory requests into the GPU values: the GPU requests stay.
+    objects = render([CHART / "values-gpu.yaml", values], sets=["trainer.rbac.create=false"])
+    release = Release(objects, tmp_path / "node", network=network)
+    try:
+        seed_registry(release, tiny)
+        release.start_deployments()
+        gateways = release.by_label("gateway")
+        release.wait_ready(timeout=300, pods=[p for p in release.pods if p not in gateways])
+        # Without generation the gateway runs but is not ready, and says why.
+        for pod in gateways:
+            ready = httpx.get(f"http://{pod.ip}:8080/readyz", timeout=10)
+            assert ready.status_code == 503 and ready.json()["backends"] == {"generation": False, "feedback": True}
+        job = release.cronjob_job("gpu")
+        assert job.run(timeout=60) == "Pending"
+        pending = dict(release.not_started)
+        print("not started on this node (no GPU):", json.dumps(pending, indent=1))
+        assert set(pending) == {"Deployment/tuneloop-generation.spec.template",
+                                "CronJob/tuneloop-retrain.spec.jobTemplate.spec.template"}
+        assert all("nvidia.com/gpu" in why for why in pending.values()), pending
+        running = {p.labels["app.kubernetes.io/component"] for p in release.pods if p.phase == "Running"}
+        assert running == {"gateway", "feedback", "store", "reward"}
+    except BaseException:
+        print(release.logs())
+        raise
+    finally:
+        release.stop()
+
+
+def test_all_values_start_every_pod_and_the_one_off_job(network, broker, tiny, tmp_path: Path) -> None:
+    """ci/all-values.yaml (autoscaling, the one-off Job, a priority class, extra env): every
+    Deployment at its HPA's minReplicas, ready; the install Job's retrain refuses at its gates
+    (no preferences yet), exit 0."""
+    values = journey_values(broker, tmp_path / "v.yaml")
+    objects = render([CHART / "ci" / "all-values.yaml", values], sets=["trainer.rbac.create=false"])
+    release = Release(objects, tmp_path / "node", network=network)
+    try:
+        start_what_fits(release, tiny)
+        assert not release.not_started
+        per_component = {}
+        for p in release.pods:
+            c = p.labels["app.kubernetes.io/component"]
+            per_component[c] = per_component.get(c, 0) + 1
+        assert per_component == {"gateway": 2, "feedback": 2, "generation": 1, "reward": 1, "store": 1}
+        (job_obj,) = release.all("Job")
+        job = release.job(job_obj["metadata"]["name"], job_obj["spec"], f"Job/{job_obj['metadata']['name']}")
+        assert job.run(timeout=600) == "Complete", release.logs()
+        state = next((claim_of(release, "runs")).glob("*/state.json"))
+        assert json.loads(state.read_text())["status"] == "refused"
+    except BaseException:
+        print(release.logs())
+        raise
+    finally:
+        release.stop()
+
+
+def _container(objects: list[dict[str, Any]], kind: str, component: str) -> dict[str, Any]:
+    (obj,) = [o for o in objects if o["kind"] == kind and o["metadata"]["labels"].get("app.kubernetes.io/component")
+              == component]
+    spec = obj["spec"]["jobTemplate"]["spec"] if kind == "CronJob" else obj["spec"]
+    return spec["template"]["spec"]["containers"][0]
+
+
+def _rename_env(c: dict[str, Any], name: str) -> None:
+    (env,) = [e for e in c["env"] if e["name"] == name]
+    env["name"] = name + "_TYPO"
+
+
+def _move_mount(c: dict[str, Any], volume: str) -> None:
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == volume]
+    mount["mountPath"] += "-moved"
+
+
+def _bad_retrain_field(objects: list[dict[str, Any]]) -> None:
+    (cm,) = [o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-trainer")]
+    cm["data"]["retrain.yaml"] += "stages: [dpo]\n"
+
+
+BROKEN = {
+    "env-name": ("Deployment", "generation", lambda objs: _rename_env(_container(objs, "Deployment", "generation"),
+                                                                      "TUNELOOP_REGISTRY_ROOT")),
+    "mount-path": ("Deployment", "generation", lambda objs: _move_mount(_container(objs, "Deployment", "generation"),
+                                                                        "registry")),
+    "probe-port": ("Deployment", "store", lambda objs: _container(objs, "Deployment", "store")["startupProbe"]["grpc"]
+                   .update(port=50099)),
+    "config-mount-path": ("CronJob", "trainer", lambda objs: _move_mount(_container(objs, "CronJob", "trainer"),
+                                                                          "config")),
+    "config-field": ("CronJob", "trainer", _bad_retrain_field),
+}
+
+
+@pytest.mark.parametrize("broken", sorted(BROKEN))
+def test_a_broken_rendered_key_fails_the_release(broken: str, network, broker, tiny, tmp_path: Path) -> None:
+    """The harness runs what is rendered, so a rendered key broken after rendering (an env name,
+    a mount path, a probe port, a config field) makes the workload fail: it is never ready, or
+    its Job fails. (A Role verb the trainer needs is refused by the real API server:
+    tests/test_kube_release.py.)"""
+    kind, component, breaks = BROKEN[broken]
+    objects = render([journey_values(broker, tmp_path / "v.yaml")], sets=["trainer.rbac.create=false"])
+    breaks(objects)
+    release = Release(objects, tmp_path / "node", network=network)
+    try:
+        seed_registry(release, tiny)
+        if kind == "CronJob":
+            job = release.cronjob_job("broken")
+            assert job.run(timeout=300) == "Failed"
+            assert all(p.status.exit_codes and p.status.exit_codes[-1] != 0 for p in job.pods)
+            return
+        (dep,) = [d["metadata"]["name"] for d in release.all("Deployment")
+                  if d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+        release.start_deployments(only=[dep])
+        (pod,) = release.pods
+        # Broken: the container exits, or its startup probe keeps failing (the kubelet restarts it
+        # after failureThreshold); in either case no Service ever routes to it.
+        wait_for("the broken pod's failure", lambda: any(c != 0 for c in pod.status.exit_codes)
+                 or pod.probe_failures["startup"] >= 3, 180)
+        assert not pod.status.ready
+    finally:
+        release.stop()

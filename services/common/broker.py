@@ -121,10 +121,10 @@ def _cluster_id() -> str:
             return text
 
 
-def _die_with_parent() -> None:
-    # Runs in the child before exec: if the test run that started the broker dies without
-    # cleaning up, the kernel sends the broker SIGTERM instead of leaving it orphaned. The
-    # kernel watches the thread that forked, so start brokers from a thread that outlives them.
+def die_with_parent() -> None:
+    """For a child process, before exec: if the process that started it dies without cleaning
+    up, the kernel sends it SIGTERM instead of leaving it orphaned. The kernel watches the
+    thread that forked, so start children from a thread that outlives them."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
@@ -269,7 +269,7 @@ class LocalBroker:
                 self._java_cmd("kafka.Kafka", str(self.config_path), heap=self.heap),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=self.data_dir, start_new_session=True,
-                preexec_fn=_die_with_parent if self.die_with_parent else None,
+                preexec_fn=die_with_parent if self.die_with_parent else None,
             )
         try:
             self.wait_until_serving()
