@@ -175,6 +175,7 @@ PROBE = {
 }
 CONTAINER = {
     "name": None, "image": None, "imagePullPolicy": None, "command": None, "args": None, "workingDir": None,
+    "terminationMessagePath": None, "terminationMessagePolicy": None,
     "env": None, "ports": None, "resources": {"requests", "limits"},
     "startupProbe": PROBE, "livenessProbe": PROBE, "readinessProbe": PROBE,
     "securityContext": {"allowPrivilegeEscalation", "readOnlyRootFilesystem", "runAsNonRoot", "runAsUser",
@@ -182,7 +183,7 @@ CONTAINER = {
     "volumeMounts": None,
 }
 POD = {
-    "restartPolicy": None, "dnsPolicy": None, "serviceAccountName": None, "automountServiceAccountToken": None,
+    "restartPolicy": None, "dnsPolicy": None, "schedulerName": None, "serviceAccountName": None, "automountServiceAccountToken": None,
     "imagePullSecrets": None, "enableServiceLinks": None, "priorityClassName": None,
     "terminationGracePeriodSeconds": None, "nodeSelector": None, "tolerations": None,
     "affinity": {"nodeAffinity", "podAffinity", "podAntiAffinity"}, "topologySpreadConstraints": None,
@@ -222,6 +223,8 @@ def check_pod_spec(spec: dict[str, Any], path: str) -> None:
             raise Unimplemented(f"{cpath}.securityContext.capabilities.add")
         if "seccompProfile" in sc and sc["seccompProfile"].get("type") != "RuntimeDefault":
             raise Unimplemented(f"{cpath}.securityContext.seccompProfile.type")
+    if spec.get("schedulerName", "default-scheduler") != "default-scheduler":
+        raise Unimplemented(f"{path}.schedulerName", "only the default scheduler")
     for i, v in enumerate(spec.get("volumes", [])):
         check_fields(v, VOLUME, f"{path}.volumes[{i}]")
     seccomp = (spec.get("securityContext") or {}).get("seccompProfile")
@@ -445,6 +448,7 @@ class Pod:
         self.dir = release.workdir / "pods" / name
         self.dir.mkdir(parents=True)
         self.log_path = self.dir / "container.log"
+        self.termination_log = self.dir / "termination-log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -655,6 +659,12 @@ class Pod:
             dst = "/var/run/secrets/kubernetes.io/serviceaccount"
             mkdirs.append(dst)
             mounts.append({"kind": "bind", "src": str(folder), "dst": dst, "ro": True})
+        # The kubelet's termination message file: what the container writes there ends its status.
+        message_path = c.get("terminationMessagePath", "/dev/termination-log")
+        self.termination_log.touch(mode=0o666)
+        os.chmod(self.termination_log, 0o666)
+        mkfiles.append(message_path)
+        mounts.append({"kind": "bind", "src": str(self.termination_log), "dst": message_path, "ro": False})
         mounts.sort(key=lambda m: m["dst"].count("/"))
         hosts = self.dir / "hosts"
         hosts.write_text(rel.hosts_file(self))
@@ -666,6 +676,10 @@ class Pod:
             "image": [{"src": str(ROOT / ".venv"), "dst": image.venv}],
             "mkdirs": [image.venv, *mkdirs],
             "mkfiles": mkfiles,
+            # The stand-in image's files live at the project's own path (its scripts name it in
+            # their #! lines): when a volume covers that path (a checkout under /tmp), show it again.
+            "reveal_after": [str(ROOT)] if any(str(ROOT).startswith(m["dst"].rstrip("/") + "/") for m in mounts)
+            else [],
             "read_only_root": bool(sc.get("readOnlyRootFilesystem")),
             "mounts": mounts,
             "hosts": str(hosts),
@@ -956,17 +970,25 @@ def local_node() -> Node:
 class Job:
     """The Job controller for one Job: pods until one succeeds or the back-off limit is spent."""
 
-    def __init__(self, release: Release, name: str, spec: dict[str, Any], path: str) -> None:
+    def __init__(self, release: Release, name: str, spec: dict[str, Any], path: str, uid: str | None = None) -> None:
         self.release, self.name, self.spec, self.path = release, name, spec, path
         known = {"backoffLimit", "activeDeadlineSeconds", "ttlSecondsAfterFinished", "podFailurePolicy", "template",
-                 "completions", "parallelism"}
+                 "completions", "parallelism", "completionMode", "suspend", "podReplacementPolicy", "selector",
+                 "manualSelector", "backoffLimitPerIndex", "maxFailedIndexes", "managedBy"}
         check_fields(spec, known, f"{path}.spec")
+        # What the API server stores for a Job made from the chart: one pod at a time, run now.
+        for key, want in (("completionMode", "NonIndexed"), ("suspend", False), ("manualSelector", False)):
+            if spec.get(key, want) != want:
+                raise Unimplemented(f"{path}.spec.{key}", f"{key}: {spec[key]}")
+        for key in ("backoffLimitPerIndex", "maxFailedIndexes", "managedBy"):
+            if key in spec:
+                raise Unimplemented(f"{path}.spec.{key}")
         for i, rule in enumerate((spec.get("podFailurePolicy") or {}).get("rules", [])):
             if rule.get("action") != "Ignore" or set(rule) - {"action", "onPodConditions"}:
                 raise Unimplemented(f"{path}.spec.podFailurePolicy.rules[{i}]")
         if spec.get("completions", 1) != 1 or spec.get("parallelism", 1) != 1:
             raise Unimplemented(f"{path}.spec.completions", "one completion, one pod at a time")
-        self.uid = hashlib.sha1(f"{name}{time.time()}".encode()).hexdigest()[:36]
+        self.uid = uid or hashlib.sha1(f"{name}{time.time()}".encode()).hexdigest()[:36]
         self.pods: list[Pod] = []
         self.failures = 0
         self.status = "Running"
@@ -1194,8 +1216,13 @@ class Release:
             f"{p.name} (phase {p.phase}, restarts {p.status.restarts}, exits {p.status.exit_codes}):\n"
             f"{p.log()[-3000:]}" for p in waiting))
 
-    def job(self, name: str, spec: dict[str, Any], path: str) -> Job:
-        return Job(self, name, spec, path)
+    def job(self, name: str, spec: dict[str, Any], path: str, uid: str | None = None) -> Job:
+        return Job(self, name, spec, path, uid)
+
+    def job_from_api(self, job: dict[str, Any]) -> Job:
+        """A Job as the API server stores it (server defaults and all): this node runs its pods."""
+        name = job["metadata"]["name"]
+        return self.job(name, job["spec"], f"Job/{name}", job["metadata"]["uid"])
 
     def cronjob_job(self, name_suffix: str = "manual") -> Job:
         """A Job from the release's CronJob, as `kubectl create job --from=cronjob/...` makes it."""

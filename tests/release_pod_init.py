@@ -67,7 +67,8 @@ def reveal(private_parent: str, child: str) -> None:
 def main(spec_path: str) -> None:
     with open(spec_path) as f:
         spec = json.load(f)
-    for src in [m["src"] for m in spec["image"] + spec["mounts"] if "src" in m] + [spec["hosts"], spec["resolv_conf"]]:
+    for src in [m["src"] for m in spec["image"] + spec["mounts"] if "src" in m] + [spec["hosts"], spec["resolv_conf"],
+                                                                                   *spec["reveal_after"]]:
         SOURCES[src] = os.open(src, os.O_PATH)
     socket.sethostname(spec["hostname"])
     for parent, child in spec["reveal"]:
@@ -89,6 +90,9 @@ def main(spec_path: str) -> None:
             run("mount", "-t", "tmpfs", "-o", f"size={m['size']},mode=1777", "tmpfs", m["dst"])
         else:
             bind(m["src"], m["dst"], m["ro"])
+    for path in spec["reveal_after"]:
+        os.makedirs(path, exist_ok=True)
+        bind(path, path, True)
     bind(spec["hosts"], "/etc/hosts", True)
     bind(spec["resolv_conf"], "/etc/resolv.conf", True)
     if not spec["own_shm"]:

@@ -268,8 +268,9 @@ def test_journey_through_the_rendered_release(
     kube: KubeControlPlane, tmp_path: Path,
 ) -> None:
     """The release installed into the real API server (restricted Pod Security) and run on this
-    node: the trainer Job is created there from the CronJob by `tuneloop jobs run`, its pod runs
-    here with the trainer ServiceAccount's token and annotates that Job with what it promoted."""
+    node: the trainer Job is created there from the CronJob by `tuneloop jobs run`; its pods, from
+    the Job the API server stored, run here with the trainer ServiceAccount's token and annotate
+    that Job with what it promoted."""
     pushgateway = StandInPushgateway(network.node_ip)
     namespace = f"journey-{uuid.uuid4().hex[:6]}"
     kube.create_namespace(namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
@@ -285,7 +286,8 @@ def test_journey_through_the_rendered_release(
         run = CliRunner().invoke(jobs.cli, ["run", "--cronjob", cron["metadata"]["name"], "--name", name,
                                             "--namespace", namespace, "--kubeconfig", str(kube.kubeconfig)])
         assert run.exit_code == 0, run.output
-        return release.job(name, cron["spec"]["jobTemplate"]["spec"], f"CronJob/{cron['metadata']['name']}.spec.jobTemplate")
+        # This node runs the Job the API server stored, as the Job controller would have it run.
+        return release.job_from_api(kube.request("GET", f"/apis/batch/v1/namespaces/{namespace}/jobs/{name}"))
 
     release = Release(objects, tmp_path / "node", namespace=namespace, network=network, api=api)
     try:
