@@ -183,7 +183,8 @@ CONTAINER = {
     "volumeMounts": None,
 }
 POD = {
-    "restartPolicy": None, "dnsPolicy": None, "schedulerName": None, "serviceAccountName": None, "automountServiceAccountToken": None,
+    "restartPolicy": None, "dnsPolicy": None, "schedulerName": None, "serviceAccountName": None,
+    "serviceAccount": None, "automountServiceAccountToken": None,
     "imagePullSecrets": None, "enableServiceLinks": None, "priorityClassName": None,
     "terminationGracePeriodSeconds": None, "nodeSelector": None, "tolerations": None,
     "affinity": {"nodeAffinity", "podAffinity", "podAntiAffinity"}, "topologySpreadConstraints": None,
@@ -223,6 +224,8 @@ def check_pod_spec(spec: dict[str, Any], path: str) -> None:
             raise Unimplemented(f"{cpath}.securityContext.capabilities.add")
         if "seccompProfile" in sc and sc["seccompProfile"].get("type") != "RuntimeDefault":
             raise Unimplemented(f"{cpath}.securityContext.seccompProfile.type")
+    if spec.get("serviceAccount", spec.get("serviceAccountName")) != spec.get("serviceAccountName"):
+        raise Unimplemented(f"{path}.serviceAccount", "differs from serviceAccountName")
     if spec.get("schedulerName", "default-scheduler") != "default-scheduler":
         raise Unimplemented(f"{path}.schedulerName", "only the default scheduler")
     for i, v in enumerate(spec.get("volumes", [])):
