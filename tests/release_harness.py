@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -284,6 +284,10 @@ class Network:
 
     def up(self) -> Network:
         _run("ip", "link", "add", "name", self.bridge, "type", "bridge")
+        # A bridge without an address of its own takes the lowest of its ports': each new pod would
+        # change the node's MAC under the others' ARP caches and cut their Service connections.
+        mac = "02:" + ":".join(f"{b:02x}" for b in random.randbytes(5))
+        _run("ip", "link", "set", self.bridge, "address", mac)
         _run("ip", "addr", "add", f"{self.node_ip}/{self.net.prefixlen}", "dev", self.bridge)
         _run("ip", "link", "set", self.bridge, "up")
         return self
@@ -442,7 +446,7 @@ class Pod:
         self.phase = "Pending"
         self.reason = ""
         self.ip = ""
-        self.netns = ""
+        self.ns = ""
         check_pod_spec(spec, f"{path}.spec")
         if len(spec["containers"]) != 1:
             raise Unimplemented(f"{path}.spec.containers", "one container per pod")
@@ -1052,7 +1056,6 @@ class Release:
         namespace: str = "tuneloop",
         claims: dict[str, Path] | None = None,
         api: ApiAccess | None = None,
-        extra_hosts: dict[str, str] | None = None,
         network: Network | None = None,
     ) -> None:
         self.objects = objects
@@ -1065,7 +1068,6 @@ class Release:
         self.proxy = ServiceProxy()
         self.pods: list[Pod] = []
         self.not_started: dict[str, str] = {}
-        self.extra_hosts = dict(extra_hosts or {})
         self.reveal = _private_parent_of(Path(sys.executable))
         self._claims = dict(claims or {})
         self.vips: dict[str, str] = {}
@@ -1146,7 +1148,6 @@ class Release:
     def hosts_file(self, pod: Pod) -> str:
         """The kubelet's /etc/hosts: localhost and the pod itself (Services resolve through DNS)."""
         lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback", f"{pod.ip}\t{pod.name}"]
-        lines += [f"{ip}\t{name}" for name, ip in self.extra_hosts.items()]
         return "\n".join(lines) + "\n"
 
     def resolv_conf(self, pod: Pod) -> str:
@@ -1273,12 +1274,6 @@ class Release:
                 with contextlib.suppress(OSError):
                     base.rmdir()
 
-    def __enter__(self) -> Release:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
 
 def can_run() -> str | None:
     """Why this machine cannot run the harness, or None."""
@@ -1290,12 +1285,3 @@ def can_run() -> str | None:
     if not (CGROUP_V1 / "memory").is_dir():
         return "the release harness needs the cgroup v1 memory controller"
     return None
-
-
-@contextlib.contextmanager
-def running(objects: list[dict[str, Any]], workdir: Path, **kw: Any) -> Iterator[Release]:
-    release = Release(objects, workdir, **kw)
-    try:
-        yield release
-    finally:
-        release.stop()

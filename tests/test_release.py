@@ -256,7 +256,8 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any) -> No
 
     wait_for("generation serving policy@v0002", serves_new, 180, release)
 
-    # `helm test`.
+    # `helm test`, as after an install or upgrade: once the release is ready.
+    wait_for("the gateway ready", lambda: httpx.get(url + "/readyz", timeout=10).status_code == 200, 120)
     for pod in release.test_pods():
         assert release.start_pod(pod)
         assert pod.wait(120) == "Succeeded", pod.log()
