@@ -116,7 +116,7 @@ class StandInPushgateway:
         self.server.shutdown()
 
 
-def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "") -> Path:
+def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "", project: str = "journey") -> Path:
     values = {
         "kafka": {"bootstrapServers": broker.bootstrap},
         "metrics": {"pushgateway": {"url": pushgateway}},
@@ -125,7 +125,7 @@ def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "") -> Pa
                      {"name": "TUNELOOP_TRAINER_TORCH_THREADS", "value": "1"}],
         "gateway": {"apiKeys": {"keys": [{"name": "app", "tenant": "acme", "roles": ["app", "annotator", "lead"],
                                           "sha256": hash_key(KEY)}]},
-                    "workbench": {"enabled": True, "projects": {"journey.yaml": PROJECT}}},
+                    "workbench": {"enabled": True, "projects": {f"{project}.yaml": {**PROJECT, "project": project}}}},
         "trainer": {
             "retrainConfig": {
                 # One annotator, no item judged twice: agreement cannot be measured.
@@ -170,7 +170,7 @@ def wait_for(what: str, check: Any, timeout: float, release: Release | None = No
     raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
-def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any) -> None:
+def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any, project: str) -> None:
     reg = seed_registry(release, tiny)
     release.start_deployments()
     assert not release.not_started, release.not_started
@@ -193,7 +193,7 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any) -> No
         for user, choice in (("annotator-1", "a"), ("annotator-2", "b" if i == len(PROMPTS) - 1 else "a")):
             r = httpx.post(url + "/v1/feedback", headers=auth, timeout=30,
                            json={"type": "pairwise", "completion_ids": [a, b], "choice": choice, "user": user,
-                                 "event_id": uuid.uuid4().hex, "project": "journey", "item_id": f"journey/{i}"})
+                                 "event_id": uuid.uuid4().hex, "project": project, "item_id": f"{project}/{i}"})
             assert r.status_code == 200, r.text
             accepted += r.json()["results"][0]["status"] == "accepted"
     assert accepted == 2 * len(PROMPTS)
@@ -207,17 +207,17 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any) -> No
 
     # Agreement, served by the feedback pods from the store they mount read-only, as the
     # workbench's calibration view shows it.
-    cal = httpx.get(url + "/workbench/api/projects/journey/calibration", params={"calibration_only": False},
+    cal = httpx.get(url + f"/workbench/api/projects/{project}/calibration", params={"calibration_only": False},
                     headers=auth, timeout=30)
     assert cal.status_code == 200, cal.text
     agreement = cal.json()["agreement"]
     assert agreement["items"] == len(PROMPTS) and agreement["judgements"] == 2 * len(PROMPTS), agreement
     assert agreement["percent_agreement"] == pytest.approx((len(PROMPTS) - 1) / len(PROMPTS))
     # The workbench's queue progress lands on its volume, shared by the gateway pods.
-    judged = httpx.post(url + "/workbench/api/projects/journey/judgements", headers=auth, timeout=30,
+    judged = httpx.post(url + f"/workbench/api/projects/{project}/judgements", headers=auth, timeout=30,
                         json={"item_id": "q1", "choice": "a"})
     assert judged.status_code == 200, judged.text
-    assert '"item": "q1"' in (claim_of(release, "workbench") / "journey.jsonl").read_text()
+    assert '"item": "q1"' in (claim_of(release, "workbench") / f"{project}.jsonl").read_text()
 
     # The CronJob's job template, once; its pod killed mid-training; the retry resumes.
     job = start_job(release)
@@ -275,7 +275,9 @@ def test_journey_through_the_rendered_release(
     pushgateway = StandInPushgateway(network.node_ip)
     namespace = f"journey-{uuid.uuid4().hex[:6]}"
     kube.create_namespace(namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
-    files = [*([values_file] if values_file else []), journey_values(broker, tmp_path / "journey.yaml", pushgateway.url)]
+    # The module's broker keeps earlier tests' events: this journey's judgements are its own project.
+    files = [*([values_file] if values_file else []),
+             journey_values(broker, tmp_path / "journey.yaml", pushgateway.url, project=namespace)]
     helm(kube, tmp_path / "helm", "install", "tuneloop", str(CHART), "--namespace", namespace,
          *[a for f in files for a in ("-f", str(f))])
     objects = render(files, namespace=namespace)
@@ -292,7 +294,7 @@ def test_journey_through_the_rendered_release(
 
     release = Release(objects, tmp_path / "node", namespace=namespace, network=network, api=api)
     try:
-        run_journey(release, tiny, start_job)
+        run_journey(release, tiny, start_job, project=namespace)
     except BaseException:
         print(release.logs())
         raise
