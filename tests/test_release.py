@@ -131,7 +131,7 @@ def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "", proje
                 # One annotator, no item judged twice: agreement cannot be measured.
                 "gates": {"min_new_pairs": 6, "allow_unmeasured": True},
                 "reward_model": None,
-                "dpo": {"learning_rate": 1e-3, "max_steps": 300, "save_steps": 10, "per_device_train_batch_size": 2,
+                "dpo": {"learning_rate": 1e-3, "max_steps": 1500, "save_steps": 10, "per_device_train_batch_size": 2,
                         "loss_type": "sigmoid"},
             },
             "successCriteria": CRITERIA,
