@@ -207,10 +207,15 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any, proje
 
     # Agreement, served by the feedback pods from the store they mount read-only, as the
     # workbench's calibration view shows it.
-    cal = httpx.get(url + f"/workbench/api/projects/{project}/calibration", params={"calibration_only": False},
-                    headers=auth, timeout=30)
-    assert cal.status_code == 200, cal.text
-    agreement = cal.json()["agreement"]
+    def calibration() -> dict[str, Any]:
+        cal = httpx.get(url + f"/workbench/api/projects/{project}/calibration", params={"calibration_only": False},
+                        headers=auth, timeout=30)
+        assert cal.status_code == 200, cal.text
+        return cal.json()["agreement"]
+
+    # The store may still be joining this journey's events behind an earlier test's.
+    agreement = wait_for("this journey's judgements in the store",
+                         lambda: (a := calibration())["judgements"] == 2 * len(PROMPTS) and a, 120, release)
     assert agreement["items"] == len(PROMPTS) and agreement["judgements"] == 2 * len(PROMPTS), agreement
     assert agreement["percent_agreement"] == pytest.approx((len(PROMPTS) - 1) / len(PROMPTS))
     # The workbench's queue progress lands on its volume, shared by the gateway pods.
