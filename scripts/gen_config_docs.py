@@ -16,7 +16,7 @@ SETTINGS = [
     ("Generation service", "tuneloop.generation.settings", "GenerationSettings"),
     ("Reward service", "tuneloop.reward.settings", "RewardSettings"),
     ("Feedback service", "tuneloop.feedback.settings", "FeedbackSettings"),
-    ("Preference store", "tuneloop.feedback.store", "StoreSettings"),
+    ("Preference store", "tuneloop.store.settings", "StoreSettings"),
     ("Gateway", "tuneloop.gateway.settings", "GatewaySettings"),
     ("Trainer", "tuneloop.trainer.config", "TrainerSettings"),
 ]

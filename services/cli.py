@@ -60,8 +60,8 @@ def serve_feedback(port: Port = None, metrics_port: MetricsPort = None) -> None:
 
 @serve.command("store")
 def serve_store(port: Port = None, metrics_port: MetricsPort = None) -> None:
-    """Preference store: consumes feedback and completions into Parquet, measures agreement."""
-    from tuneloop.feedback.store import main
+    """Preference store: joins feedback and completions into Delta tables, measures agreement."""
+    from tuneloop.store.consumer import main
 
     main(port=port, metrics_port=metrics_port)
 
@@ -77,7 +77,7 @@ def serve_gateway(port: Port = None) -> None:
 _mount("tuneloop.trainer.cli", "train", "Run a training stage (the trainer Job's entrypoint).")
 _mount("tuneloop.common.broker", "kafka", "A local Apache Kafka broker (KRaft) for dev and tests.")
 _mount("tuneloop.common.models", "models", "Make, import and manage model versions.")
-_mount("tuneloop.feedback.report", "feedback", "Feedback and annotation-quality reports.")
+_mount("tuneloop.store.report", "feedback", "Feedback and annotation-quality reports.")
 _mount("tuneloop.trainer.jobs", "jobs", "Retrain runs on Kubernetes.")
 
 

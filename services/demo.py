@@ -278,7 +278,7 @@ class Demo:
                           + [(c, ANNOTATORS, False, True) for c in anchors])
         self.wait_for_store(sent)
         console.print("[bold]Calibration round")
-        from tuneloop.feedback.agreement import measure_store
+        from tuneloop.store.agreement import measure_store
 
         quality = {q.annotator_id: q.anchor_accuracy for q in measure_store(store).annotators}
         self.agreement_table()
@@ -323,7 +323,7 @@ class Demo:
         return "tldr/" + "|".join(sorted([c["a"]["completion_id"], c["b"]["completion_id"]]))
 
     def wait_for_store(self, sent: int) -> None:
-        from tuneloop.feedback.snapshot import load_judgements
+        from tuneloop.store.read import load_judgements
 
         deadline = time.monotonic() + 600
         with _progress() as progress:
@@ -340,7 +340,7 @@ class Demo:
         raise RuntimeError(f"the store holds {n} of {sent} judgements after 600 s")
 
     def agreement_table(self) -> Table:
-        from tuneloop.feedback.agreement import measure_store
+        from tuneloop.store.agreement import measure_store
 
         m = measure_store(self.root / "store")
         table = Table(title=f"Annotation quality: percent agreement {m.percent_agreement:.2f}, "

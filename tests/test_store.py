@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import random
-import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import closing
 from pathlib import Path
 
 import pandas as pd
@@ -19,20 +19,22 @@ from kafka import KafkaConsumer, TopicPartition
 from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
-from tuneloop.common.kafka import KafkaSettings, make_producer
+from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer
 from tuneloop.common.processes import ServiceProcess
-from tuneloop.feedback import agreement
-from tuneloop.feedback.pairs import PairRules, Rating, pairwise_pairs, ranking_pairs, rating_pairs
-from tuneloop.feedback.report import cli
-from tuneloop.feedback.snapshot import (
+from tuneloop.store import agreement
+from tuneloop.store.consumer import PreferenceStore
+from tuneloop.store.pairs import PairRules, Rating, pairwise_pairs, ranking_pairs, rating_pairs
+from tuneloop.store.read import (
     current_snapshot,
     load_judgements,
     load_rows,
     parse_snapshot,
     snapshot_id,
     to_trl_dataset,
+    versions,
 )
-from tuneloop.feedback.store import PreferenceStore, StoreSettings
+from tuneloop.store.report import cli
+from tuneloop.store.settings import StoreSettings
 from tuneloop.v1 import completion_pb2, dead_letter_pb2, feedback_pb2
 
 A, B, TIE, BOTH_BAD = (
@@ -177,6 +179,12 @@ def drive(store: PreferenceStore, until: Callable[[], bool], timeout_s: float = 
 
 def rows_of(store: PreferenceStore) -> pd.DataFrame:
     return load_rows(store.root)
+
+
+def done_offsets(store: PreferenceStore) -> dict[int, int]:
+    """Per feedback partition, the offset below which the newest pairs version is final."""
+    topic = store.settings.feedback_topic
+    return current_snapshot(store.root, [topic]).offsets[topic]
 
 
 def dead_letters(
@@ -363,13 +371,13 @@ def test_feedback_before_its_completion_waits_then_joins(store: PreferenceStore,
     drive(store, lambda: store.pending_count() == 1)
     assert rows_of(store).empty
     # The waiting event (offset 0) holds its partition's snapshot offset back.
-    assert list(current_snapshot(store.root).values()) == [0]
+    assert list(done_offsets(store).values()) == [0]
 
     send.completions(completion(c1, "first"), completion(c2, "second"))
     drive(store, lambda: store.pending_count() == 0)
     (row,) = rows_of(store).itertuples()
     assert (row.event_id, row.chosen, row.rejected) == (ev.event_id, "first", "second")
-    assert current_snapshot(store.root)[row.partition] == row.offset + 1
+    assert done_offsets(store)[row.partition] == row.offset + 1
 
 
 def test_unknown_completion_is_dead_lettered_after_the_join_timeout(
@@ -444,11 +452,11 @@ def test_an_event_sent_twice_is_stored_once_also_after_restart(
     with PreferenceStore(store_settings, kafka_settings) as store:
         send.completions(completion(c1, "x"), completion(c2, "y"))
         send.feedback(ev, ev)
-        drive(store, lambda: sum(current_snapshot(store.root).values()) == 2)
+        drive(store, lambda: sum(done_offsets(store).values()) == 2)
         assert len(rows_of(store)) == 1
     send.feedback(ev)
     with PreferenceStore(store_settings, kafka_settings) as store:
-        drive(store, lambda: sum(current_snapshot(store.root).values()) == 3)
+        drive(store, lambda: sum(done_offsets(store).values()) == 3)
         assert list(rows_of(store)["event_id"]) == [ev.event_id]
         assert len(load_judgements(store.root)) == 1
 
@@ -462,24 +470,23 @@ def test_rows_at_an_older_snapshot_do_not_change(store: PreferenceStore, send: S
     send.feedback(*(event(pairwise=(c[0], c[1], A)) for _ in range(5)))
     drive(store, lambda: len(rows_of(store)) == 5)
     old = current_snapshot(store.root)
-    assert parse_snapshot(snapshot_id(store.root, old)) == old
-    at_old = load_rows(store.root, old)
+    assert parse_snapshot(snapshot_id(old.version)) == old.version == parse_snapshot(old.id)
+    at_old = load_rows(store.root, old.version)
 
     # More events, one of them waiting for a completion that comes later.
     late = event(pairwise=(c[0], c[2], TIE))
     send.feedback(late, *(event(pairwise=(c[0], c[1], B)) for _ in range(4)))
     drive(store, lambda: len(load_judgements(store.root)) == 9 and store.pending_count() == 1)
-    # The current snapshot stops below the waiting event: rows after it in its partition are
-    # stored but not yet in a snapshot.
-    assert len(rows_of(store)) <= 9
+    # The waiting event holds its partition's offset back; the events after it are stored.
+    assert len(rows_of(store)) == 9 and sum(done_offsets(store).values()) < 10
     send.completions(completion(c[2], "late"))
     drive(store, lambda: store.pending_count() == 0)
 
     assert len(load_rows(store.root)) == 10
-    pd.testing.assert_frame_equal(load_rows(store.root, old), at_old)
-    assert load_rows(store.root, {}).empty
-    # A JSON round trip (string partition keys) selects the same rows.
-    pd.testing.assert_frame_equal(load_rows(store.root, json.loads(json.dumps(old))), at_old)
+    pd.testing.assert_frame_equal(load_rows(store.root, old.version), at_old)
+    assert load_rows(store.root, -1).empty
+    with pytest.raises(ValueError):
+        parse_snapshot("tuneloop.feedback.v1@0:12")
 
 
 def _rows_for_export(store: PreferenceStore, send: Sender) -> pd.DataFrame:
@@ -571,7 +578,7 @@ def test_cli_export_and_report(store: PreferenceStore, send: Sender, tmp_path: P
     from datasets import load_from_disk
 
     _rows_for_export(store, send)
-    snap = snapshot_id(store.root, current_snapshot(store.root))
+    snap = current_snapshot(store.root).id
     runner = CliRunner()
     out = tmp_path / "export"
     done = runner.invoke(
@@ -624,7 +631,7 @@ def _agreement_checks(store: PreferenceStore, send: Sender) -> None:
     assert agreement.report(store.root, project="other").items == 0
 
     # Item 1 becomes an anchor whose known answer is c0: both annotators who judged it were right.
-    (store.root / "anchors.json").write_text(json.dumps({"answers": {"|".join(sorted(item1)): c[0]}}))
+    (Path(store.root) / "anchors.json").write_text(json.dumps({"answers": {"|".join(sorted(item1)): c[0]}}))
     quality = {q.annotator_id: q for q in agreement.report(store.root).annotators_quality}
     assert (quality["ann-1"].anchors, quality["ann-1"].anchor_accuracy) == (1, 1.0)
     assert (quality["ann-2"].anchors, quality["ann-2"].anchor_accuracy) == (1, 1.0)
@@ -635,94 +642,131 @@ def _agreement_checks(store: PreferenceStore, send: Sender) -> None:
     assert metric("tuneloop_store_percent_agreement") == pytest.approx(0.5)
 
 
-# --- exactly once across kill -9 ---
+# --- exactly once across kill -9, one writer or two ---
 
 
-def _commits(root: Path) -> int:
-    try:
-        with closing(sqlite3.connect(root / "index.sqlite", timeout=30)) as conn:
-            return int(conn.execute("SELECT COUNT(*) FROM commits").fetchone()[0])
-    except sqlite3.OperationalError:  # not created yet
-        return 0
-
-
-def test_exactly_once_across_kill_9(
-    store_settings: StoreSettings, kafka_settings: KafkaSettings, tmp_path: Path
-) -> None:
-    root = store_settings.root
-    env = {
-        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
-        "TUNELOOP_STORE_ROOT": str(root),
-        "TUNELOOP_STORE_FEEDBACK_TOPIC": store_settings.feedback_topic,
-        "TUNELOOP_STORE_COMPLETIONS_TOPIC": store_settings.completions_topic,
-        "TUNELOOP_STORE_DLQ_TOPIC": store_settings.dlq_topic,
-        "TUNELOOP_STORE_GROUP_ID": store_settings.group_id,
+def _store_env(kafka: KafkaSettings, settings: StoreSettings) -> dict[str, str]:
+    return {
+        "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "TUNELOOP_STORE_ROOT": str(settings.root),
+        "TUNELOOP_STORE_FEEDBACK_TOPIC": settings.feedback_topic,
+        "TUNELOOP_STORE_COMPLETIONS_TOPIC": settings.completions_topic,
+        "TUNELOOP_STORE_DLQ_TOPIC": settings.dlq_topic,
+        "TUNELOOP_STORE_GROUP_ID": settings.group_id,
         "TUNELOOP_STORE_BATCH_MAX_RECORDS": "7",
         "TUNELOOP_STORE_BATCH_LINGER_S": "0.05",
     }
+
+
+@pytest.mark.parametrize("replicas", [1, 2], ids=["one-writer", "two-writers-four-partitions"])
+def test_exactly_once_across_kill_9(
+    replicas: int, store_settings: StoreSettings, kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    """Writers are killed -9 while the stream flows (mid-batch, mid-commit) and restarted;
+    with two, they share four partitions in one consumer group and the survivor takes the
+    killed one's partitions over. Every event ends up stored exactly once."""
+    root = store_settings.root
+    ensure_topics(
+        kafka_settings.model_copy(update={"partitions": 4}),
+        [store_settings.feedback_topic, store_settings.completions_topic, store_settings.dlq_topic],
+    )
+    env = _store_env(kafka_settings, store_settings)
     sender = Sender(kafka_settings, store_settings)
     completions = [cid() for _ in range(8)]
     events = [event(pairwise=(completions[i % 4], completions[4 + i % 4], A if i % 3 else B)) for i in range(600)]
     stop = threading.Event()
 
     def produce() -> None:
-        # The stream keeps flowing while the store is killed and restarted.
+        # The stream keeps flowing while writers are killed and restarted.
         for i in range(0, len(events), 10):
             if stop.is_set():
                 return
             sender.feedback(*events[i : i + 10])
             time.sleep(0.05)
 
-    store = ServiceProcess("store", env=env, log_dir=tmp_path)
-    store.start(timeout=60)
+    def judgements_version() -> int:
+        return versions(root)["judgements"]
+
+    stores = [ServiceProcess("store", env=env, log_dir=tmp_path / f"w{i}") for i in range(replicas)]
+    for store in stores:
+        store.start(timeout=120)
     sender.completions(*(completion(x, x) for x in completions))
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        for _ in range(2):
-            seen = _commits(root)
-            deadline = time.monotonic() + 60
-            while _commits(root) < seen + 3:
-                assert time.monotonic() < deadline, store.log_tail()
+        for kill in range(2):
+            victim = kill % replicas
+            seen = judgements_version()
+            deadline = time.monotonic() + 120
+            while judgements_version() < seen + 3:
+                assert time.monotonic() < deadline, stores[victim].log_tail()
                 time.sleep(0.01)
             # Land anywhere in the next batch: collecting, writing Parquet, or committing.
             time.sleep(random.uniform(0, 0.05))
-            store.kill()
-            store = ServiceProcess("store", env=env, log_dir=tmp_path)
-            store.start(timeout=60)
+            stores[victim].kill()
+            stores[victim] = ServiceProcess("store", env=env, log_dir=tmp_path / f"w{victim}-{kill}")
+            stores[victim].start(timeout=120)
         producer.join()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while len(load_judgements(root)) < len(events):
-            assert time.monotonic() < deadline, store.log_tail()
+            assert time.monotonic() < deadline, "\n".join(s.log_tail() for s in stores)
             time.sleep(0.2)
-        assert store.stop() == 0
+        for store in stores:
+            assert store.stop() == 0
     finally:
         stop.set()
         producer.join()
-        store.kill()
+        for store in stores:
+            store.kill()
         sender.producer.close()
 
     rows, judgements = load_rows(root), load_judgements(root)
     sent = sorted(e.event_id for e in events)
     assert sorted(rows["event_id"]) == sent, "every event stored exactly once"
     assert sorted(judgements["event_id"]) == sent
-    on_disk = {f"{p.parent.name}/{p.name}" for p in (root / "rows").glob("*")} | {
-        f"{p.parent.name}/{p.name}" for p in (root / "judgements").glob("*")
-    }
-    with closing(sqlite3.connect(root / "index.sqlite")) as conn:
-        listed = {f for (files,) in conn.execute("SELECT files FROM commits") for f in json.loads(files)}
-        positions = dict(
-            conn.execute(
-                "SELECT partition, next_offset FROM positions WHERE topic = ?", (store_settings.feedback_topic,)
-            ).fetchall()
-        )
-    assert on_disk == listed, "no file outside the manifest"
-    # The group's committed offsets mirror the stored positions once the store stops cleanly.
+    assert rows["row_id"].is_unique
+    topic = store_settings.feedback_topic
+    done = current_snapshot(root, [topic]).offsets[topic]
+    if replicas > 1:
+        assert len(done) == 4 and set(rows["partition"]) == {0, 1, 2, 3}
+    # The group's committed offsets mirror the tables' once the writers stop cleanly.
     reader = KafkaConsumer(
         bootstrap_servers=kafka_settings.bootstrap_servers, group_id=store_settings.group_id, enable_auto_commit=False
     )
     try:
-        committed = {p: reader.committed(TopicPartition(store_settings.feedback_topic, p)) for p in positions}
+        committed = {p: reader.committed(TopicPartition(topic, p)) for p in done}
     finally:
         reader.close(autocommit=False)
-    assert committed == positions
+    assert committed == done
+
+
+def test_a_reader_holding_a_version_sees_the_same_rows_while_writes_go_on(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender, tmp_path: Path
+) -> None:
+    """Another process reads version v through the read API while the store appends."""
+    c = [cid() for _ in range(2)]
+    with PreferenceStore(store_settings, kafka_settings) as store:
+        send.completions(*(completion(x, x) for x in c))
+        send.feedback(*(event(pairwise=(c[0], c[1], A)) for _ in range(20)))
+        drive(store, lambda: len(rows_of(store)) == 20)
+        held = current_snapshot(store.root)
+        script = (
+            "import sys, time; from tuneloop.store.read import load_rows\n"
+            "root, version = sys.argv[1], int(sys.argv[2])\n"
+            "counts = set()\n"
+            "end = time.monotonic() + 6\n"
+            "while time.monotonic() < end: counts.add(len(load_rows(root, version)))\n"
+            "print(sorted(counts))\n"
+        )
+        reader = subprocess.Popen(
+            [sys.executable, "-c", script, str(store.root), str(held.version)], stdout=subprocess.PIPE, text=True
+        )
+        deadline = time.monotonic() + 60
+        while reader.poll() is None:
+            send.feedback(event(pairwise=(c[0], c[1], B)))
+            store.step()
+            assert time.monotonic() < deadline
+        out, _ = reader.communicate()
+        assert reader.returncode == 0
+        assert out.strip() == "[20]"
+        assert len(rows_of(store)) > 20 and current_snapshot(store.root).version > held.version

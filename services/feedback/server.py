@@ -104,7 +104,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         self, request: feedback_pb2.AgreementRequest, context: grpc.ServicerContext
     ) -> feedback_pb2.AgreementReport:
         # Imported on first use: it brings the store's Parquet stack, which ingestion never needs.
-        from tuneloop.feedback import agreement
+        from tuneloop.store import agreement
 
         return agreement.report(self.settings.store_root, request.project, request.calibration_only)
 

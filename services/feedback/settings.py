@@ -5,9 +5,9 @@ Kafka itself is configured by `KafkaSettings` (TUNELOOP_KAFKA_*), shared with ev
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from tuneloop.common.kafka import FEEDBACK_TOPIC
@@ -60,8 +60,14 @@ class FeedbackSettings(BaseSettings):
         description="At start-up, read up to this many of the newest records per partition into the dedup window.",
     )
 
-    store_root: Path = Field(
-        Path(".tuneloop/store"),
+    store_root: str = Field(
+        ".tuneloop/store",
         validation_alias="TUNELOOP_STORE_ROOT",
-        description="Preference store folder GetAgreement reads (env TUNELOOP_STORE_ROOT, shared with the store).",
+        description="Preference store root (folder or URL) GetAgreement reads (env TUNELOOP_STORE_ROOT, shared "
+        "with the store).",
     )
+
+    @field_validator("store_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value

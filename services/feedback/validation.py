@@ -13,14 +13,11 @@ import re
 from dataclasses import dataclass
 
 from tuneloop.common.errors import FieldError
+from tuneloop.common.feedback_event import DEFAULT_SCALE, default_item_id, judged_completion_ids
 from tuneloop.v1 import feedback_pb2
 
 # Fixed by the FeedbackEvent contract, not a deployment choice.
 MAX_EVENT_ID_CHARS = 128
-DEFAULT_SCALE = (1.0, 5.0)
-# Separates the sorted completion ids of a default item id; "|" is not found in UUIDs or
-# the service's own completion ids, so distinct sets give distinct item ids.
-ITEM_ID_SEPARATOR = "|"
 
 _KNOWN_SOURCES = frozenset(feedback_pb2.FeedbackSource.values()) - {feedback_pb2.FEEDBACK_SOURCE_UNSPECIFIED}
 _KNOWN_CHOICES = frozenset(feedback_pb2.PairwiseChoice.values()) - {feedback_pb2.PAIRWISE_CHOICE_UNSPECIFIED}
@@ -46,27 +43,6 @@ def field_label(field: str) -> str:
     """A field path without list indexes ("marks[3].criterion" -> "marks[].criterion"):
     a small fixed set of values, fit for a metric label."""
     return _INDEX.sub("[]", field)
-
-
-def judged_completion_ids(event: feedback_pb2.FeedbackEvent) -> list[str]:
-    """The completion ids an event judges, in the order the event names them."""
-    kind = event.WhichOneof("judgement")
-    if kind == "pairwise":
-        return [event.pairwise.completion_a_id, event.pairwise.completion_b_id]
-    if kind == "rating":
-        return [event.rating.completion_id]
-    if kind == "ranking":
-        return list(event.ranking.completion_ids)
-    return []
-
-
-def default_item_id(event: feedback_pb2.FeedbackEvent) -> str:
-    """The item id of an event that names none: its sorted completion ids, joined.
-
-    Sorted, so A/B shown in either order (or a ranking in any order) is the same item for
-    every annotator; deterministic, so a resubmitted event gets the same id.
-    """
-    return ITEM_ID_SEPARATOR.join(sorted(judged_completion_ids(event)))
 
 
 def fill_item_id(event: feedback_pb2.FeedbackEvent) -> None:

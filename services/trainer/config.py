@@ -12,11 +12,12 @@ where the model and data come from. `retrain` embeds the `*Params` and supplies 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -237,13 +238,22 @@ class PPOParams(TrainParams):
 class PreferenceSource(Strict):
     """Preference pairs: a snapshot of the preference store, or a file (exactly one)."""
 
-    store_root: Path | None = Field(None, description="Preference store folder (its Parquet snapshots).")
-    snapshot: str = Field("latest", description="Store snapshot id to train on, or 'latest'.")
+    store_root: str | None = Field(
+        None, description="Preference store root: a folder or an object-storage URL (s3://bucket/prefix)."
+    )
+    snapshot: str = Field(
+        "latest", pattern=r"^(latest|pairs@\d+)$", description="Store snapshot to train on: pairs@<version>, or 'latest'."
+    )
     path: Path | None = Field(
         None, description="JSONL file or saved HF dataset with prompt/chosen/rejected (strings or chat messages)."
     )
-    tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.feedback.snapshot).")
+    tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.store.read).")
     both_bad_policy: str = Field("drop", description="How 'both bad' judgements enter training.")
+
+    @field_validator("store_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @model_validator(mode="after")
     def _one(self) -> PreferenceSource:

@@ -4,10 +4,11 @@ Every prompt becomes a list of chat messages and every response an assistant mes
 the chat template is applied in training exactly as the Generation service applies it
 when serving.
 
-Preferences come from the preference store (through `tuneloop.feedback.snapshot`, the
-store's public reader) or, for tests and offline work, from a JSONL file or saved dataset
-with prompt/chosen/rejected columns. Each load reports the snapshot it read: the Kafka
-offsets (store) or the file's hash (file), which is the model's lineage.
+Preferences come from the preference store (through `tuneloop.store.read`, the store's
+read API) or, for tests and offline work, from a JSONL file or saved dataset with
+prompt/chosen/rejected columns. Each load reports the snapshot it read: a version of the
+store's pairs table and its Kafka offsets (store) or the file's hash (file), which is the
+model's lineage.
 """
 
 from __future__ import annotations
@@ -105,9 +106,11 @@ class PreferenceData:
     source: str  # where they came from: a snapshot id or a file path
     offsets: dict[str, dict[int, int]] = field(default_factory=dict)  # topic -> partition -> offset
     sha256: str | None = None  # of a file source
+    version: int | None = None  # of the store's pairs table
+    store_root: str | None = None
 
     def lineage(self) -> dict[str, Any]:
-        return {"source": self.source, "sha256": self.sha256, "rows": len(self.rows)}
+        return {"source": self.source, "sha256": self.sha256, "version": self.version, "rows": len(self.rows)}
 
 
 def _file_sha256(path: Path) -> str:
@@ -122,16 +125,19 @@ def load_preferences(source: PreferenceSource) -> PreferenceData:
     import pandas as pd
 
     if source.store_root is not None:
-        from tuneloop.feedback import snapshot as store
+        from tuneloop.store import read
 
-        if source.snapshot == "latest":
-            offsets = store.current_snapshot(source.store_root)
-            snap_id = store.snapshot_id(source.store_root, offsets)
-        else:
-            snap_id, offsets = source.snapshot, store.parse_snapshot(source.snapshot)
-        rows = store.load_rows(source.store_root, offsets)
-        topic = snap_id.rsplit("@", 1)[0]
-        return PreferenceData(rows=rows, source=snap_id, offsets={topic: dict(offsets)})
+        try:
+            if source.snapshot == "latest":
+                snap = read.current_snapshot(source.store_root)
+            else:
+                snap = read.snapshot_at(source.store_root, read.parse_snapshot(source.snapshot))
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"preferences.snapshot: {err}") from None
+        rows = read.load_rows(source.store_root, snap.version)
+        return PreferenceData(
+            rows=rows, source=snap.id, offsets=snap.offsets, version=snap.version, store_root=source.store_root
+        )
     path = Path(source.path)  # type: ignore[arg-type]
     if path.is_dir():
         from datasets import load_from_disk
@@ -160,7 +166,7 @@ def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str) 
 
     rows = data.rows
     if "row_id" in rows.columns and "prompt_raw" in rows.columns:
-        from tuneloop.feedback.snapshot import to_trl_dataset
+        from tuneloop.store.read import to_trl_dataset
 
         try:
             dataset = to_trl_dataset(rows, tie_policy, both_bad_policy)  # type: ignore[arg-type]

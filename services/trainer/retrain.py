@@ -271,17 +271,28 @@ def _gate(name: str, value: float | None, bar: float | None, allow_unmeasured: b
 def count_new_pairs(data: PreferenceData, parent_card: Any) -> int:
     """Trainable preference rows the parent was not trained on.
 
-    Store rows: those at or past the parent's snapshot offset of their partition. File
-    rows: all of them, unless the parent was trained on the same file (same hash).
+    Store rows: those not in the pairs-table version the parent was trained on (all of them
+    when the parent came from elsewhere). File rows: all of them, unless the parent was
+    trained on the same file (same hash).
     """
     rows = data.rows
     if "label" in rows.columns:
         rows = rows[rows["label"] == "preference"]
-    if data.offsets and {"partition", "offset"} <= set(rows.columns):
-        (topic,) = data.offsets
-        seen = {int(p): int(o) for p, o in parent_card.dataset_snapshot.get(topic, {}).items()}
-        return int(sum(int(o) >= seen.get(int(p), 0) for p, o in zip(rows["partition"], rows["offset"], strict=True)))
-    trained_on = (parent_card.training_config.get("data") or {}).get("sha256")
+    parent_data = parent_card.training_config.get("data") or {}
+    if data.version is not None:
+        parent_version = parent_data.get("version")
+        if parent_version is None:
+            return len(rows)
+        from tuneloop.store.read import load_row_ids
+
+        try:
+            seen = load_row_ids(data.store_root, int(parent_version))
+        except (ValueError, OSError) as err:
+            # An erasure's vacuum removed that version's files: nothing is known as seen.
+            log.warning("parent snapshot unreadable", extra={"fields": {"version": parent_version, "error": str(err)}})
+            return len(rows)
+        return int((~rows["row_id"].isin(seen)).sum())
+    trained_on = parent_data.get("sha256")
     return 0 if trained_on and trained_on == data.sha256 else len(rows)
 
 
@@ -302,7 +313,7 @@ def check_gates(config: RetrainConfig, data: PreferenceData, parent_card: Any) -
         for name in ("agreement", "kappa", "anchor_accuracy"):
             checks.append({"name": name, "passed": True, "skipped": True, "reason": "preferences come from a file"})
     else:
-        from tuneloop.feedback.agreement import report
+        from tuneloop.store.agreement import report
 
         quality = report(store)
         anchored = [a for a in quality.annotators_quality if a.anchors > 0]

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tuneloop.common import reward_format as rf
 from tuneloop.common.registry import Registry, RegistrySettings
@@ -52,9 +53,11 @@ class RewardStageConfig(BaseModel):
     dataset_path: Path | None = Field(
         None, description="Preference rows as Parquet, JSON lines, CSV, or a `datasets` save_to_disk folder."
     )
-    store_root: Path | None = Field(None, description="Preference store root (instead of dataset_path).")
+    store_root: str | None = Field(
+        None, description="Preference store root, a folder or URL (instead of dataset_path)."
+    )
     snapshot: str | None = Field(
-        None, description="Store snapshot id (topic@partition:offset,...) to train on; default the newest."
+        None, pattern=r"^pairs@\d+$", description="Store snapshot id (pairs@<version>) to train on; default the newest."
     )
     registry_root: Path | None = Field(
         None, description="Registry root; default from TUNELOOP_REGISTRY_ROOT (RegistrySettings)."
@@ -77,6 +80,11 @@ class RewardStageConfig(BaseModel):
     min_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy needed to promote.")
     min_eval_pairs: int = Field(20, ge=1, description="Fewest held-out preference pairs the gate will judge on.")
 
+    @field_validator("store_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @model_validator(mode="after")
     def _one_source(self) -> RewardStageConfig:
         if (self.dataset_path is None) == (self.store_root is None):
@@ -94,11 +102,13 @@ def load_rows(config: RewardStageConfig) -> tuple[pd.DataFrame, dict[str, dict[i
     import pandas as pd
 
     if config.store_root is not None:
-        from tuneloop.feedback import snapshot as store
+        from tuneloop.store import read
 
-        snap = config.snapshot or store.snapshot_id(config.store_root, store.current_snapshot(config.store_root))
-        offsets = store.parse_snapshot(snap)
-        return store.load_rows(config.store_root, offsets), {snap.rsplit("@", 1)[0]: offsets}, snap
+        if config.snapshot is None:
+            snap = read.current_snapshot(config.store_root)
+        else:
+            snap = read.snapshot_at(config.store_root, read.parse_snapshot(config.snapshot))
+        return read.load_rows(config.store_root, snap.version), snap.offsets, snap.id
     path = Path(config.dataset_path)
     if path.is_dir():
         from datasets import load_from_disk

@@ -13,18 +13,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tuneloop.feedback import agreement, snapshot
+from tuneloop.store import agreement, read
 
 cli = typer.Typer(help="Feedback and annotation-quality reports.", no_args_is_help=True)
 
-Root = Annotated[Path | None, typer.Option(help="Store root (default: TUNELOOP_STORE_ROOT or .tuneloop/store).")]
+Root = Annotated[
+    str | None, typer.Option(help="Store root, a folder or URL (default: TUNELOOP_STORE_ROOT or .tuneloop/store).")
+]
 
 
-def _root(root: Path | None) -> Path:
+def store_root(root: str | None) -> str:
     if root is not None:
         return root
     from tuneloop.common.settings import SettingsError, load_settings
-    from tuneloop.feedback.store import StoreSettings
+    from tuneloop.store.settings import StoreSettings
 
     try:
         return load_settings(StoreSettings).root
@@ -50,7 +52,7 @@ def report_cmd(
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-annotator table as CSV here.")] = None,
 ) -> None:
     """Agreement between annotators and each annotator's anchor accuracy (drift)."""
-    measured = agreement.measure_store(_root(root), project, calibration_only)
+    measured = agreement.measure_store(store_root(root), project, calibration_only)
     console = Console()
     console.print(
         f"items judged by ≥2 annotators: {measured.items}   judgements: {measured.judgements}   "
@@ -83,39 +85,32 @@ def report_cmd(
 
 @cli.command("snapshot")
 def snapshot_cmd(root: Root = None) -> None:
-    """Print the id of the store's current snapshot (Kafka offsets of the feedback topic)."""
-    root = _root(root)
-    typer.echo(snapshot.snapshot_id(root, snapshot.current_snapshot(root)))
+    """Print the id of the store's current snapshot (a version of the pairs table)."""
+    typer.echo(read.current_snapshot(store_root(root)).id)
 
 
 @cli.command("export")
 def export_cmd(
     out: Annotated[Path, typer.Option(help="Folder to write the dataset to (datasets' save_to_disk).")],
     snapshot_ref: Annotated[
-        str, typer.Option("--snapshot", help="A snapshot id (topic@partition:offset,...) or 'current'.")
+        str, typer.Option("--snapshot", help="A snapshot id (pairs@<version>) or 'current'.")
     ] = "current",
     root: Root = None,
     tie_policy: Annotated[str, typer.Option(help="Ties: drop, or keep with label=tie.")] = "drop",
     both_bad_policy: Annotated[str, typer.Option(help="Both-bad pairs: drop, or keep with label=both_bad.")] = "drop",
 ) -> None:
     """Export the rows at a snapshot as a TRL preference dataset."""
-    root = _root(root)
-    if snapshot_ref == "current":
-        offsets = snapshot.current_snapshot(root)
-    else:
-        topic = snapshot.snapshot_id(root, {})
-        if not snapshot_ref.startswith(topic):
-            raise typer.BadParameter(f"{snapshot_ref!r} is not a snapshot of this store's topic ({topic[:-1]})")
-        offsets = snapshot.parse_snapshot(snapshot_ref)
-    rows = snapshot.load_rows(root, offsets)
+    root = store_root(root)
     try:
-        dataset = snapshot.to_trl_dataset(rows, tie_policy, both_bad_policy)  # type: ignore[arg-type]
+        version = read.current_snapshot(root).version if snapshot_ref == "current" else read.parse_snapshot(snapshot_ref)
+        rows = read.load_rows(root, version)
+        dataset = read.to_trl_dataset(rows, tie_policy, both_bad_policy)  # type: ignore[arg-type]
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     dataset.save_to_disk(str(out))
-    ident = snapshot.snapshot_id(root, offsets)
+    ident = read.snapshot_id(version)
     (out / "snapshot.json").write_text(
-        json.dumps({"snapshot": ident, "offsets": offsets, "rows": len(rows), "examples": len(dataset)}, indent=2)
+        json.dumps({"snapshot": ident, "version": version, "rows": len(rows), "examples": len(dataset)}, indent=2)
         + "\n"
     )
     typer.echo(f"{ident}: {len(dataset)} examples ({len(rows)} rows) -> {out}")

@@ -119,12 +119,14 @@ class KnownAnswers:
 
 
 def read_anchors_file(root: Path | str) -> KnownAnswers:
-    path = Path(root) / ANCHORS_FILE
-    if not path.is_file():
+    from tuneloop.store.read import anchors_text
+
+    text = anchors_text(root)
+    if text is None:
         return KnownAnswers({}, frozenset())
-    data = json.loads(path.read_text())
+    data = json.loads(text)
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise ValueError(f"{Path(root) / ANCHORS_FILE}: expected a JSON object")
     if "answers" in data or "gold_annotators" in data:
         answers, gold = data.get("answers", {}), data.get("gold_annotators", [])
     else:
@@ -233,7 +235,7 @@ def _share(flags: list[bool]) -> float:
 
 def measure_store(root: Path | str, project: str = "", calibration_only: bool = False) -> Agreement:
     """`measure` over a store's judgements, optionally one project's or calibration items only."""
-    from tuneloop.feedback.snapshot import load_judgements
+    from tuneloop.store.read import load_judgements
 
     judgements = load_judgements(root)
     file = read_anchors_file(root)

@@ -1,0 +1,215 @@
+"""The store's read API: snapshots, training rows, judgements, completions.
+
+The trainer, the reports, the workbench and GetAgreement read the store through this module
+only, from any process or pod, while the store writes: a read is of one table version, which
+never changes (until an erasure's vacuum removes its files).
+
+A snapshot is a version of the pairs table; its id, `pairs@<version>`, is what a model card's
+lineage names, and `load_rows(root, version)` reads exactly those rows again (time travel).
+Its Kafka offsets (`Snapshot.offsets`) are, per feedback-topic partition, the offset below
+which every record was final when that version was committed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tuneloop.store.pairs import BOTH_BAD, PREFERENCE, TIE
+from tuneloop.store.tables import (
+    COMPLETIONS,
+    JUDGEMENTS,
+    JUDGEMENTS_SCHEMA,
+    PAIRS,
+    PAIRS_SCHEMA,
+    SCHEMAS,
+    app_id,
+    is_url,
+    open_table,
+)
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+ANCHORS_FILE = "anchors.json"
+_SNAPSHOT_ID = re.compile(r"^pairs@(?P<version>\d+)$")
+# Partitions probed for a snapshot's offsets; Kafka topics here have far fewer.
+_MAX_PARTITIONS = 1024
+
+Policy = Literal["drop", "keep"]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A version of the pairs table (-1: the store holds no table yet)."""
+
+    version: int
+    offsets: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        return snapshot_id(self.version)
+
+
+def snapshot_id(version: int) -> str:
+    return f"pairs@{version}"
+
+
+def parse_snapshot(text: str) -> int:
+    """The pairs-table version a snapshot id names."""
+    match = _SNAPSHOT_ID.match(text.strip())
+    if match is None:
+        raise ValueError(f"not a snapshot id (pairs@<version>): {text!r}")
+    return int(match["version"])
+
+
+def _read(root: str | Path, name: str, version: int | None, filter: pc.Expression | None = None) -> pa.Table:
+    table = None if version is not None and version < 0 else open_table(root, name, version)
+    if table is None:
+        if version is not None and version >= 0:
+            raise ValueError(f"store at {root} has no {name} table (asked for version {version})")
+        return SCHEMAS[name].empty_table()
+    return table.to_pyarrow_dataset().to_table(filter=filter)
+
+
+def current_snapshot(root: str | Path, topics: Iterable[str] = ()) -> Snapshot:
+    """The newest snapshot, with the offsets of `topics` (default: those its rows name)."""
+    table = open_table(root, PAIRS)
+    if table is None:
+        return Snapshot(-1)
+    return snapshot_at(root, table.version(), topics)
+
+
+def snapshot_at(root: str | Path, version: int, topics: Iterable[str] = ()) -> Snapshot:
+    table = open_table(root, PAIRS, version)
+    if table is None:
+        raise ValueError(f"store at {root} has no pairs table")
+    names = list(topics) or sorted(
+        set(table.to_pyarrow_dataset().to_table(columns=["topic"]).column("topic").unique().to_pylist())
+    )
+    offsets: dict[str, dict[int, int]] = {}
+    for topic in names:
+        found = {p: table.transaction_version(app_id(topic, p)) for p in range(_MAX_PARTITIONS)}
+        offsets[topic] = {p: int(v) for p, v in found.items() if v is not None}
+    return Snapshot(version, offsets)
+
+
+def load_rows(root: str | Path, version: int | None = None) -> pd.DataFrame:
+    """The training rows of one pairs-table version (None: the newest), in commit order."""
+    return _read(root, PAIRS, version).to_pandas()
+
+
+def load_row_ids(root: str | Path, version: int) -> set[str]:
+    table = open_table(root, PAIRS, version)
+    if table is None:
+        return set()
+    return set(table.to_pyarrow_dataset().to_table(columns=["row_id"]).column("row_id").to_pylist())
+
+
+def load_judgements(root: str | Path, version: int | None = None) -> pd.DataFrame:
+    """Every stored judgement (one row per accepted feedback event)."""
+    return _read(root, JUDGEMENTS, version).to_pandas()
+
+
+def load_completions(root: str | Path, ids: Iterable[str] | None = None) -> pd.DataFrame:
+    wanted = None if ids is None else pc.field("completion_id").isin(list(ids))
+    return _read(root, COMPLETIONS, None, wanted).to_pandas()
+
+
+def versions(root: str | Path) -> dict[str, int]:
+    """Each table's newest version (-1 where a table does not exist yet)."""
+    out = {}
+    for name in SCHEMAS:
+        table = open_table(root, name)
+        out[name] = -1 if table is None else table.version()
+    return out
+
+
+def history(root: str | Path, name: str = PAIRS, limit: int | None = None) -> list[dict]:
+    """The table's commits, newest first (delta-rs's history: version, timestamp, operation, ...)."""
+    table = open_table(root, name)
+    return [] if table is None else table.history(limit)
+
+
+def anchors_text(root: str | Path) -> str | None:
+    """The optional anchors.json of a folder store (object stores keep none)."""
+    if is_url(root):
+        return None
+    path = Path(root) / ANCHORS_FILE
+    return path.read_text() if path.is_file() else None
+
+
+def to_trl_dataset(rows: pd.DataFrame, tie_policy: Policy = "drop", both_bad_policy: Policy = "drop") -> Dataset:
+    """Rows as a TRL preference dataset.
+
+    Chat prompts give TRL's conversational format: `prompt` is the list of chat messages,
+    `chosen` and `rejected` are one assistant message each. Raw prompts give the standard
+    format (three strings). One dataset is one format: mixed rows raise ValueError.
+
+    Ties and both-bad pairs are dropped, or kept (policy "keep") with their `label` column
+    saying so; chosen/rejected of such a row are the order shown (A, B), not a preference,
+    so a trainer that keeps them must read `label` (e.g. a tie-aware loss, or both as
+    negatives against a better answer). Extra columns: label, weight, row_id, event_id,
+    item_id, annotator_id, rule.
+    """
+    from datasets import Dataset, Features, Value
+
+    labels = (
+        {PREFERENCE} | ({TIE} if tie_policy == "keep" else set()) | ({BOTH_BAD} if both_bad_policy == "keep" else set())
+    )
+    for name, policy in (("tie_policy", tie_policy), ("both_bad_policy", both_bad_policy)):
+        if policy not in ("drop", "keep"):
+            raise ValueError(f"{name} must be 'drop' or 'keep', not {policy!r}")
+    kept = rows[rows["label"].isin(labels)]
+    chat = kept["prompt"].map(len) > 0
+    if chat.any() and not chat.all():
+        raise ValueError("rows mix chat and raw prompts; export them separately (filter on prompt_raw)")
+    conversational = bool(chat.all())
+    extra = {
+        "label": list(kept["label"]),
+        "weight": [float(w) for w in kept["weight"]],
+        "row_id": list(kept["row_id"]),
+        "event_id": list(kept["event_id"]),
+        "item_id": list(kept["item_id"]),
+        "annotator_id": list(kept["annotator_id"]),
+        "rule": list(kept["rule"]),
+    }
+    extra_features = {k: Value("float64" if k == "weight" else "string") for k in extra}
+    if conversational:
+        message = {"role": Value("string"), "content": Value("string")}
+        data = {
+            "prompt": [[{"role": m["role"], "content": m["content"]} for m in p] for p in kept["prompt"]],
+            "chosen": [[{"role": "assistant", "content": t}] for t in kept["chosen"]],
+            "rejected": [[{"role": "assistant", "content": t}] for t in kept["rejected"]],
+        }
+        features = Features({"prompt": [message], "chosen": [message], "rejected": [message], **extra_features})
+    else:
+        data = {"prompt": list(kept["prompt_raw"]), "chosen": list(kept["chosen"]), "rejected": list(kept["rejected"])}
+        features = Features({k: Value("string") for k in data} | extra_features)
+    return Dataset.from_dict({**data, **extra}, features=features)
+
+
+__all__ = [
+    "JUDGEMENTS_SCHEMA",
+    "PAIRS_SCHEMA",
+    "Snapshot",
+    "anchors_text",
+    "current_snapshot",
+    "history",
+    "load_completions",
+    "load_judgements",
+    "load_row_ids",
+    "load_rows",
+    "parse_snapshot",
+    "snapshot_at",
+    "snapshot_id",
+    "to_trl_dataset",
+    "versions",
+]

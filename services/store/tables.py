@@ -1,0 +1,201 @@
+"""The store's Delta Lake tables: their schemas, where they live, and how a commit lands.
+
+Under the store root (a folder, or an object-storage URL such as `s3://bucket/prefix`):
+
+    completions/   one row per completion record read from tuneloop.completions.v1
+    judgements/    one row per stored feedback event (the raw judgement)
+    pairs/         the training rows the pair rules made of the judgements
+
+Each is a Delta table (delta-rs): its `_delta_log` is the only truth about which Parquet
+files hold committed rows, so a reader in any process or pod sees whole commits only, and a
+file no commit names is invisible to readers (and removed by `vacuum`, never at start).
+
+Exactly once: every append carries one Delta application transaction per Kafka partition
+it covers, app id `tuneloop.store/<topic>/<partition>`, version = the offset below which that
+partition's records are all in this table (or dead-lettered, or duplicates). Every row keeps
+the topic, partition and offset of the record it came from, so a writer that replays records
+after a crash keeps only rows at or past the table's version for their partition. Two writers
+committing the same partition at once (a consumer that lost its partitions but has not noticed
+yet) conflict on the app id: Delta refuses the second commit.
+
+Object storage takes its settings and credentials from the environment (AWS_ENDPOINT_URL,
+AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP, and for concurrent
+writers AWS_CONDITIONAL_PUT=etag), read by delta-rs itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+COMPLETIONS, JUDGEMENTS, PAIRS = "completions", "judgements", "pairs"
+TABLES = (COMPLETIONS, JUDGEMENTS, PAIRS)
+APP_PREFIX = "tuneloop.store"
+
+_MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
+_TS = pa.timestamp("us", tz="UTC")
+_SOURCE = [("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64())]
+
+COMPLETIONS_SCHEMA = pa.schema(
+    [
+        ("completion_id", pa.string()),
+        ("request_id", pa.string()),
+        ("conversation_id", pa.string()),
+        ("tenant", pa.string()),
+        ("prompt", pa.binary()),
+        ("prompt_key", pa.string()),
+        ("rendered_prompt", pa.string()),
+        ("text", pa.string()),
+        ("model", pa.string()),
+        *_SOURCE,
+    ]
+)
+
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("row_id", pa.string()),
+        ("event_id", pa.string()),
+        ("source_event_ids", pa.list_(pa.string())),
+        ("item_id", pa.string()),
+        ("tenant", pa.string()),
+        ("project", pa.string()),
+        ("source", pa.string()),
+        ("annotator_id", pa.string()),
+        ("kind", pa.string()),
+        ("rule", pa.string()),
+        ("label", pa.string()),
+        ("prompt", pa.list_(_MESSAGE)),
+        ("prompt_raw", pa.string()),
+        ("rendered_prompt", pa.string()),
+        ("chosen", pa.string()),
+        ("rejected", pa.string()),
+        ("chosen_id", pa.string()),
+        ("rejected_id", pa.string()),
+        ("chosen_model", pa.string()),
+        ("rejected_model", pa.string()),
+        ("criteria", pa.list_(pa.string())),
+        ("weight", pa.float64()),
+        ("calibration", pa.bool_()),
+        ("anchor", pa.bool_()),
+        ("created_at", _TS),
+        *_SOURCE,
+    ]
+)
+
+JUDGEMENTS_SCHEMA = pa.schema(
+    [
+        ("event_id", pa.string()),
+        ("item_id", pa.string()),
+        ("tenant", pa.string()),
+        ("project", pa.string()),
+        ("source", pa.string()),
+        ("annotator_id", pa.string()),
+        ("kind", pa.string()),
+        ("choice", pa.string()),
+        ("score", pa.float64()),
+        ("completion_ids", pa.list_(pa.string())),
+        ("criteria", pa.list_(pa.string())),
+        ("marks", pa.string()),
+        ("comment", pa.string()),
+        ("calibration", pa.bool_()),
+        ("anchor", pa.bool_()),
+        ("created_at", _TS),
+        # A rating's place among earlier ratings of its prompt (pairs.py); null otherwise.
+        ("request_id", pa.string()),
+        ("prompt_key", pa.string()),
+        ("value", pa.float64()),
+        ("scale_min", pa.float64()),
+        ("scale_max", pa.float64()),
+        *_SOURCE,
+    ]
+)
+
+SCHEMAS = {COMPLETIONS: COMPLETIONS_SCHEMA, JUDGEMENTS: JUDGEMENTS_SCHEMA, PAIRS: PAIRS_SCHEMA}
+
+
+def is_url(root: str | Path) -> bool:
+    return "://" in str(root)
+
+
+def table_uri(root: str | Path, name: str) -> str:
+    root = str(root)
+    if is_url(root):
+        return f"{root.rstrip('/')}/{name}"
+    return str(Path(root).resolve() / name)
+
+
+def app_id(topic: str, partition: int) -> str:
+    return f"{APP_PREFIX}/{topic}/{partition}"
+
+
+def parse_app_id(text: str) -> tuple[str, int] | None:
+    prefix, _, rest = text.partition("/")
+    topic, _, partition = rest.rpartition("/")
+    if prefix != APP_PREFIX or not topic or not partition.isdigit():
+        return None
+    return topic, int(partition)
+
+
+def open_table(root: str | Path, name: str, version: int | None = None) -> DeltaTable | None:
+    """The table, at `version` (None: the newest); None when it was never created."""
+    uri = table_uri(root, name)
+    try:
+        return DeltaTable(uri, version=version)
+    except TableNotFoundError:
+        return None
+
+
+def ensure_tables(root: str | Path) -> dict[str, DeltaTable]:
+    """Open the three tables, creating any that is missing (idempotent, safe to race)."""
+    if not is_url(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in TABLES:
+        table = open_table(root, name)
+        if table is None:
+            try:
+                # The change data feed lets a writer read only what other writers appended
+                # since it last looked (consumer.py); compaction adds nothing to it.
+                DeltaTable.create(
+                    table_uri(root, name),
+                    SCHEMAS[name],
+                    mode="ignore",
+                    name=name,
+                    configuration={"delta.enableChangeDataFeed": "true"},
+                )
+            except Exception:
+                # Another writer created it first: fine, as long as it now exists.
+                if open_table(root, name) is None:
+                    raise
+            table = open_table(root, name)
+            assert table is not None
+        out[name] = table
+    return out
+
+
+def append(table: DeltaTable, rows: pa.Table, versions: Mapping[tuple[str, int], int]) -> None:
+    """One Delta commit: `rows` plus the partitions' new versions, or nothing at all.
+
+    Raises deltalake's CommitFailedError when another writer committed one of these
+    partitions since `table` was read.
+    """
+    write_deltalake(
+        table,
+        rows,
+        mode="append",
+        commit_properties=CommitProperties(
+            app_transactions=[Transaction(app_id(t, p), int(v)) for (t, p), v in sorted(versions.items())],
+            custom_metadata={"writer": f"tuneloop-store/{os.uname().nodename}/{os.getpid()}"},
+            # A conflict on one of our app ids is final; retries are for other writers' appends.
+            max_commit_retries=20,
+        ),
+    )
+
+
+def partition_version(table: DeltaTable, topic: str, partition: int) -> int | None:
+    return table.transaction_version(app_id(topic, partition))
