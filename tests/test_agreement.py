@@ -14,7 +14,7 @@ import pytest
 from sklearn.metrics import cohen_kappa_score
 from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
 
-from tuneloop.feedback.agreement import (
+from tuneloop.store.agreement import (
     KnownAnswers,
     item_label,
     known_answers,

@@ -36,7 +36,7 @@ from tuneloop.common.kafka import COMPLETIONS_TOPIC, KafkaSettings, end_offsets,
 from tuneloop.common.models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
-from tuneloop.feedback.snapshot import current_snapshot, load_judgements, load_rows
+from tuneloop.store.read import current_snapshot, load_judgements, load_rows
 from tuneloop.v1 import completion_pb2, feedback_pb2, feedback_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 pytestmark = pytest.mark.heavy
@@ -153,7 +153,7 @@ class Ingestion:
         ends = end_offsets(self.kafka, self.feedback_topic)
 
         def caught_up() -> bool:
-            done = current_snapshot(self.store_root)
+            done = current_snapshot(self.store_root, [self.feedback_topic]).offsets.get(self.feedback_topic, {})
             return all(done.get(p, 0) >= end for p, end in ends.items())
 
         wait_for(caught_up, timeout_s, f"the store to consume {self.feedback_topic} up to {ends}")

@@ -401,8 +401,9 @@ def test_broker_down_answers_unavailable_and_no_acknowledged_event_is_lost(tmp_p
 def test_get_agreement_reports_on_the_judgements_the_store_consumed(
     kafka_settings: KafkaSettings, kafka_bootstrap: str, unique_topic: str, tmp_path: Path
 ) -> None:
-    from tuneloop.feedback.snapshot import load_judgements
-    from tuneloop.feedback.store import PreferenceStore, StoreSettings
+    from tuneloop.store.consumer import PreferenceStore
+    from tuneloop.store.read import load_judgements
+    from tuneloop.store.settings import StoreSettings
 
     completions = f"{unique_topic}.completions"
     ensure_topics(kafka_settings, [completions])

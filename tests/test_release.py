@@ -199,11 +199,10 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any, proje
     assert accepted == 2 * len(PROMPTS)
 
     # The store joined them: read it where the release keeps it.
-    from tuneloop.feedback import snapshot
+    from tuneloop.store.read import load_rows
 
     store_root = claim_of(release, "preferences")
-    wait_for("the store's rows", lambda: (store_root / snapshot.INDEX_FILE).is_file()
-             and len(snapshot.load_rows(store_root)) >= 2 * len(PROMPTS), 120, release)
+    wait_for("the store's rows", lambda: len(load_rows(store_root)) >= 2 * len(PROMPTS), 120, release)
 
     # Agreement, served by the feedback pods from the store they mount read-only, as the
     # workbench's calibration view shows it.

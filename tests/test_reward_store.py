@@ -8,8 +8,9 @@ from pathlib import Path
 from tests.test_store import Sender, cid, completion, drive, event, rows_of, send, store, store_settings  # noqa: F401
 from tuneloop.common.models import make_tiny
 from tuneloop.common.registry import Registry
-from tuneloop.feedback.snapshot import current_snapshot, parse_snapshot, snapshot_id
-from tuneloop.feedback.store import PreferenceStore, StoreSettings
+from tuneloop.store.consumer import PreferenceStore
+from tuneloop.store.read import current_snapshot
+from tuneloop.store.settings import StoreSettings
 from tuneloop.trainer.reward_stage import RewardStageConfig, run
 from tuneloop.v1 import feedback_pb2
 
@@ -35,7 +36,8 @@ def test_stage_trains_on_a_store_snapshot_and_records_it(
     _judge_prompts(send, 0, 8)
     drive(store, lambda: len(rows_of(store)) == 8)
     root = store_settings.root
-    snap = snapshot_id(root, current_snapshot(root))
+    held = current_snapshot(root)
+    snap = held.id
     _judge_prompts(send, 8, 4)  # after the snapshot: must not be trained on
     drive(store, lambda: len(rows_of(store)) == 12)
 
@@ -55,5 +57,6 @@ def test_stage_trains_on_a_store_snapshot_and_records_it(
     assert metrics["data"] == snap
     assert metrics["train_prompts"] + metrics["eval_prompts"] == 8
     card = Registry(tmp_path / "registry").card(out["ref"])
-    assert card.dataset_snapshot == {store_settings.feedback_topic: parse_snapshot(snap)}
+    assert card.dataset_snapshot == held.offsets
+    assert sum(held.offsets[store_settings.feedback_topic].values()) == 8
     assert card.training_config["snapshot"] == snap

@@ -238,8 +238,9 @@ def _store_rows(kafka: KafkaSettings, root: Path) -> None:
     """Two annotators agree on every item: 'Sure.' beats 'No.' for each prompt."""
     import uuid
 
-    from tuneloop.feedback.snapshot import current_snapshot
-    from tuneloop.feedback.store import PreferenceStore, StoreSettings
+    from tuneloop.store.consumer import PreferenceStore
+    from tuneloop.store.read import current_snapshot
+    from tuneloop.store.settings import StoreSettings
 
     tag = uuid.uuid4().hex[:8]
     settings = StoreSettings(
@@ -278,7 +279,7 @@ def _store_rows(kafka: KafkaSettings, root: Path) -> None:
         producer.flush()
         producer.close()
         deadline = time.monotonic() + 120
-        while sum(current_snapshot(root).values()) < len(events):
+        while sum(current_snapshot(root, [settings.feedback_topic]).offsets.get(settings.feedback_topic, {}).values()) < len(events):
             assert time.monotonic() < deadline, "the store did not take the feedback in"
             store.step()
 

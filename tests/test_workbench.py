@@ -17,7 +17,7 @@ import yaml
 
 from tuneloop.common.models import make_tiny
 from tuneloop.common.processes import ServiceProcess
-from tuneloop.feedback.snapshot import load_judgements
+from tuneloop.store.read import load_judgements
 from tuneloop.gateway.auth import hash_key
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -128,7 +128,7 @@ class RetrainConfig(Strict):
         from tuneloop.trainer.reward_stage import RewardStageConfig
 
         try:
-            RewardStageConfig.model_validate(self._reward_stage_fields(Path("."), "snapshot"))
+            RewardStageConfig.model_validate(self._reward_stage_fields(Path("."), "pairs@0"))
         except ValidationError as err:
             raise ValueError(format_errors(err, prefix="reward_model.")) from None
         return self
