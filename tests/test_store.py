@@ -770,3 +770,29 @@ def test_a_reader_holding_a_version_sees_the_same_rows_while_writes_go_on(
         assert reader.returncode == 0
         assert out.strip() == "[20]"
         assert len(rows_of(store)) > 20 and current_snapshot(store.root).version > held.version
+
+
+def test_duckdb_reads_the_same_tables_as_the_readme_shows(store: PreferenceStore, send: Sender) -> None:
+    import duckdb
+    from deltalake import DeltaTable
+
+    _rows_for_export(store, send)
+    pairs = DeltaTable(str(Path(store.root) / "pairs")).to_pyarrow_dataset()  # noqa: F841 (read by DuckDB)
+    counted = dict(duckdb.sql("SELECT label, count(*) AS n FROM pairs GROUP BY label").fetchall())
+    assert counted == rows_of(store)["label"].value_counts().to_dict() == {"preference": 1, "tie": 1, "both_bad": 1}
+
+
+def test_waiting_feedback_is_bounded_and_reading_goes_on_once_it_joins(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    settings = store_settings.model_copy(update={"pending_max": 1, "batch_max_records": 1})
+    c = [cid() for _ in range(2)]
+    with PreferenceStore(settings, kafka_settings) as store:
+        send.feedback(*(event(pairwise=(c[0], c[1], A)) for _ in range(3)))
+        drive(store, lambda: store.pending_count() == 1)
+        for _ in range(5):  # feedback partitions are paused: nothing more is read
+            store.step()
+        assert store.pending_count() == 1 and rows_of(store).empty
+        send.completions(*(completion(x, x) for x in c))
+        drive(store, lambda: len(rows_of(store)) == 3)
+        assert store.pending_count() == 0

@@ -292,8 +292,15 @@ class PreferenceStore:
         feedback = [tp for tp in self.consumer.assignment() if tp.topic == self.feedback_topic]
         if self.pending_count() >= self.settings.pending_max:
             self.consumer.pause(*feedback)
-        else:
-            self.consumer.resume(*feedback)
+            return
+        paused = [tp for tp in self.consumer.paused() if tp in feedback]
+        if paused:
+            self.consumer.resume(*paused)
+            # Fetches answered while paused were dropped: read on from where we stand.
+            for tp in paused:
+                position = self.positions.get((tp.topic, tp.partition))
+                if position is not None:
+                    self.consumer.seek(tp, position)
 
     def _collect(self) -> list[Record]:
         out: list[Record] = []
