@@ -2,7 +2,8 @@
 rendered objects promise (hardened pods, native gRPC probes, only the gateway reachable from
 outside, GPU scheduling of the trainer, monitoring for every service). Also the pieces around
 it: the `helm test` health script run against real gRPC health servers, the API keys Secret
-read by the gateway's own loader, Strimzi topics, skaffold and the Dockerfiles.
+read by the gateway's own loader, Strimzi topics, skaffold and the Dockerfiles. The preference
+store on a volume or on object storage, and its consumer-lag autoscaling.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ VALUES = {
     "gpu": [CHART / "values-gpu.yaml"],
     "dev": [CHART / "values-dev.yaml"],
     "all": [CHART / "ci" / "all-values.yaml"],
+    "object-storage": [CHART / "values-object-storage.yaml"],
 }
 # Kinds from CRDs: kubernetes-validate has no schema for them.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
@@ -62,13 +64,14 @@ def template_args(files: list[Path], *extra: str) -> list[str]:
 
 
 @functools.cache
-def _rendered(values: str) -> str:
-    return helm(*template_args(VALUES[values])).stdout
+def _rendered(values: str, sets: tuple[str, ...] = ()) -> str:
+    return helm(*template_args(VALUES[values], *sets)).stdout
 
 
-def render(values: str) -> list[dict[str, Any]]:
-    """Fresh copies of the rendered objects (tests may change what they get)."""
-    return [d for d in yaml.safe_load_all(_rendered(values)) if d]
+def render(values: str, *sets: str) -> list[dict[str, Any]]:
+    """Fresh copies of the rendered objects (tests may change what they get); `sets` are --set
+    arguments on top of the values file(s)."""
+    return [d for d in yaml.safe_load_all(_rendered(values, sets)) if d]
 
 
 def by_kind(objs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
@@ -95,6 +98,18 @@ def pod_specs(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _pod_labels(objs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """The labels of every Deployment's, CronJob's and Job's pods, by "<Kind>/<name>"."""
+    out = {}
+    for o in objs:
+        if o["kind"] in ("Deployment", "Job"):
+            out[f"{o['kind']}/{o['metadata']['name']}"] = o["spec"]["template"]["metadata"]["labels"]
+        elif o["kind"] == "CronJob":
+            labels = o["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+            out[f"CronJob/{o['metadata']['name']}"] = labels
+    return out
+
+
 def container(objs: list[dict[str, Any]], component: str) -> dict[str, Any]:
     deployment = by_kind(objs, "Deployment")[name_of(component)]
     return deployment["spec"]["template"]["spec"]["containers"][0]
@@ -116,12 +131,11 @@ def test_helm_lint_strict(values):
     assert "0 chart(s) failed" in result.stdout
 
 
-@pytest.mark.parametrize("values", sorted(VALUES))
-def test_rendered_objects_are_valid_kubernetes_1_33(values):
+def assert_valid_kubernetes(objs: list[dict[str, Any]]) -> None:
+    """Every object is valid Kubernetes 1.33 (strict), bar the CRD kinds."""
     kubernetes_validate = pytest.importorskip(
         "kubernetes_validate", reason="kubernetes-validate (test extra) not installed"
     )
-    objs = render(values)
     assert objs
     unvalidated = set()
     for obj in objs:
@@ -135,6 +149,11 @@ def test_rendered_objects_are_valid_kubernetes_1_33(values):
     assert unvalidated <= CRD_KINDS
 
 
+@pytest.mark.parametrize("values", sorted(VALUES))
+def test_rendered_objects_are_valid_kubernetes_1_33(values):
+    assert_valid_kubernetes(render(values))
+
+
 @pytest.mark.parametrize(
     ("setting", "field"),
     [
@@ -144,6 +163,11 @@ def test_rendered_objects_are_valid_kubernetes_1_33(values):
         ("kafka.bootstrapServers=kafka", "/kafka/bootstrapServers"),
         ("trainer.cronJob.concurrencyPolicy=Sometimes", "/trainer/cronJob/concurrencyPolicy"),
         ("gateway.apiKeys.keys[0].tenant=a", "/gateway/apiKeys/keys/0"),
+        ("store.root=gs://bucket/prefs", "/store/root"),
+        ("store.root=prefs", "/store/root"),
+        ("store.objectStorage.endpoint=minio:9000", "/store/objectStorage/endpoint"),
+        ("store.autoscaling.targetCPUUtilizationPercentage=70", "/store/autoscaling"),
+        ("store.autoscaling.targetLagPerReplica=0", "/store/autoscaling/targetLagPerReplica"),
     ],
 )
 def test_values_schema_rejects_bad_values_naming_the_field(setting, field):
@@ -230,6 +254,11 @@ def test_settings_and_volumes_are_wired_to_the_right_services():
     assert env_of(store)["TUNELOOP_STORE_ROOT"] == store_root
     assert {"name": "store", "mountPath": store_root} in store["volumeMounts"]
     assert not any(m["name"] == "registry" for m in store["volumeMounts"])
+    feedback = container(objs, "feedback")
+    assert env_of(feedback)["TUNELOOP_STORE_ROOT"] == store_root
+    assert {"name": "store", "mountPath": store_root, "readOnly": True} in feedback["volumeMounts"]
+    # On a volume, no object-storage settings.
+    assert not any(n.startswith("AWS_") for s in SERVICES for n in env_of(container(objs, s)))
 
     # The gateway's targets are the Services' gRPC ports.
     gw = env_of(container(objs, "gateway"))
@@ -320,16 +349,22 @@ def test_trainer_config_is_read_by_the_trainers_own_loaders(values, tmp_path, mo
         criteria = load_criteria(materialise(str(config.criteria)))
         assert criteria.held_out_prompts and criteria.probes.items, where
 
-        # The preference store is the store volume, where this container mounts it.
-        store_volume = next(v for v in pod["volumes"] if v["name"] == "store")
-        store_mount = next(m for m in trainer["volumeMounts"] if m["name"] == "store")
-        assert "persistentVolumeClaim" in store_volume, where
-        assert config.preferences.store_root == Path(store_mount["mountPath"]), where
+        # The preference store is the store's own root (the container's TUNELOOP_STORE_ROOT):
+        # the store volume, mounted read-only, or an object-storage URL and no store volume.
+        env = {e["name"]: e["value"] for e in trainer.get("env") or [] if "value" in e}
+        store_root = config.preferences.store_root
+        assert store_root == env["TUNELOOP_STORE_ROOT"], where
         assert config.preferences.path is None
+        if store_root.startswith("s3://"):
+            assert not any(v["name"] == "store" for v in pod["volumes"]), where
+        else:
+            store_mount = _mount_of(trainer, store_root)
+            assert store_mount is not None and store_mount["name"] == "store", where
+            assert store_mount.get("readOnly") is True, where
+            assert "persistentVolumeClaim" in next(v for v in pod["volumes"] if v["name"] == "store"), where
 
         # registry_root and runs_dir left unset resolve, through the container's env, to
         # writable volumes.
-        env = {e["name"]: e["value"] for e in trainer.get("env") or [] if "value" in e}
         for name in [n for n in os.environ if n.startswith("TUNELOOP_")]:
             monkeypatch.delenv(name)
         for name, value in env.items():
@@ -340,6 +375,175 @@ def test_trainer_config_is_read_by_the_trainers_own_loaders(values, tmp_path, mo
             mount = _mount_of(trainer, str(path))
             assert mount is not None and not mount.get("readOnly"), f"{where}: {what} {path} is not a writable volume"
             assert "persistentVolumeClaim" in next(v for v in pod["volumes"] if v["name"] == mount["name"]), where
+
+
+# ---------------------------------------------------------------- the preference store's place
+
+
+# The store on object storage through --set (the brief's shape), next to the shipped example.
+OBJECT_STORE_SET = {
+    "store.root": "s3://bucket/prefs",
+    "store.objectStorage.endpoint": "http://minio.minio.svc:9000",
+    "store.objectStorage.region": "eu-west-1",
+    "store.objectStorage.allowHttp": "true",
+    "store.objectStorage.credentialsSecret": "store-s3",
+    "store.replicas": "3",
+}
+OBJECT_STORE_CASES = {
+    "set": ("default", tuple(a for k, v in OBJECT_STORE_SET.items() for a in ("--set", f"{k}={v}"))),
+    "values-file": ("object-storage", ()),
+}
+MINIO = {"namespace": "minio", "labels": {"app": "minio"}}
+
+
+def _store_values(values: str, sets: tuple[str, ...]) -> dict[str, Any]:
+    """The `store` values a case renders with (defaults, its files, its --set)."""
+    store = yaml.safe_load((CHART / "values.yaml").read_text())["store"]
+    for f in VALUES[values]:
+        for key, value in (yaml.safe_load(f.read_text()).get("store") or {}).items():
+            store[key] = {**store[key], **value} if isinstance(value, dict) else value
+    for setting in sets[1::2]:
+        path, value = setting.split("=", 1)
+        *parents, last = path.split(".")[1:]
+        node = store
+        for key in parents:
+            node = node[key]
+        node[last] = yaml.safe_load(value)
+    return store
+
+
+def _store_pods(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Containers that read or write the preference store (the store, feedback, the trainer),
+    by "<Kind>/<name>"."""
+    readers = {f"Deployment/{name_of('store')}", f"Deployment/{name_of('feedback')}"}
+    return {
+        where: spec["containers"][0]
+        for where, spec in pod_specs(objs).items()
+        if where in readers or where.split("/")[0] in ("CronJob", "Job")
+    }
+
+
+@pytest.mark.parametrize("case", sorted(OBJECT_STORE_CASES))
+def test_store_on_object_storage_has_no_volume_and_every_reader_gets_the_url(case, tmp_path, monkeypatch):
+    """store.root an s3:// URL: no store PVC, nothing mounts one; the store, feedback and trainer
+    containers get the URL and the AWS_* settings delta-rs reads, and the code's own loaders (the
+    store's and feedback's settings, the trainer's RetrainConfig) take the URL as the root."""
+    from tuneloop.common.settings import load_settings
+    from tuneloop.feedback.settings import FeedbackSettings
+    from tuneloop.store.settings import StoreSettings
+    from tuneloop.trainer.config import load_config
+    from tuneloop.trainer.retrain import RetrainConfig
+
+    values, sets = OBJECT_STORE_CASES[case]
+    store_values = _store_values(values, sets)
+    url, o = store_values["root"], store_values["objectStorage"]
+    assert url.startswith("s3://")
+    objs = render(values, *sets)
+    assert_valid_kubernetes(objs)
+
+    # No store volume: not created, not mounted by anyone.
+    assert set(by_kind(objs, "PersistentVolumeClaim")) == {name_of("registry"), name_of("runs")}
+    for where, spec in pod_specs(objs).items():
+        for v in spec["volumes"]:
+            assert v["name"] != "store", where
+            assert (v.get("persistentVolumeClaim") or {}).get("claimName") != name_of("preferences"), where
+        for c in spec["containers"]:
+            assert not any(m["name"] == "store" for m in c.get("volumeMounts") or []), where
+
+    # Every reader and writer: the URL, the endpoint, region, plain HTTP, conditional puts (safe
+    # concurrent writers) and the keys from the Secret; nobody else gets any of it.
+    secret = o["credentialsSecret"]
+    expected_aws = {
+        "AWS_ENDPOINT_URL": o["endpoint"],
+        "AWS_REGION": o["region"],
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_CONDITIONAL_PUT": "etag",
+        "AWS_ACCESS_KEY_ID": {"secretKeyRef": {"name": secret, "key": "AWS_ACCESS_KEY_ID"}},
+        "AWS_SECRET_ACCESS_KEY": {"secretKeyRef": {"name": secret, "key": "AWS_SECRET_ACCESS_KEY"}},
+    }
+    readers = _store_pods(objs)
+    assert len(readers) == 3, sorted(readers)
+    for where, spec in pod_specs(objs).items():
+        for c in spec["containers"]:
+            env = env_of(c)
+            aws = {k: v for k, v in env.items() if k.startswith("AWS_")}
+            if where in readers:
+                assert env["TUNELOOP_STORE_ROOT"] == url, where
+                assert aws == expected_aws, where
+            else:
+                assert "TUNELOOP_STORE_ROOT" not in env and not aws, where
+
+    # The trainer's retrain config names the URL, as RetrainConfig reads it.
+    for where in [w for w in readers if w.split("/")[0] in ("CronJob", "Job")]:
+        pod, trainer = pod_specs(objs)[where], readers[where]
+        files = _mounted_config_maps(objs, pod, trainer)
+        config_file = tmp_path / f"{where.replace('/', '_')}-retrain.yaml"
+        config_file.write_text(files[trainer["args"][trainer["args"].index("--config") + 1]])
+        config = load_config(RetrainConfig, config_file)
+        assert config.preferences.store_root == url, where
+
+    # The services' settings, loaded from their containers' env by the code's own loader.
+    def settings_from(c: dict[str, Any], cls: type) -> Any:
+        for name in [n for n in os.environ if n.startswith(("TUNELOOP_", "AWS_"))]:
+            monkeypatch.delenv(name)
+        for e in c["env"]:
+            if "value" in e:
+                monkeypatch.setenv(e["name"], e["value"])
+        return load_settings(cls)
+
+    assert settings_from(container(objs, "store"), StoreSettings).root == url
+    assert settings_from(container(objs, "feedback"), FeedbackSettings).store_root == url
+
+    # Several replicas, rolled like the other services (they share the partitions).
+    store = by_kind(objs, "Deployment")[name_of("store")]["spec"]
+    assert store["replicas"] == store_values["replicas"] > 1
+    assert store["strategy"]["type"] == "RollingUpdate"
+
+    # The object store is reached only where networkPolicy.extraEgress admits it (the example does).
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    for where, labels in _pod_labels(objs).items():
+        if where in readers:
+            assert allowed(policies, "out", labels, MINIO, (None, 9000)) is (case == "values-file"), where
+
+
+def test_store_root_outside_the_store_volume_is_refused():
+    # A folder in the volume is fine: every reader gets it.
+    objs = render("default", "--set", "store.root=/var/lib/tuneloop/store/prefs")
+    for where, c in _store_pods(objs).items():
+        assert env_of(c)["TUNELOOP_STORE_ROOT"] == "/var/lib/tuneloop/store/prefs", where
+    # A folder elsewhere would be on the read-only root filesystem.
+    result = helm(*template_args([], "--set", "store.root=/data/prefs"), check=False)
+    assert result.returncode != 0
+    assert "persistence.store.mountPath" in result.stderr, result.stderr
+
+
+def test_store_autoscales_on_consumer_lag():
+    from tuneloop.store.consumer import LAG
+
+    objs = render(
+        "default",
+        "--set", "store.autoscaling.enabled=true",
+        "--set", "store.autoscaling.maxReplicas=6",
+        "--set", "store.autoscaling.targetLagPerReplica=500",
+    )
+    assert_valid_kubernetes(objs)
+    hpas = by_kind(objs, "HorizontalPodAutoscaler")
+    assert list(hpas) == [name_of("store")]
+    spec = hpas[name_of("store")]["spec"]
+    assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name_of("store")}
+    assert (spec["minReplicas"], spec["maxReplicas"]) == (1, 6)
+    # One External metric: the Gauge the store exports, of this release's store Service only;
+    # AverageValue: the total lag divided by the replica count.
+    (metric,) = spec["metrics"]
+    assert metric["type"] == "External"
+    assert metric["external"]["metric"]["name"] == LAG._name
+    assert metric["external"]["metric"]["selector"] == {"matchLabels": {"service": name_of("store")}}
+    assert name_of("store") in by_kind(objs, "Service")
+    assert metric["external"]["target"] == {"type": "AverageValue", "averageValue": "500"}
+    # The HPA owns the store's replica count; the other Deployments keep theirs.
+    deployments = by_kind(objs, "Deployment")
+    assert "replicas" not in deployments[name_of("store")]["spec"]
+    assert all("replicas" in d["spec"] for name, d in deployments.items() if name != name_of("store"))
 
 
 def test_gpu_values_put_generation_and_the_trainer_on_gpu_nodes():
@@ -384,17 +588,15 @@ def test_all_optional_objects_cover_every_service():
         svc_ports = {p["name"] for p in svc["spec"]["ports"]}
         assert {e["port"] for e in sm["spec"]["endpoints"]} <= svc_ports
         assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
-        if name == name_of("store"):
-            # The single writer of its volume: never autoscaled, never two pods during a rollout.
-            assert name not in hpas and deployment["spec"]["replicas"] <= 1
-            assert deployment["spec"]["strategy"]["type"] == "Recreate"
-        else:
-            assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
-            # The HPA owns the replica count.
-            assert "replicas" not in deployment["spec"]
+        assert hpas[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        # The HPA owns the replica count.
+        assert "replicas" not in deployment["spec"]
+        assert deployment["spec"]["strategy"]["type"] == "RollingUpdate"
         assert all(pod_labels.get(k) == v for k, v in pdbs[name]["spec"]["selector"]["matchLabels"].items())
     custom = [m for m in hpas[name_of("generation")]["spec"]["metrics"] if m["type"] == "Pods"]
     assert custom[0]["pods"]["metric"]["name"] == "tuneloop_generation_grpc_requests_in_flight"
+    # The store scales on consumer lag alone (CPU says nothing about a consumer's backlog).
+    assert [m["type"] for m in hpas[name_of("store")]["spec"]["metrics"]] == ["External"]
     assert "minAvailable" in pdbs[name_of("store")]["spec"]
 
     ingress = next(iter(by_kind(objs, "Ingress").values()))

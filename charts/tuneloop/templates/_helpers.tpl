@@ -100,6 +100,66 @@ Args: (dict "root" $ "image" .Values.generation.image) */}}
 {{- .Values.persistence.store.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "preferences")) }}
 {{- end }}
 
+{{/* "true" when store.root is an object-storage URL (s3://...): no store volume then, anywhere. */}}
+{{- define "tuneloop.storeOnObjectStorage" -}}
+{{- if hasPrefix "s3://" .Values.store.root }}true{{ end }}
+{{- end }}
+
+{{/* Where the preference store's Delta tables live, for every reader and writer: store.root when it
+is a URL or a path inside the store volume, else the store volume's mountPath. */}}
+{{- define "tuneloop.storeRoot" -}}
+{{- $root := .Values.store.root }}
+{{- $mount := .Values.persistence.store.mountPath | trimSuffix "/" }}
+{{- if include "tuneloop.storeOnObjectStorage" . }}
+{{- $root }}
+{{- else if $root }}
+{{- if not (or (eq ($root | trimSuffix "/") $mount) (hasPrefix (printf "%s/" $mount) $root)) }}
+{{- fail (printf "store.root %q is neither an object-storage URL (s3://...) nor a folder inside the store volume (persistence.store.mountPath %q)" $root $mount) }}
+{{- end }}
+{{- $root }}
+{{- else }}
+{{- .Values.persistence.store.mountPath }}
+{{- end }}
+{{- end }}
+
+{{/* EnvVars of every pod that reads or writes the preference store: TUNELOOP_STORE_ROOT and, on
+object storage, the AWS_* settings delta-rs reads itself (YAML list; callers use fromYamlArray
+or nindent). */}}
+{{- define "tuneloop.storeEnv" -}}
+- name: TUNELOOP_STORE_ROOT
+  value: {{ include "tuneloop.storeRoot" . | quote }}
+{{- if include "tuneloop.storeOnObjectStorage" . }}
+{{- $o := .Values.store.objectStorage }}
+{{- with $o.endpoint }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+{{- with $o.region }}
+- name: AWS_REGION
+  value: {{ . | quote }}
+{{- end }}
+{{- if $o.allowHttp }}
+- name: AWS_ALLOW_HTTP
+  value: "true"
+{{- end }}
+{{- /* Concurrent writers (the store replicas) commit safely only with conditional puts. */}}
+- name: AWS_CONDITIONAL_PUT
+  value: etag
+{{- with $o.credentialsSecret }}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_ACCESS_KEY_ID
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: AWS_SECRET_ACCESS_KEY
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "tuneloop.workbenchClaimName" -}}
 {{- .Values.persistence.workbench.existingClaim | default (include "tuneloop.componentName" (dict "root" . "name" "workbench")) }}
 {{- end }}

@@ -7,7 +7,8 @@ Each service's own template files call these with its name and what is particula
   args   extra CLI arguments
   env    extra EnvVars (list of dicts)
   mounts any of "registry" (read-only), "store" (read-write), "store-ro", "runs-ro", "api-keys",
-         "workbench" (the projects ConfigMap and the state volume)
+         "workbench" (the projects ConfigMap and the state volume); the store volume only when
+         store.root is not an object-storage URL (tuneloop.storeOnObjectStorage)
 */}}
 
 {{- define "tuneloop.deployment" -}}
@@ -24,23 +25,20 @@ metadata:
   labels:
     {{- include "tuneloop.labels" $ctx | nindent 4 }}
 spec:
-  {{- if or (not $v.autoscaling.enabled) (eq $name "store") }}
+  {{- if not $v.autoscaling.enabled }}
   replicas: {{ $v.replicas }}
   {{- end }}
   revisionHistoryLimit: 5
   selector:
     matchLabels:
       {{- include "tuneloop.selectorLabels" $ctx | nindent 6 }}
+  {{- /* The store rolls like the others: its replicas share the partitions in one consumer
+  group, and Delta refuses the second of two commits for one partition (a rebalance's overlap). */}}
   strategy:
-    {{- if eq $name "store" }}
-    # The store is the single writer of its volume (a file lock): never two pods at once.
-    type: Recreate
-    {{- else }}
     type: RollingUpdate
     rollingUpdate:
       maxUnavailable: 0
       maxSurge: 1
-    {{- end }}
   template:
     metadata:
       labels:

@@ -2,7 +2,8 @@
 {{- define "tuneloop.trainer.jobSpec" -}}
 {{- $t := .Values.trainer }}
 {{- $ctx := dict "root" . "name" "trainer" }}
-{{- $shm := and $t.shmSize (ne (toString $t.shmSize) "0") -}}
+{{- $shm := and $t.shmSize (ne (toString $t.shmSize) "0") }}
+{{- $storeVolume := not (include "tuneloop.storeOnObjectStorage" .) -}}
 backoffLimit: {{ $t.backoffLimit }}
 activeDeadlineSeconds: {{ $t.activeDeadlineSeconds }}
 ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
@@ -67,8 +68,7 @@ template:
           {{- include "tuneloop.commonEnv" . | nindent 10 }}
           - name: TUNELOOP_REGISTRY_ROOT
             value: {{ .Values.persistence.registry.mountPath | quote }}
-          - name: TUNELOOP_STORE_ROOT
-            value: {{ .Values.persistence.store.mountPath | quote }}
+          {{- include "tuneloop.storeEnv" . | nindent 10 }}
           {{- with .Values.metrics.pushgateway.url }}
           - name: TUNELOOP_TRAINER_PUSHGATEWAY
             value: {{ . | quote }}
@@ -104,9 +104,11 @@ template:
             readOnly: true
           - name: registry
             mountPath: {{ .Values.persistence.registry.mountPath }}
+          {{- if $storeVolume }}
           - name: store
             mountPath: {{ .Values.persistence.store.mountPath }}
             readOnly: true
+          {{- end }}
           - name: runs
             mountPath: {{ .Values.persistence.runs.mountPath }}
     volumes:
@@ -123,10 +125,12 @@ template:
       - name: registry
         persistentVolumeClaim:
           claimName: {{ include "tuneloop.registryClaimName" . }}
+      {{- if $storeVolume }}
       - name: store
         persistentVolumeClaim:
           claimName: {{ include "tuneloop.storeClaimName" . }}
           readOnly: true
+      {{- end }}
       - name: runs
         persistentVolumeClaim:
           claimName: {{ include "tuneloop.runsClaimName" . }}
