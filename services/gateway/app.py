@@ -366,6 +366,10 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     else:
         mount_workbench(app, keys, stub, settings)
 
+    from tuneloop.gateway.erasure import mount as mount_erasures
+
+    mount_erasures(app, authed("lead"))
+
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 

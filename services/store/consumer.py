@@ -76,6 +76,7 @@ from tuneloop.store.tables import (
     append,
     ensure_tables,
     partition_version,
+    scan,
 )
 from tuneloop.v1 import dead_letter_pb2, feedback_pb2
 
@@ -183,6 +184,8 @@ class PreferenceStore:
         self.positions: dict[tuple[str, int], int | None] = {}
         self.pending: dict[tuple[str, int], OrderedDict[int, Waiting]] = {}
         self._replayed_rows: set[str] = set()
+        # Per table and partition: the version its last commit recorded.
+        self._versions: dict[str, dict[tuple[str, int], int | None]] = {name: {} for name in self.tables}
         self._next_agreement = 0.0
         if settings.create_topics:
             ensure_topics(kafka, [self.feedback_topic, self.completions_topic, settings.dlq_topic])
@@ -197,6 +200,8 @@ class PreferenceStore:
         for tp in revoked:
             self.positions.pop((tp.topic, tp.partition), None)
             self.pending.pop((tp.topic, tp.partition), None)
+            for known in self._versions.values():
+                known.pop((tp.topic, tp.partition), None)
         PENDING.set(self.pending_count())
 
     def _resume(self, assigned: Iterable[TopicPartition]) -> None:
@@ -206,10 +211,10 @@ class PreferenceStore:
         replay: list[tuple[str, int, int]] = []
         for tp in assigned:
             key = (tp.topic, tp.partition)
-            if tp.topic == self.completions_topic:
-                versions = [partition_version(self.tables[COMPLETIONS], *key)]
-            else:
-                versions = [partition_version(self.tables[name], *key) for name in (PAIRS, JUDGEMENTS)]
+            names = (COMPLETIONS,) if tp.topic == self.completions_topic else (PAIRS, JUDGEMENTS)
+            versions = [partition_version(self.tables[name], *key) for name in names]
+            for name, version in zip(names, versions, strict=True):
+                self._versions[name][key] = version
             known = [v for v in versions if v is not None]
             start = min(known) if len(known) == len(versions) else None
             if start is None:
@@ -230,13 +235,13 @@ class PreferenceStore:
         for topic, partition, start in starts:
             part = (pc.field("topic") == topic) & (pc.field("partition") == partition) & (pc.field("offset") >= start)
             where = part if where is None else where | part
-        found = self.tables[PAIRS].to_pyarrow_dataset().to_table(columns=["row_id"], filter=where)
+        found = scan(self.tables[PAIRS], ["row_id"], where)
         return set(found.column("row_id").to_pylist())
 
     # --- what the tables hold ---
 
     def _scan(self, name: str, columns: list[str], where: pc.Expression | None = None) -> pa.Table:
-        return self.tables[name].to_pyarrow_dataset().to_table(columns=columns, filter=where)
+        return scan(self.tables[name], columns, where)
 
     def _index_judgements(self, judgements: list[dict]) -> None:
         for row in judgements:
@@ -338,13 +343,14 @@ class PreferenceStore:
                     batch.completions[completion.completion_id] = (completion, rec)
             else:
                 feedback.setdefault((rec.topic, rec.partition), []).append(rec)
+        self._prefetch([rec for records in feedback.values() for rec in records], batch)
         for key, waiting in list(self.pending.items()):
             for offset, item in list(waiting.items()):
                 if self._handle(item, now, batch):
                     del waiting[offset]
                     batch.resolved += 1
             for rec in feedback.pop(key, []):
-                item = Waiting(rec, now)
+                item = Waiting(rec, now, looked_in_table=True)
                 if not self._handle(item, now, batch):
                     waiting[rec.offset] = item
         return batch
@@ -392,6 +398,18 @@ class PreferenceStore:
             batch.ratings.append(joined.rating)
         batch.seen.add(event.event_id)
         return True
+
+    def _prefetch(self, records: list[Record], batch: Batch) -> None:
+        """One read of the completions table for every completion the new feedback names
+        that neither this batch nor the cache holds (written by another replica, or before
+        this process started)."""
+        wanted: set[str] = set()
+        for rec in records:
+            try:
+                wanted.update(judged_completion_ids(parse_feedback(rec.value)))
+            except Unusable:
+                continue  # dead-lettered when handled
+        self._lookup(wanted, batch, look_in_table=True)
 
     def _lookup(self, ids: Iterable[str], batch: Batch, look_in_table: bool) -> dict[str, Completion]:
         found: dict[str, Completion] = {}
@@ -479,9 +497,13 @@ class PreferenceStore:
         )
 
     def _append(self, name: str, rows: list[dict], schema: pa.Schema, versions: Mapping[tuple[str, int], int]) -> None:
+        known = self._versions[name]
+        if not rows and all(known.get(key) == version for key, version in versions.items()):
+            return  # nothing new to record
         table = self.tables[name]
         append(table, pa.Table.from_pylist(rows, schema=schema), versions)
         table.update_incremental()
+        known.update(versions)
 
     def _send_dead_letters(self, dead: list[tuple[Record, Unusable]]) -> None:
         """Send and wait for the broker's acknowledgement: a dead letter is durable before its

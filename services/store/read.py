@@ -33,6 +33,7 @@ from tuneloop.store.tables import (
     app_id,
     is_url,
     open_table,
+    scan,
 )
 
 if TYPE_CHECKING:
@@ -40,10 +41,13 @@ if TYPE_CHECKING:
 
 ANCHORS_FILE = "anchors.json"
 _SNAPSHOT_ID = re.compile(r"^pairs@(?P<version>\d+)$")
-# Partitions probed for a snapshot's offsets; Kafka topics here have far fewer.
-_MAX_PARTITIONS = 1024
+# A snapshot's offsets are found by probing partitions 0, 1, ...; a topic's partitions are
+# numbered densely, so this many misses in a row means there are no more.
+_PROBE_MISSES = 32
 
 Policy = Literal["drop", "keep"]
+# Files come back in no fixed order; records have one.
+_RECORD_ORDER = [("topic", "ascending"), ("partition", "ascending"), ("offset", "ascending")]
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def _read(root: str | Path, name: str, version: int | None, filter: pc.Expressio
         if version is not None and version >= 0:
             raise ValueError(f"store at {root} has no {name} table (asked for version {version})")
         return SCHEMAS[name].empty_table()
-    return table.to_pyarrow_dataset().to_table(filter=filter)
+    return scan(table, where=filter)
 
 
 def current_snapshot(root: str | Path, topics: Iterable[str] = ()) -> Snapshot:
@@ -96,14 +100,22 @@ def snapshot_at(root: str | Path, version: int, topics: Iterable[str] = ()) -> S
     )
     offsets: dict[str, dict[int, int]] = {}
     for topic in names:
-        found = {p: table.transaction_version(app_id(topic, p)) for p in range(_MAX_PARTITIONS)}
-        offsets[topic] = {p: int(v) for p, v in found.items() if v is not None}
+        found, partition, misses = {}, 0, 0
+        while misses < _PROBE_MISSES:
+            version = table.transaction_version(app_id(topic, partition))
+            if version is None:
+                misses += 1
+            else:
+                found[partition], misses = int(version), 0
+            partition += 1
+        offsets[topic] = found
     return Snapshot(version, offsets)
 
 
 def load_rows(root: str | Path, version: int | None = None) -> pd.DataFrame:
-    """The training rows of one pairs-table version (None: the newest), in commit order."""
-    return _read(root, PAIRS, version).to_pandas()
+    """The training rows of one pairs-table version (None: the newest), in the order of the
+    records they came from: the same rows in the same order at every read of a version."""
+    return _read(root, PAIRS, version).sort_by(_RECORD_ORDER + [("row_id", "ascending")]).to_pandas()
 
 
 def load_row_ids(root: str | Path, version: int) -> set[str]:
@@ -114,8 +126,8 @@ def load_row_ids(root: str | Path, version: int) -> set[str]:
 
 
 def load_judgements(root: str | Path, version: int | None = None) -> pd.DataFrame:
-    """Every stored judgement (one row per accepted feedback event)."""
-    return _read(root, JUDGEMENTS, version).to_pandas()
+    """Every stored judgement (one row per accepted feedback event), in record order."""
+    return _read(root, JUDGEMENTS, version).sort_by(_RECORD_ORDER).to_pandas()
 
 
 def load_completions(root: str | Path, ids: Iterable[str] | None = None) -> pd.DataFrame:

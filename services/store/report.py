@@ -102,7 +102,7 @@ def export_cmd(
     """Export the rows at a snapshot as a TRL preference dataset."""
     root = store_root(root)
     try:
-        version = read.current_snapshot(root).version if snapshot_ref == "current" else read.parse_snapshot(snapshot_ref)
+        version = read.versions(root)["pairs"] if snapshot_ref == "current" else read.parse_snapshot(snapshot_ref)
         rows = read.load_rows(root, version)
         dataset = read.to_trl_dataset(rows, tie_policy, both_bad_policy)  # type: ignore[arg-type]
     except ValueError as err:

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -199,3 +200,20 @@ def append(table: DeltaTable, rows: pa.Table, versions: Mapping[tuple[str, int],
 
 def partition_version(table: DeltaTable, topic: str, partition: int) -> int | None:
     return table.transaction_version(app_id(topic, partition))
+
+
+def scan(table: DeltaTable, columns: list[str] | None = None, where: pc.Expression | None = None) -> pa.Table:
+    """Rows of `table` (its loaded version), with Parquet statistics skipping files where they can.
+
+    Files a Delta delete rewrote hold string_view columns that pyarrow's filter kernels do
+    not take: then read the columns as strings and filter after.
+    """
+    dataset = table.to_pyarrow_dataset()
+    try:
+        return dataset.to_table(columns=columns, filter=where)
+    except pa.ArrowNotImplementedError:
+        if where is None:
+            raise
+        data = dataset.to_table(columns=columns)
+        plain = pa.schema([f.with_type(pa.string()) if f.type == pa.string_view() else f for f in data.schema])
+        return data.cast(plain).filter(where)
