@@ -12,6 +12,7 @@ from tuneloop.common.broker import LocalBroker, free_port, install
 from tuneloop.common.kafka import KafkaSettings
 
 from tests import kube as _kube
+from tests.s3server import s3  # noqa: F401 - the session's S3-compatible server
 
 __all__ = ["free_port"]
 

@@ -112,7 +112,7 @@ def test_config_needs_exactly_one_data_source(tiny: Path) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         RewardStageConfig(base_model=str(tiny))
     with pytest.raises(ValueError, match="snapshot needs store_root"):
-        RewardStageConfig(base_model=str(tiny), dataset_path="x.parquet", snapshot="t@0:1")
+        RewardStageConfig(base_model=str(tiny), dataset_path="x.parquet", snapshot="pairs@1")
 
 
 def test_trains_above_chance_registers_and_promotes(tiny: Path, rows_file: Path, tmp_path: Path) -> None:

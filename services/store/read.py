@@ -102,11 +102,11 @@ def snapshot_at(root: str | Path, version: int, topics: Iterable[str] = ()) -> S
     for topic in names:
         found, partition, misses = {}, 0, 0
         while misses < _PROBE_MISSES:
-            version = table.transaction_version(app_id(topic, partition))
-            if version is None:
+            done = table.transaction_version(app_id(topic, partition))
+            if done is None:
                 misses += 1
             else:
-                found[partition], misses = int(version), 0
+                found[partition], misses = int(done), 0
             partition += 1
         offsets[topic] = found
     return Snapshot(version, offsets)
