@@ -9,25 +9,9 @@ from typing import Annotated
 
 import typer
 
+from tuneloop.store.report import Root, store_root
+
 cli = typer.Typer(help="The preference store's tables: migration, erasure, upkeep.", no_args_is_help=True)
-
-Root = Annotated[
-    str | None,
-    typer.Option(help="Store root, a folder or URL (default: TUNELOOP_STORE_ROOT or .tuneloop/store)."),
-]
-
-
-def store_root(root: str | None) -> str:
-    if root is not None:
-        return root
-    from tuneloop.common.settings import SettingsError, load_settings
-    from tuneloop.store.settings import StoreSettings
-
-    try:
-        return load_settings(StoreSettings).root
-    except SettingsError as err:
-        raise typer.BadParameter(str(err)) from None
-
 
 def _fail(err: Exception) -> typer.Exit:
     typer.echo(f"error: {err}", err=True)
