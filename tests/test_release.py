@@ -232,7 +232,10 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any, proje
         if killed:
             return
         run_dir = runs / job.name
-        wait_for("a training checkpoint", lambda: list((run_dir / "train" / "checkpoints").glob("checkpoint-*"))
+        # Complete once its trainer state is written (HF writes it last): a kill before that
+        # leaves a folder the retry rightly does not resume from.
+        wait_for("a complete training checkpoint",
+                 lambda: list((run_dir / "train" / "checkpoints").glob("checkpoint-*/trainer_state.json"))
                  or pod.phase != "Running", 600, poll=0.1)
         assert pod.phase == "Running", pod.log()[-3000:]
         pod.kill()

@@ -56,6 +56,13 @@ class KafkaSettings(BaseSettings):
         description="Cap on the growing wait between reconnects to a broker that was down "
         "(kafka-python's default of 30 s would keep clients away long after a broker restart).",
     )
+    metadata_max_age_ms: int = Field(
+        15_000,
+        ge=1,
+        description="How often clients refresh topic metadata even without a change. A consumer group "
+        "that formed before its topics' partitions were known takes them up within this time "
+        "(kafka-python's default of 5 min would leave it idle that long).",
+    )
     delivery_timeout_ms: int = Field(
         120_000, ge=1, description="Upper bound on reporting a produced record as sent or failed, retries included."
     )
@@ -106,6 +113,7 @@ def make_consumer(settings: KafkaSettings, group_id: str, topics: Sequence[str] 
         isolation_level=settings.isolation_level,
         request_timeout_ms=settings.request_timeout_ms,
         reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
+        metadata_max_age_ms=settings.metadata_max_age_ms,
     )
 
 

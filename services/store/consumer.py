@@ -43,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 from deltalake.exceptions import CommitFailedError
-from kafka import ConsumerRebalanceListener, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
@@ -87,7 +87,7 @@ ROWS = Counter("tuneloop_store_rows_total", "Training rows written, by label.", 
 DEAD_LETTERS = Counter(
     "tuneloop_store_dead_letters_total",
     "Records sent to the dead-letter topic, by reason "
-    "(unparseable, invalid, unknown_completion, tenant_mismatch, different_prompts).",
+    "(unparseable, invalid, unknown_completion, tenant_mismatch, different_prompts, unprocessable).",
     ["reason"],
 )
 DUPLICATES = Counter(
@@ -154,6 +154,28 @@ class Batch:
         return bool(self.positions or self.dead or self.resolved)
 
 
+def _unprocessable(rec: Record, err: Exception) -> Unusable:
+    """A record that broke the join in a way no check foresaw: its dead letter, and the trace in
+    the log, so that one record costs itself and never the partition behind it."""
+    log.exception("unprocessable record", extra={"fields": {"topic": rec.topic, "partition": rec.partition,
+                                                            "offset": rec.offset}})
+    return Unusable("unprocessable", "", f"cannot process: {type(err).__name__}: {err}"[:1000])
+
+
+def _unstick_parked_records(consumer: KafkaConsumer) -> None:
+    """Let records fetched before a pause() be read after resume().
+
+    kafka-python 3.0 parks a paused partition's already-fetched records and stops fetching
+    it until they are handed back, but hands them back only while its in-line slot is None,
+    and it leaves an exhausted batch there instead: the resumed partition is then never read
+    again. An exhausted batch holds nothing, so emptying the slot loses nothing.
+    """
+    fetcher = getattr(consumer, "_fetcher", None)
+    current = getattr(fetcher, "_next_partition_records", None)
+    if current is not None and not current and getattr(fetcher, "_paused_partition_records", None):
+        fetcher._next_partition_records = None
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, store: PreferenceStore) -> None:
         self.store = store
@@ -192,6 +214,25 @@ class PreferenceStore:
         self.producer = make_producer(kafka)
         self.consumer = make_consumer(kafka, settings.group_id)
         self.consumer.subscribe([self.feedback_topic, self.completions_topic], listener=_Rebalance(self))
+        self._await_partition_metadata([self.feedback_topic, self.completions_topic])
+
+    def _await_partition_metadata(self, topics: list[str], timeout_s: float = 30.0) -> None:
+        """Fetch the subscribed topics' metadata before the first poll joins the group.
+
+        kafka-python takes the partitions it assigns from metadata fetched after subscribe();
+        without it the first assignment is empty (or looks stale once metadata arrives) and a
+        second rebalance follows at once. Topics that do not exist yet are left to the
+        periodic refresh (metadata_max_age_ms).
+        """
+        deadline = time.monotonic() + timeout_s
+        missing = list(topics)
+        while missing and time.monotonic() < deadline:
+            known = self.consumer.topics()  # always asks the broker: the group sees the answer
+            missing = [t for t in missing if t not in known or not self.consumer.partitions_for_topic(t)]
+            if missing:
+                time.sleep(0.2)
+        if missing:
+            log.warning("topics without partitions yet", extra={"fields": {"topics": missing}})
 
     # --- ownership ---
 
@@ -312,6 +353,7 @@ class PreferenceStore:
         deadline = time.monotonic() + self.settings.batch_linger_s
         while len(out) < self.settings.batch_max_records:
             left = deadline - time.monotonic()
+            _unstick_parked_records(self.consumer)
             polled = self.consumer.poll(
                 timeout_ms=max(0, int(left * 1000)), max_records=self.settings.batch_max_records - len(out)
             )
@@ -337,8 +379,11 @@ class PreferenceStore:
             if rec.topic == self.completions_topic:
                 try:
                     completion = parse_completion(rec.value)
+                    completion.to_row(rec)
                 except Unusable as err:
                     batch.dead.append((rec, err))
+                except Exception as err:  # no record may stop the store
+                    batch.dead.append((rec, _unprocessable(rec, err)))
                 else:
                     batch.completions[completion.completion_id] = (completion, rec)
             else:
@@ -366,6 +411,9 @@ class PreferenceStore:
             return self._join(item, event, now, batch)
         except Unusable as err:
             batch.dead.append((rec, err))
+            return True
+        except Exception as err:  # no record may stop the store
+            batch.dead.append((rec, _unprocessable(rec, err)))
             return True
 
     def _join(self, item: Waiting, event: feedback_pb2.FeedbackEvent, now: float, batch: Batch) -> bool:
@@ -407,7 +455,7 @@ class PreferenceStore:
         for rec in records:
             try:
                 wanted.update(judged_completion_ids(parse_feedback(rec.value)))
-            except Unusable:
+            except Exception:
                 continue  # dead-lettered when handled
         self._lookup(wanted, batch, look_in_table=True)
 
