@@ -133,6 +133,47 @@ def test_annotator_feedback_is_marked_as_annotator(stack) -> None:
     assert mine.source == feedback_pb2.FEEDBACK_SOURCE_ANNOTATOR and mine.annotator_id == "acme-annotator"
 
 
+def _events_by_id(stack, *event_ids: str) -> dict[str, feedback_pb2.FeedbackEvent]:
+    consumer = KafkaConsumer(FEEDBACK_TOPIC, bootstrap_servers=stack["bootstrap"], auto_offset_reset="earliest",
+                             consumer_timeout_ms=10_000)
+    events = {e.event_id: e for e in (feedback_pb2.FeedbackEvent.FromString(m.value) for m in consumer)}
+    consumer.close()
+    return {i: events[i] for i in event_ids if i in events}
+
+
+def test_an_annotator_key_cannot_judge_as_another_annotator(stack) -> None:
+    """Attacker: a valid annotator key posting as the tenant's gold annotator."""
+    judgement = {"type": "rating", "completion_id": "cmpl-" + "3" * 32, "score": 5, "event_id": uuid.uuid4().hex}
+    r = _feedback(stack, {**judgement, "user": "gold-annotator"}, key="acme-annotator")
+    assert r.status_code == 403 and r.json()["error"]["param"] == "user", r.text
+    honest = uuid.uuid4().hex
+    batch = _feedback(stack, {"events": [{**judgement, "event_id": honest}, {**judgement, "user": "gold-annotator"}]},
+                      key="acme-annotator")
+    assert batch.status_code == 403, "one forged event refuses the request"
+    own = _feedback(stack, {**judgement, "user": "acme-annotator"}, key="acme-annotator")
+    assert own.status_code == 200, own.text
+    sent = _events_by_id(stack, honest, judgement["event_id"])
+    assert list(sent) == [judgement["event_id"]], "nothing of the refused request was sent"
+    assert sent[judgement["event_id"]].annotator_id == "acme-annotator"
+
+
+@pytest.mark.parametrize("mark", ["calibration", "anchor"])
+def test_an_app_key_cannot_mark_calibration_or_anchor_items(stack, mark: str) -> None:
+    r = _feedback(stack, {"type": "rating", "completion_id": "cmpl-" + "4" * 32, "score": 5, mark: True})
+    assert r.status_code == 403 and r.json()["error"]["param"] == mark, r.text
+
+
+def test_an_apps_end_users_are_recorded_as_end_users_never_as_annotators(stack) -> None:
+    """Attacker: an app key naming its end user like one of the tenant's annotators."""
+    event_id = uuid.uuid4().hex
+    r = _feedback(stack, {"type": "rating", "completion_id": "cmpl-" + "5" * 32, "score": 5, "event_id": event_id,
+                          "user": "acme-annotator"})
+    assert r.status_code == 200, r.text
+    mine = _events_by_id(stack, event_id)[event_id]
+    assert mine.source == feedback_pb2.FEEDBACK_SOURCE_END_USER and mine.tenant == "acme"
+    assert mine.annotator_id == "end-user:acme-annotator"
+
+
 def test_feedback_batch_reports_each_event(stack) -> None:
     good = {"type": "rating", "completion_id": "cmpl-" + "0" * 32, "score": 4}
     bad = {"type": "rating", "completion_id": "cmpl-" + "1" * 32, "score": 9}

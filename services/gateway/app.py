@@ -291,6 +291,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
 
     async def submit(items: list, key: ApiKey) -> list[dict]:
         for item in items:
+            refused = convert.identity_refusal(item, key)
+            if refused is not None:
+                raise ApiError(403, f"{refused[0]}: {refused[1]}", "permission_error", refused[0])
             for cid in convert.completion_ids_of(item):
                 if tenancy.foreign(cid, key.tenant):
                     raise ApiError(403, f"completion {cid} belongs to another tenant", "permission_error",

@@ -123,13 +123,41 @@ def _timestamp(dt: datetime | None) -> Timestamp:
     return ts
 
 
+END_USER_PREFIX = "end-user:"
+
+
+def identity_refusal(item: ThumbsIn | RatingIn | PairwiseIn | RankingIn, key: ApiKey) -> tuple[str, str] | None:
+    """(field, reason) when the body claims an identity the key does not give.
+
+    Who judged comes from the key: an annotator key judges as itself; a lead key may record
+    judgements of its tenant's annotators by name (imports, adjudication); an app key's
+    events are its end users'. Only annotator and lead keys mark calibration or anchor items,
+    whose judgements define the known answers and the agreement figures.
+    """
+    if "lead" in key.roles:
+        return None
+    if "annotator" in key.roles:
+        if item.user is not None and item.user != key.name:
+            return "user", f"an annotator key judges as itself ({key.name}); omit user"
+        return None
+    for name in ("calibration", "anchor"):
+        if getattr(item, name):
+            return name, "only annotator and lead keys mark calibration or anchor items"
+    return None
+
+
 def feedback_event(item: ThumbsIn | RatingIn | PairwiseIn | RankingIn, key: ApiKey) -> fpb.FeedbackEvent:
+    if key.roles & {"annotator", "lead"}:
+        source, judge = fpb.FEEDBACK_SOURCE_ANNOTATOR, item.user or key.name
+    else:
+        # An app's end users never share a name with the tenant's annotators.
+        source, judge = fpb.FEEDBACK_SOURCE_END_USER, END_USER_PREFIX + (item.user or key.name)
     ev = fpb.FeedbackEvent(
         event_id=item.event_id,
         created_at=_timestamp(item.created_at),
         tenant=key.tenant,
-        source=fpb.FEEDBACK_SOURCE_ANNOTATOR if "annotator" in key.roles else fpb.FEEDBACK_SOURCE_END_USER,
-        annotator_id=item.user or key.name,
+        source=source,
+        annotator_id=judge,
         project=item.project,
         criteria=item.criteria,
         comment=item.comment,

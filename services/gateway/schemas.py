@@ -69,7 +69,12 @@ class _FeedbackBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
     event_id: Id = Field(default_factory=lambda: uuid.uuid4().hex)
     created_at: datetime | None = Field(None, description="When the judgement was made (default: now).")
-    user: Id | None = Field(None, description="End-user or annotator id (default: the API key's name).")
+    user: Id | None = Field(
+        None,
+        description="An app key: its end user's id (recorded as an end user of the key's tenant). A lead key: "
+        "the annotator whose judgement this is. An annotator key judges as itself: omit it or give the key's name. "
+        "Default: the API key's name.",
+    )
     project: str = Field("", max_length=128)
     criteria: list[Annotated[str, Field(min_length=1, max_length=64)]] = Field(default_factory=list, max_length=16)
     comment: str = Field("", max_length=4096)
