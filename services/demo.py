@@ -36,6 +36,7 @@ from tuneloop.common.processes import ServiceProcess, free_port
 console = Console()
 BEHAVIOUR = re.compile(r"^\s*TL;DR:", re.IGNORECASE)
 SEED = 7
+TENANT = "demo"
 MAX_TOKENS = 64  # answers are cut here, in the demonstrations, the comparisons and the evaluation
 CONCURRENCY = 16
 ANCHOR_BAR = 0.7  # annotators below this accuracy on anchors leave the queue after calibration
@@ -190,7 +191,7 @@ class Demo:
 
         logs = self.root / "logs"
         keys = self.root / "keys.json"
-        keys.write_text(json.dumps([{"sha256": hash_key(k), "tenant": "demo", "name": n, "roles": r}
+        keys.write_text(json.dumps([{"sha256": hash_key(k), "tenant": TENANT, "name": n, "roles": r}
                                     for k, (n, r) in self.keys.items()]))
         procs = [ServiceProcess("generation", ["--model", "policy@production"], self.env, logs),
                  ServiceProcess("feedback", [], self.env, logs),
@@ -280,7 +281,7 @@ class Demo:
         console.print("[bold]Calibration round")
         from tuneloop.store.agreement import measure_store
 
-        quality = {q.annotator_id: q.anchor_accuracy for q in measure_store(store).annotators}
+        quality = {q.annotator_id: q.anchor_accuracy for q in measure_store(store, TENANT).annotators}
         self.agreement_table()
         kept = [a for a in ANNOTATORS if quality.get(a.name, 0.0) >= ANCHOR_BAR]
         dropped = sorted(set(a.name for a in ANNOTATORS) - {a.name for a in kept})
@@ -342,7 +343,7 @@ class Demo:
     def agreement_table(self) -> Table:
         from tuneloop.store.agreement import measure_store
 
-        m = measure_store(self.root / "store")
+        m = measure_store(self.root / "store", TENANT)
         table = Table(title=f"Annotation quality: percent agreement {m.percent_agreement:.2f}, "
                             f"{m.kappa_method} kappa {m.kappa:.2f} over {m.items} items")
         for col in ("annotator", "declared noise", "anchors", "anchor accuracy", "with majority"):
@@ -383,7 +384,7 @@ class Demo:
     def retrain(self, criteria: Path) -> Path:
         config = {
             "policy_name": "policy", "reward_name": "reward",
-            "preferences": {"store_root": str(self.root / "store"), "snapshot": "latest",
+            "preferences": {"store_root": str(self.root / "store"), "tenants": [TENANT], "snapshot": "latest",
                             "tie_policy": "drop", "both_bad_policy": "drop"},
             "criteria": str(criteria),
             "gates": {"min_new_pairs": 16, "min_agreement": 0.65, "min_kappa": 0.4, "min_anchor_accuracy": 0.75},

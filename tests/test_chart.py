@@ -689,9 +689,10 @@ def test_alerts_fire_on_the_signals_they_watch_with_promtool(tmp_path):
         _series(lag, "3000x40", topic="tuneloop.feedback.v1", partition="1", pod="store-0"),
         _series(lag, "11000x40", topic="tuneloop.completions.v1", partition="0", pod="store-0"),
         _series("tuneloop_generation_completion_spool_records", "1500x40", pod="gen-0"),
-        _series("tuneloop_store_agreement_kappa", "0.5x90", pod="store-0"),
-        _series("tuneloop_store_anchor_accuracy", "0.6x90", annotator="a1", pod="store-0"),
-        _series("tuneloop_store_anchor_accuracy", "0.95x90", annotator="a2", pod="store-0"),
+        _series("tuneloop_store_agreement_kappa", "0.5x90", tenant="acme", pod="store-0"),
+        _series("tuneloop_store_agreement_kappa", "0.9x90", tenant="globex", pod="store-0"),
+        _series("tuneloop_store_anchor_accuracy", "0.6x90", tenant="acme", annotator="a1", pod="store-0"),
+        _series("tuneloop_store_anchor_accuracy", "0.95x90", tenant="acme", annotator="a2", pod="store-0"),
         _series("tuneloop_trainer_kl", "12x10"),
         _series("tuneloop_trainer_response_length_ratio", "2x10"),
         # Last success 3.5 days before the test's clock starts (3d 13h 5m before 65m).
@@ -747,9 +748,11 @@ def test_alerts_fire_on_the_signals_they_watch_with_promtool(tmp_path):
         (
             "TuneloopAnnotatorAgreementLow",
             "65m",
-            [("warning", "Agreement (kappa) is 0.50, below 0.65; the retrain gate will refuse new data.", {})],
+            [("warning", "acme: agreement (kappa) is 0.50, below 0.65; the retrain gate will refuse its new data.",
+              {"tenant": "acme"})],
         ),
-        ("TuneloopAnnotatorAnchorDrift", "65m", [("info", "a1 matches 60% of anchor items.", {"annotator": "a1"})]),
+        ("TuneloopAnnotatorAnchorDrift", "65m",
+         [("info", "a1 (acme) matches 60% of anchor items.", {"tenant": "acme", "annotator": "a1"})]),
         ("TuneloopTrainerKLHigh", "6m", [("warning", "KL to the reference model is 12.00 (limit 10).", {})]),
         ("TuneloopTrainerResponseLengthDrift", "6m", [("warning", "Responses are 2.00x the reference length.", {})]),
         (

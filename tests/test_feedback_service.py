@@ -413,7 +413,7 @@ def test_get_agreement_reports_on_the_judgements_the_store_consumed(
         for side in "ab":
             cid = f"c{item}{side}"
             record = completion_pb2.CompletionRecord(
-                completion_id=cid, request_id=f"r{item}", conversation_id=f"r{item}", prompt=prompt,
+                completion_id=cid, request_id=f"r{item}", conversation_id=f"r{item}", prompt=prompt, tenant="acme",
                 completion=completion_pb2.Completion(completion_id=cid, text=f"answer {cid}"),
             )
             producer.send(completions, key=record.conversation_id.encode(), value=record.SerializeToString())
@@ -426,7 +426,7 @@ def test_get_agreement_reports_on_the_judgements_the_store_consumed(
     events = []
     for annotator, choices in verdicts.items():
         for item, verdict in enumerate(choices):
-            event = pairwise(a=f"c{item}a", b=f"c{item}b", annotator_id=annotator)
+            event = pairwise(a=f"c{item}a", b=f"c{item}b", annotator_id=annotator, tenant="acme")
             event.pairwise.choice = choice[verdict]
             events.append(event)
     store_root = tmp_path / "store"
@@ -449,8 +449,12 @@ def test_get_agreement_reports_on_the_judgements_the_store_consumed(
         finally:
             store.close()
 
-        report = stub.GetAgreement(feedback_pb2.AgreementRequest(project="helpfulness"), timeout=30)
-        other = stub.GetAgreement(feedback_pb2.AgreementRequest(project="other"), timeout=30)
+        report = stub.GetAgreement(feedback_pb2.AgreementRequest(tenant="acme", project="helpfulness"), timeout=30)
+        other = stub.GetAgreement(feedback_pb2.AgreementRequest(tenant="acme", project="other"), timeout=30)
+        stranger = stub.GetAgreement(feedback_pb2.AgreementRequest(tenant="globex", project="helpfulness"), timeout=30)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetAgreement(feedback_pb2.AgreementRequest(project="helpfulness"), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "tenant" in refused.value.details()
 
     # Labels per item: ann-1 (a, b, a), ann-2 (a, b, b): agreement 2/3; Cohen's kappa with
     # observed 2/3 and chance 4/9 is (2/3 - 4/9) / (1 - 4/9) = 0.4.
@@ -458,6 +462,7 @@ def test_get_agreement_reports_on_the_judgements_the_store_consumed(
     assert report.percent_agreement == pytest.approx(2 / 3)
     assert report.kappa == pytest.approx(0.4)
     assert (other.items, other.judgements) == (0, 0)
+    assert (stranger.items, stranger.judgements) == (0, 0), "another tenant sees none of them"
 
 
 # --- metrics and start-up ---

@@ -128,6 +128,7 @@ def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "", proje
                     "workbench": {"enabled": True, "projects": {f"{project}.yaml": {**PROJECT, "project": project}}}},
         "trainer": {
             "retrainConfig": {
+                "preferences": {"tenants": ["acme"]},
                 # One annotator, no item judged twice: agreement cannot be measured.
                 "gates": {"min_new_pairs": 6, "allow_unmeasured": True},
                 "reward_model": None,

@@ -601,7 +601,7 @@ def test_cli_export_and_report(store: PreferenceStore, send: Sender, tmp_path: P
     assert wrong.exit_code != 0
 
     done = runner.invoke(
-        cli, ["report", "--root", str(store.root), "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
+        cli, ["report", "--tenant", "acme", "--root", str(store.root), "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv")]
     )
     assert done.exit_code == 0, done.output
     report = json.loads((tmp_path / "r.json").read_text())
@@ -629,25 +629,32 @@ def _agreement_checks(store: PreferenceStore, send: Sender) -> None:
         event(pairwise=(*item2, B), annotator="ann-2"),
         event(pairwise=(*item2, TIE), annotator="ann-3", project="other"),
     )
-    drive(store, lambda: len(load_judgements(store.root)) == 5)
-    everything = agreement.report(store.root)
+    # Attacker: another tenant's annotators judge the same item ids (and name themselves
+    # like acme's); acme's figures must not move.
+    g = [cid() for _ in range(2)]
+    send.completions(*(completion(x, x, tenant="globex") for x in g))
+    send.feedback(*(event(pairwise=(g[0], g[1], TIE), annotator=a, tenant="globex", item_id="|".join(sorted(item)))
+                    for a in ("ann-1", "ann-2", "ann-4") for item in (item1, item2)))
+    drive(store, lambda: len(load_judgements(store.root)) == 11)
+    everything = agreement.report(store.root, "acme")
     assert (everything.items, everything.judgements, everything.annotators) == (2, 5, 3)
     assert everything.kappa_method == "fleiss"
     assert everything.percent_agreement == pytest.approx((1.0 + 0.0) / 2)
-    calibration = agreement.report(store.root, calibration_only=True)
+    calibration = agreement.report(store.root, "acme", calibration_only=True)
     assert (calibration.items, calibration.percent_agreement, calibration.kappa_method) == (1, 1.0, "cohen")
-    assert agreement.report(store.root, project="other").items == 0
+    assert agreement.report(store.root, "acme", project="other").items == 0
+    assert agreement.report(store.root, "globex").percent_agreement == 1.0
 
     # Item 1 becomes an anchor whose known answer is c0: both annotators who judged it were right.
     (Path(store.root) / "anchors.json").write_text(json.dumps({"answers": {"|".join(sorted(item1)): c[0]}}))
-    quality = {q.annotator_id: q for q in agreement.report(store.root).annotators_quality}
+    quality = {q.annotator_id: q for q in agreement.report(store.root, "acme").annotators_quality}
     assert (quality["ann-1"].anchors, quality["ann-1"].anchor_accuracy) == (1, 1.0)
     assert (quality["ann-2"].anchors, quality["ann-2"].anchor_accuracy) == (1, 1.0)
     assert quality["ann-3"].anchors == 0
     # The store's gauges follow the judgements (recomputed at most once an interval).
-    drive(store, lambda: metric("tuneloop_store_anchor_accuracy", annotator="ann-2") == 1.0)
-    assert metric("tuneloop_store_anchor_accuracy", annotator="ann-2") == 1.0
-    assert metric("tuneloop_store_percent_agreement") == pytest.approx(0.5)
+    drive(store, lambda: metric("tuneloop_store_anchor_accuracy", tenant="acme", annotator="ann-2") == 1.0)
+    assert metric("tuneloop_store_percent_agreement", tenant="acme") == pytest.approx(0.5)
+    assert metric("tuneloop_store_percent_agreement", tenant="globex") == 1.0
 
 
 # --- exactly once across kill -9, one writer or two ---

@@ -24,7 +24,8 @@ from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, end_offsets, ensu
 from tuneloop.common.models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.trainer.cli import cli
-from tuneloop.trainer.config import load_config
+from tuneloop.trainer.config import PreferenceSource, load_config
+from tuneloop.trainer.data import load_preferences
 from tuneloop.trainer.retrain import RetrainConfig, run_retrain
 from tuneloop.v1 import completion_pb2, feedback_pb2, model_event_pb2
 
@@ -308,12 +309,18 @@ def test_retrain_from_the_store_with_gates_and_model_events(
 ) -> None:
     store = world.root / "store"
     _store_rows(kafka_settings, store)
+    # The run learns only from the tenants it names.
+    assert len(load_preferences(PreferenceSource(store_root=str(store), tenants=["globex"])).rows) == 0
+    assert len(load_preferences(PreferenceSource(store_root=str(store), tenants=["acme"])).rows) > 0
+    with pytest.raises(ValueError, match="tenants"):
+        PreferenceSource(store_root=str(store))
     ensure_topics(kafka_settings, [MODELS_TOPIC])
     start = end_offsets(kafka_settings, MODELS_TOPIC)
     sets = [
         f"registry_root={world.registry.root}",
         f"runs_dir={world.root / 'runs'}",
         f"preferences.store_root={store}",
+        "preferences.tenants=[acme]",
         f"criteria={world.criteria()}",
         f"kafka_bootstrap_servers={kafka_settings.bootstrap_servers}",
         "gates.min_new_pairs=16",

@@ -131,7 +131,7 @@ def test_calibration_round_in_the_browser(stack, browser) -> None:
     assert len(judged[judged["project"] == "helpful"]) == expected
 
     report = stack["store"].parent / "report.json"
-    subprocess.run([sys.executable, "-m", "tuneloop.cli", "feedback", "report", "--root", str(stack["store"]),
+    subprocess.run([sys.executable, "-m", "tuneloop.cli", "feedback", "report", "--root", str(stack["store"]), "--tenant", "acme",
                     "--project", "helpful", "--calibration-only", "--json", str(report)], check=True)
     cli = json.loads(report.read_text())
 

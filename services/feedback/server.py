@@ -106,7 +106,9 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         # Imported on first use: it brings the store's Parquet stack, which ingestion never needs.
         from tuneloop.store import agreement
 
-        return agreement.report(self.settings.store_root, request.project, request.calibration_only)
+        if not request.tenant:
+            abort_invalid(context, FieldError("tenant", "required: agreement is measured within one tenant"))
+        return agreement.report(self.settings.store_root, request.tenant, request.project, request.calibration_only)
 
     def close(self) -> None:
         """Deliver what the producer still holds (records of calls that timed out), then close it."""

@@ -268,7 +268,8 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         p = project_or_404(name, key)
         try:
             report = await stub("feedback").GetAgreement(
-                feedback_pb2.AgreementRequest(project=p.project, calibration_only=calibration_only), timeout=30)
+                feedback_pb2.AgreementRequest(tenant=key.tenant, project=p.project,
+                                              calibration_only=calibration_only), timeout=30)
         except grpc.RpcError as err:
             raise from_rpc(err) from None
         return {

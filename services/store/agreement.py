@@ -1,5 +1,7 @@
 """Annotation quality over the raw judgements: how much annotators agree, and how well each
-one matches the known answers of anchor items over time (drift).
+one matches the known answers of anchor items over time (drift). Every figure is one
+tenant's: another tenant's judgements (even of the same item ids, by annotators of the same
+names) never enter it, nor define its known answers.
 
 Labels. Agreement compares judgements of one item (`item_id`). A verdict becomes a label
 relative to the item's completions sorted by id, so a category means the same on every item
@@ -233,13 +235,28 @@ def _share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else NAN
 
 
-def measure_store(root: Path | str, project: str = "", calibration_only: bool = False) -> Agreement:
-    """`measure` over a store's judgements, optionally one project's or calibration items only."""
+def measure_store(root: Path | str, tenant: str, project: str = "", calibration_only: bool = False) -> Agreement:
+    """`measure` over one tenant's judgements in a store, optionally one project's or
+    calibration items only. Known answers come from that tenant's gold annotators (and the
+    anchors file): another tenant's events never define them."""
     from tuneloop.store.read import load_judgements
 
-    judgements = load_judgements(root)
-    file = read_anchors_file(root)
-    # Answers come from every judgement: a gold label stays known when the view is narrowed.
+    return _measure_tenant(load_judgements(root), read_anchors_file(root), tenant, project, calibration_only)
+
+
+def measure_every_tenant(root: Path | str) -> dict[str, Agreement]:
+    """`measure_store` for each tenant with judgements in the store, from one read."""
+    from tuneloop.store.read import load_judgements
+
+    judgements, file = load_judgements(root), read_anchors_file(root)
+    return {tenant: _measure_tenant(judgements, file, tenant) for tenant in sorted(set(judgements["tenant"]))}
+
+
+def _measure_tenant(
+    judgements: pd.DataFrame, file: KnownAnswers, tenant: str, project: str = "", calibration_only: bool = False
+) -> Agreement:
+    judgements = judgements[judgements["tenant"] == tenant]
+    # Answers come from every judgement of the tenant: a gold label stays known when the view is narrowed.
     answers = known_answers(judgements, file)
     if project:
         judgements = judgements[judgements["project"] == project]
@@ -248,6 +265,8 @@ def measure_store(root: Path | str, project: str = "", calibration_only: bool = 
     return measure(judgements, answers, file.gold)
 
 
-def report(store_root: Path | str, project: str = "", calibration_only: bool = False) -> feedback_pb2.AgreementReport:
+def report(
+    store_root: Path | str, tenant: str, project: str = "", calibration_only: bool = False
+) -> feedback_pb2.AgreementReport:
     """The Feedback service's GetAgreement answer."""
-    return measure_store(store_root, project, calibration_only).to_proto()
+    return measure_store(store_root, tenant, project, calibration_only).to_proto()

@@ -103,12 +103,17 @@ COMMIT_SECONDS = Histogram(
     "One batch's commit: dead letters acknowledged, then the Delta appends.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
-KAPPA = Gauge("tuneloop_store_agreement_kappa", "Cohen's or Fleiss' kappa over multi-annotated items (NaN: none).")
+KAPPA = Gauge(
+    "tuneloop_store_agreement_kappa", "Cohen's or Fleiss' kappa over a tenant's multi-annotated items (NaN: none).",
+    ["tenant"],
+)
 PERCENT_AGREEMENT = Gauge(
-    "tuneloop_store_percent_agreement", "Mean share of annotator pairs agreeing on an item (NaN: none)."
+    "tuneloop_store_percent_agreement", "Mean share of annotator pairs agreeing on a tenant's item (NaN: none).",
+    ["tenant"],
 )
 ANCHOR_ACCURACY = Gauge(
-    "tuneloop_store_anchor_accuracy", "Share of anchor items an annotator judged as the known answer.", ["annotator"]
+    "tuneloop_store_anchor_accuracy", "Share of anchor items an annotator judged as the known answer.",
+    ["tenant", "annotator"],
 )
 
 _RATING_KINDS = ("rating", "thumbs")
@@ -614,11 +619,11 @@ class PreferenceStore:
         if now < self._next_agreement:
             return
         self._next_agreement = now + self.settings.agreement_interval_s
-        measured = agreement.measure_store(self.root)
-        KAPPA.set(measured.kappa)
-        PERCENT_AGREEMENT.set(measured.percent_agreement)
-        for quality in measured.annotators:
-            ANCHOR_ACCURACY.labels(quality.annotator_id).set(quality.anchor_accuracy)
+        for tenant, measured in agreement.measure_every_tenant(self.root).items():
+            KAPPA.labels(tenant).set(measured.kappa)
+            PERCENT_AGREEMENT.labels(tenant).set(measured.percent_agreement)
+            for quality in measured.annotators:
+                ANCHOR_ACCURACY.labels(tenant, quality.annotator_id).set(quality.anchor_accuracy)
 
     # --- lifetime ---
 

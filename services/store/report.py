@@ -45,14 +45,15 @@ def _json_value(value: object) -> object:
 
 @cli.command("report")
 def report_cmd(
+    tenant: Annotated[str, typer.Option(help="The tenant whose annotators are measured.")],
     root: Root = None,
-    project: Annotated[str, typer.Option(help="Only this project ('' = all).")] = "",
+    project: Annotated[str, typer.Option(help="Only this project ('' = all of the tenant's).")] = "",
     calibration_only: Annotated[bool, typer.Option(help="Only calibration items.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     csv_out: Annotated[Path | None, typer.Option("--csv", help="Write the per-annotator table as CSV here.")] = None,
 ) -> None:
     """Agreement between annotators and each annotator's anchor accuracy (drift)."""
-    measured = agreement.measure_store(store_root(root), project, calibration_only)
+    measured = agreement.measure_store(store_root(root), tenant, project, calibration_only)
     console = Console()
     console.print(
         f"items judged by ≥2 annotators: {measured.items}   judgements: {measured.judgements}   "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -247,6 +247,11 @@ class PreferenceSource(Strict):
     path: Path | None = Field(
         None, description="JSONL file or saved HF dataset with prompt/chosen/rejected (strings or chat messages)."
     )
+    tenants: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="The tenants whose preferences the run may use (required with store_root: there is no "
+        "implicit 'all'). Only their rows are trained on, and the agreement gates must hold for each of them.",
+    )
     tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.store.read).")
     both_bad_policy: str = Field("drop", description="How 'both bad' judgements enter training.")
 
@@ -259,6 +264,8 @@ class PreferenceSource(Strict):
     def _one(self) -> PreferenceSource:
         if (self.store_root is None) == (self.path is None):
             raise ValueError("set exactly one of store_root and path")
+        if self.store_root is not None and not self.tenants:
+            raise ValueError("tenants: name the tenants whose preferences this run may use")
         return self
 
 

@@ -315,19 +315,28 @@ def check_gates(config: RetrainConfig, data: PreferenceData, parent_card: Any) -
     else:
         from tuneloop.store.agreement import report
 
-        quality = report(store)
-        anchored = [a for a in quality.annotators_quality if a.anchors > 0]
-        anchor_accuracy = (
-            sum(a.anchor_accuracy * a.anchors for a in anchored) / sum(a.anchors for a in anchored) if anchored else None
-        )
-        no_overlap = "no item was judged by two annotators"
-        checks += [
-            _gate("agreement", quality.percent_agreement if quality.items else None, g.min_agreement, g.allow_unmeasured, no_overlap),
-            _gate("kappa", quality.kappa if quality.items else None, g.min_kappa, g.allow_unmeasured, no_overlap + " or all labels agree"),
-            _gate("anchor_accuracy", anchor_accuracy, g.min_anchor_accuracy, g.allow_unmeasured, "no anchor judgements"),
-        ]
+        # Each tenant's annotators are measured on their own: one tenant's judgements can
+        # neither carry another's data past the gates nor hold it back.
+        for tenant in config.preferences.tenants:
+            quality = report(store, tenant)
+            anchored = [a for a in quality.annotators_quality if a.anchors > 0]
+            anchor_accuracy = (
+                sum(a.anchor_accuracy * a.anchors for a in anchored) / sum(a.anchors for a in anchored)
+                if anchored else None
+            )
+            no_overlap = "no item was judged by two annotators"
+            measured = [
+                _gate("agreement", quality.percent_agreement if quality.items else None, g.min_agreement,
+                      g.allow_unmeasured, no_overlap),
+                _gate("kappa", quality.kappa if quality.items else None, g.min_kappa, g.allow_unmeasured,
+                      no_overlap + " or all labels agree"),
+                _gate("anchor_accuracy", anchor_accuracy, g.min_anchor_accuracy, g.allow_unmeasured,
+                      "no anchor judgements"),
+            ]
+            checks += [{**check, "tenant": tenant} for check in measured]
     failed = [c for c in checks if not c["passed"]]
-    return {"passed": not failed, "checks": checks, "reason": "; ".join(f"{c['name']}: {c['reason']}" for c in failed)}
+    reasons = [f"{c['name']}: {c['reason']}" + (f" (tenant {c['tenant']})" if "tenant" in c else "") for c in failed]
+    return {"passed": not failed, "checks": checks, "reason": "; ".join(reasons)}
 
 
 # ---- the pipeline ------------------------------------------------------------------------

@@ -142,12 +142,14 @@ class SubmitBatchResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[SubmitResult, _Mapping]]] = ...) -> None: ...
 
 class AgreementRequest(_message.Message):
-    __slots__ = ("project", "calibration_only")
+    __slots__ = ("project", "calibration_only", "tenant")
     PROJECT_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_ONLY_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     project: str
     calibration_only: bool
-    def __init__(self, project: _Optional[str] = ..., calibration_only: _Optional[bool] = ...) -> None: ...
+    tenant: str
+    def __init__(self, project: _Optional[str] = ..., calibration_only: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class AgreementReport(_message.Message):
     __slots__ = ("items", "judgements", "annotators", "percent_agreement", "kappa", "kappa_method", "annotators_quality")
