@@ -215,6 +215,20 @@ def test_rate_limit_is_429_with_retry_after(stack, tmp_path: Path) -> None:
     assert codes[2].status_code == 429 and int(codes[2].headers["Retry-After"]) >= 1
 
 
+def test_a_failed_backend_reaches_clients_as_a_stable_message_without_internals(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"sha256": hash_key("k"), "tenant": "t", "roles": ["app"]}]))
+    env = {"TUNELOOP_GATEWAY_API_KEYS_FILE": str(keys), "TUNELOOP_GATEWAY_GENERATION_TARGET": "127.0.0.1:9"}
+    with ServiceProcess("gateway", [], env, tmp_path, http=True) as gw:
+        r = httpx.post(f"http://{gw.target}/v1/chat/completions", headers={"Authorization": "Bearer k"}, timeout=60,
+                       json={"model": "production", "messages": MESSAGES})
+        logged = gw.log_tail()
+    assert r.status_code == 503, r.text
+    message, request_id = r.json()["error"]["message"], r.headers["X-Request-Id"]
+    assert message == f"the model backend is unavailable; retry later (request {request_id})"
+    assert "127.0.0.1" in logged and request_id in logged, "the details are in the log, under the request id"
+
+
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_no_5xx_for_generated_requests(stack, mode: str) -> None:
     """schemathesis against the gateway's own OpenAPI spec, with a valid key: never a 5xx,

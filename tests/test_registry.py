@@ -393,3 +393,27 @@ def test_cli_list_show_promote_rollback(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "policy@production -> v0001" in result.output
     bad = run(app, ["show", "policy@nope"])
     assert bad.exit_code == 1 and "alias policy@nope is not set" in bad.output
+
+
+@pytest.mark.parametrize("content", [b"", b"{not json", b"\xff\xfe", b"[]", b"null", b'{"version": 5}',
+                                     b'{"version": "../../etc"}', b'{"stack": []}'])
+def test_a_damaged_alias_file_is_a_registry_error_and_never_stops_the_watcher(
+    reg: Registry, tmp_path: Path, content: bytes
+) -> None:
+    from tuneloop.generation.swap import AliasWatcher
+
+    for i in range(2):
+        reg.register("policy", model_dir(tmp_path / str(i), str(i)), kind="policy")
+    reg.promote("policy", "v0001")
+    reg.promote("policy", "v0002", alias="candidate")
+    (reg.root / "policy" / "aliases" / "production.json").write_bytes(content)
+    with pytest.raises(RegistryError, match="not an alias file"):
+        reg.current("policy")
+    assert reg.aliases("policy") == {"candidate": "v0002"}, "the damaged alias hides itself, not the others"
+    swaps: list[str] = []
+    watcher = AliasWatcher(reg, "policy", "production", "v0001", swaps.append)
+    watcher.check()  # logs and keeps serving
+    (reg.root / "policy" / "aliases" / "production.json").write_bytes(
+        (reg.root / "policy" / "aliases" / "candidate.json").read_bytes())
+    watcher.check()
+    assert swaps == ["v0002"], "the watcher reads on once the file is whole again"

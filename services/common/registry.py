@@ -269,8 +269,15 @@ class Registry:
             return {}
         out = {}
         for path in sorted(folder.glob("*.json")):
-            if NAME_RE.match(path.stem):
-                out[path.stem] = self._read_alias(name, path.stem)["version"]
+            if not NAME_RE.match(path.stem):
+                continue
+            try:
+                state = self._read_alias(name, path.stem)
+            except RegistryError as err:  # one damaged alias file hides itself, not the others
+                log.warning("unreadable alias skipped", extra={"fields": {"error": str(err)}})
+                continue
+            if state is not None:
+                out[path.stem] = state["version"]
         return out
 
     def current(self, name: str, alias: str = "production") -> str | None:
@@ -519,10 +526,20 @@ class Registry:
         return self.root / name / "aliases" / f"{alias}.json"
 
     def _read_alias(self, name: str, alias: str) -> dict[str, Any] | None:
+        """The alias file's state, None when there is none; RegistryError for any other content."""
+        path = self._alias_path(name, alias)
         try:
-            return json.loads(self._alias_path(name, alias).read_bytes())
+            state = json.loads(path.read_bytes())
         except FileNotFoundError:
             return None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise RegistryError(f"{path}: not an alias file ({err})") from None
+        version = state.get("version") if isinstance(state, dict) else None
+        if not isinstance(version, str) or not VERSION_RE.match(version):
+            raise RegistryError(f"{path}: not an alias file (no version like v0001)")
+        if not isinstance(state.get("stack"), list):
+            state["stack"] = [version]
+        return state
 
     def _write_alias(
         self,

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -59,8 +60,23 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+# What a client reads when a backend fails on its side: stable text, never the backend's
+# own (addresses, exception text). The details go to the log under the request id.
+_BACKEND_FAILED = {
+    503: "the model backend is unavailable; retry later",
+    504: "the model backend did not answer in time; retry later",
+    502: "the model backend failed",
+}
+
+
 def from_rpc(err: grpc.RpcError) -> ApiError:
     status, type_ = GRPC_TO_HTTP.get(err.code(), (502, "upstream_error"))
+    if status >= 500:
+        request_id = uuid.uuid4().hex[:16]
+        log.warning("backend call failed", extra={"fields": {"request_id": request_id, "code": err.code().name,
+                                                             "details": err.details()}})
+        return ApiError(status, f"{_BACKEND_FAILED[status]} (request {request_id})", type_,
+                        headers={"X-Request-Id": request_id})
     field = field_of(err) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
     return ApiError(status, err.details() or err.code().name, type_, field)
 
