@@ -242,13 +242,13 @@ def test_pairwise_rule_keeps_order_ties_and_both_bad() -> None:
 def test_ranking_rules_all_pairs_or_adjacent() -> None:
     ranked = ["c1", "c2", "c3", "c4"]
     every = ranking_pairs(ranked, PairRules(ranking="all"))
-    assert [(p.chosen_id, p.rejected_id) for p in every] == [
+    assert [(p.chosen_id, p.rejected_id) for p in every] == [  # closest ranks first
         ("c1", "c2"),
-        ("c1", "c3"),
-        ("c1", "c4"),
         ("c2", "c3"),
-        ("c2", "c4"),
         ("c3", "c4"),
+        ("c1", "c3"),
+        ("c2", "c4"),
+        ("c1", "c4"),
     ]
     assert {p.rule for p in every} == {"ranking_all"}
     adjacent = ranking_pairs(ranked, PairRules(ranking="adjacent"))
@@ -257,6 +257,19 @@ def test_ranking_rules_all_pairs_or_adjacent() -> None:
         ("c2", "c3", "ranking_adjacent"),
         ("c3", "c4", "ranking_adjacent"),
     ]
+
+
+def test_one_event_adds_at_most_max_pairs() -> None:
+    """Amplification: a 64-id ranking would be 2,016 pairs, a rating on a busy prompt one
+    pair per earlier rating; the cap keeps the closest ranks and the latest ratings."""
+    ranked = [f"c{i:02d}" for i in range(64)]
+    capped = ranking_pairs(ranked, PairRules(ranking="all", max_pairs=70))
+    assert len(capped) == 70 and len(ranking_pairs(ranked, PairRules(ranking="all", max_pairs=10_000))) == 2016
+    assert all(int(p.rejected_id[1:]) - int(p.chosen_id[1:]) <= 2 for p in capped)
+    assert len(ranking_pairs(ranked, PairRules(ranking="adjacent", max_pairs=5))) == 5
+    earlier = [_rating(f"e{i}", f"c{i}", 1.0) for i in range(100)]
+    latest = rating_pairs(_rating("new", "cn", 5.0), earlier, PairRules(max_pairs=3))
+    assert [p.other_event_id for p in latest] == ["e99", "e98", "e97"]
 
 
 def test_rating_rule_margin_scale_scope_and_annotator() -> None:

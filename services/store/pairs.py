@@ -47,6 +47,7 @@ class PairRules:
     thumbs_pairs: bool = True
     rating_scope: RatingScope = "prompt"
     rating_same_annotator: bool = True
+    max_pairs: int = 64
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,18 @@ def pairwise_pairs(choice: int, a: str, b: str) -> list[Pair]:
 
 
 def ranking_pairs(ranked: Sequence[str], rules: PairRules) -> list[Pair]:
-    """Pairs from completion ids ordered best first."""
+    """Pairs from completion ids ordered best first, at most `rules.max_pairs`: those of the
+    closest ranks first (adjacent ones, then two apart, ...), which carry the finest signal."""
     if rules.ranking == "adjacent":
-        return [Pair(ranked[i], ranked[i + 1], PREFERENCE, "ranking_adjacent") for i in range(len(ranked) - 1)]
-    return [
-        Pair(ranked[i], ranked[j], PREFERENCE, "ranking_all")
-        for i in range(len(ranked))
-        for j in range(i + 1, len(ranked))
-    ]
+        pairs = [Pair(ranked[i], ranked[i + 1], PREFERENCE, "ranking_adjacent") for i in range(len(ranked) - 1)]
+        return pairs[: rules.max_pairs]
+    out: list[Pair] = []
+    for gap in range(1, len(ranked)):
+        for i in range(len(ranked) - gap):
+            if len(out) == rules.max_pairs:
+                return out
+            out.append(Pair(ranked[i], ranked[i + gap], PREFERENCE, "ranking_all"))
+    return out
 
 
 def same_group(a: Rating, b: Rating, rules: PairRules) -> bool:
@@ -116,12 +121,15 @@ def same_group(a: Rating, b: Rating, rules: PairRules) -> bool:
 
 
 def rating_pairs(new: Rating, earlier: Iterable[Rating], rules: PairRules) -> list[Pair]:
-    """Pairs between a newly stored rating and the ratings stored before it."""
+    """Pairs between a newly stored rating and the ratings stored before it (oldest first), at
+    most `rules.max_pairs`: with the latest comparable ones."""
     enabled = rules.rating_pairs if new.kind == "score" else rules.thumbs_pairs
     if not enabled:
         return []
-    pairs = []
-    for old in earlier:
+    pairs: list[Pair] = []
+    for old in reversed(list(earlier)):
+        if len(pairs) == rules.max_pairs:
+            break
         if not same_group(new, old, rules):
             continue
         gap = new.value - old.value

@@ -68,6 +68,12 @@ class StoreSettings(BaseSettings):
         "prompt", description="Ratings compare within one request's candidates, or across requests of the same prompt."
     )
     rating_same_annotator: bool = Field(True, description="Ratings compare only when given by the same annotator.")
+    max_pairs_per_event: int = Field(
+        64,
+        ge=1,
+        description="Most pairs one event may add (each copies the prompt and both answers): a ranking keeps "
+        "its pairs of closest ranks first, a rating pairs with its latest comparable ratings.",
+    )
     end_user_weight: float = Field(
         1.0, ge=0, description="Weight of rows from end users' feedback (annotators' rows weigh 1)."
     )
@@ -88,4 +94,5 @@ class StoreSettings(BaseSettings):
             thumbs_pairs=self.thumbs_pairs,
             rating_scope=self.rating_scope,
             rating_same_annotator=self.rating_same_annotator,
+            max_pairs=self.max_pairs_per_event,
         )
