@@ -800,6 +800,23 @@ def test_a_reader_holding_a_version_sees_the_same_rows_while_writes_go_on(
         assert len(rows_of(store)) > 20 and current_snapshot(store.root).version > held.version
 
 
+def test_training_keeps_each_judges_latest_answer_per_item(store: PreferenceStore, send: Sender) -> None:
+    """An annotator who answers the same item again replaces their answer (repeating it 20
+    times adds no weight); other annotators and other tenants keep theirs."""
+    from tuneloop.store.read import latest_judgement_rows
+
+    c = [cid() for _ in range(2)]
+    g = [cid() for _ in range(2)]
+    send.completions(*(completion(x, x) for x in c), *(completion(x, x, tenant="globex") for x in g))
+    send.feedback(*(event(pairwise=(c[0], c[1], A)) for _ in range(20)))
+    send.feedback(event(pairwise=(c[0], c[1], B)), event(pairwise=(c[0], c[1], A), annotator="ann-2"),
+                  event(pairwise=(g[0], g[1], A), tenant="globex"))
+    drive(store, lambda: len(rows_of(store)) == 23)
+    kept = latest_judgement_rows(rows_of(store))
+    assert sorted(zip(kept["tenant"], kept["annotator_id"], kept["chosen_id"], strict=True)) == sorted(
+        [("acme", "ann-1", c[1]), ("acme", "ann-2", c[0]), ("globex", "ann-1", g[0])])
+
+
 def test_duckdb_reads_the_same_tables_as_the_readme_shows(store: PreferenceStore, send: Sender) -> None:
     import duckdb
     from deltalake import DeltaTable

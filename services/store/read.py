@@ -118,6 +118,19 @@ def load_rows(root: str | Path, version: int | None = None) -> pd.DataFrame:
     return _read(root, PAIRS, version).sort_by(_RECORD_ORDER + [("row_id", "ascending")]).to_pandas()
 
 
+def latest_judgement_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """Only the rows of each (tenant, annotator, item)'s latest judgement: a judge who
+    answers the same item again replaces their answer, and repeating it adds no weight.
+    Latest is by judgement time, then record order; rows keep their order."""
+    if rows.empty:
+        return rows
+    events = rows.drop_duplicates("event_id")[["event_id", "tenant", "annotator_id", "item_id", "created_at",
+                                               "partition", "offset"]]
+    latest = events.sort_values(["created_at", "partition", "offset"], kind="stable").drop_duplicates(
+        ["tenant", "annotator_id", "item_id"], keep="last")
+    return rows[rows["event_id"].isin(set(latest["event_id"]))].reset_index(drop=True)
+
+
 def load_row_ids(root: str | Path, version: int) -> set[str]:
     table = open_table(root, PAIRS, version)
     if table is None:

@@ -135,7 +135,7 @@ def load_preferences(source: PreferenceSource) -> PreferenceData:
         except (ValueError, OSError) as err:
             raise ConfigError(f"preferences.snapshot: {err}") from None
         rows = read.load_rows(source.store_root, snap.version)
-        rows = rows[rows["tenant"].isin(source.tenants)].reset_index(drop=True)
+        rows = read.latest_judgement_rows(rows[rows["tenant"].isin(source.tenants)])
         return PreferenceData(
             rows=rows, source=snap.id, offsets=snap.offsets, version=snap.version, store_root=source.store_root
         )
