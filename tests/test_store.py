@@ -846,6 +846,27 @@ def test_waiting_feedback_is_bounded_and_reading_goes_on_once_it_joins(
         assert store.pending_count() == 0
 
 
+def test_one_tenant_cannot_fill_the_waiting_room(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    """Attacker: globex floods feedback naming completions that never come. Its oldest waiting
+    events beyond its share are dead-lettered; acme's waiting event is kept and joins."""
+    settings = store_settings.model_copy(update={"pending_max": 4, "pending_max_per_tenant": 2})
+    c = [cid() for _ in range(2)]
+    flood = [event(pairwise=(cid(), cid(), A), tenant="globex", item_id="flood") for _ in range(5)]
+    mine = event(pairwise=(c[0], c[1], A))
+    with PreferenceStore(settings, kafka_settings) as store:
+        send.feedback(*flood, mine)
+        drive(store, lambda: metric("tuneloop_store_dead_letters_total", reason="pending_limit") >= 3
+              and store.pending_count() == 3)
+        send.completions(*(completion(x, x) for x in c))
+        drive(store, lambda: mine.event_id in set(load_judgements(store.root)["event_id"]))
+    letters = dead_letters(kafka_settings, settings.dlq_topic, 3)
+    shed = [feedback_pb2.FeedbackEvent.FromString(letter.value).event_id for letter in letters
+            if letter.reason.startswith("tenant globex has more than 2")]
+    assert shed == [e.event_id for e in flood[:3]], "the oldest go first"
+
+
 def test_the_store_on_object_storage_joins_and_another_process_reads_the_version(
     store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender, s3: S3Server,
     monkeypatch: pytest.MonkeyPatch,

@@ -23,7 +23,8 @@ each names its source topic, partition and offset.
 
 Feedback waits for its completion at most `join_timeout_s` from when this process first
 read it, then it is dead-lettered; at most `pending_max` events wait, then feedback
-partitions pause until some resolve. No record stops the consumer: whatever cannot become
+partitions pause until some resolve, and at most `pending_max_per_tenant` of one tenant's
+(its oldest beyond that are dead-lettered). No record stops the consumer: whatever cannot become
 rows goes to tuneloop.feedback.dlq.v1 naming the field and the reason.
 """
 
@@ -87,7 +88,7 @@ ROWS = Counter("tuneloop_store_rows_total", "Training rows written, by label.", 
 DEAD_LETTERS = Counter(
     "tuneloop_store_dead_letters_total",
     "Records sent to the dead-letter topic, by reason "
-    "(unparseable, invalid, unknown_completion, tenant_mismatch, different_prompts, unprocessable).",
+    "(unparseable, invalid, unknown_completion, tenant_mismatch, different_prompts, unprocessable, pending_limit).",
     ["reason"],
 )
 DUPLICATES = Counter(
@@ -138,6 +139,7 @@ class Waiting:
     record: Record
     first_seen: float
     looked_in_table: bool = False
+    tenant: str = ""
 
 
 @dataclass
@@ -402,8 +404,28 @@ class PreferenceStore:
             for rec in feedback.pop(key, []):
                 item = Waiting(rec, now, looked_in_table=True)
                 if not self._handle(item, now, batch):
+                    item.tenant = parse_feedback(rec.value).tenant  # parsed fine in _handle
                     waiting[rec.offset] = item
+        self._shed_tenant_overflow(batch)
         return batch
+
+    def _shed_tenant_overflow(self, batch: Batch) -> None:
+        """Dead-letter each tenant's oldest waiting events beyond its share of the waiting room."""
+        by_tenant: dict[str, list[tuple[tuple[str, int], int, Waiting]]] = {}
+        for key, waiting in self.pending.items():
+            for offset, item in waiting.items():
+                by_tenant.setdefault(item.tenant, []).append((key, offset, item))
+        limit = self.settings.pending_max_per_tenant
+        for tenant, items in by_tenant.items():
+            if len(items) <= limit:
+                continue
+            items.sort(key=lambda entry: (entry[2].first_seen, entry[0], entry[1]))
+            for key, offset, item in items[: len(items) - limit]:
+                del self.pending[key][offset]
+                batch.resolved += 1
+                batch.dead.append((item.record, Unusable(
+                    "pending_limit", "tenant",
+                    f"tenant {tenant} has more than {limit} events waiting for their completions")))
 
     def _handle(self, item: Waiting, now: float, batch: Batch) -> bool:
         """Store, skip or dead-letter the record; False while it must keep waiting."""

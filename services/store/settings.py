@@ -49,6 +49,13 @@ class StoreSettings(BaseSettings):
         description="Most feedback events held waiting for their completions; at the bound the store stops "
         "reading feedback (completions keep flowing) until some are joined or dead-lettered.",
     )
+    pending_max_per_tenant: int = Field(
+        1_000,
+        ge=1,
+        description="Most of one tenant's feedback events held waiting; beyond it that tenant's oldest waiting "
+        "event is dead-lettered (reason pending_limit), so one tenant naming completions that never come "
+        "cannot fill the waiting room and pause everyone's feedback.",
+    )
     completion_cache_max: int = Field(
         100_000,
         ge=0,
