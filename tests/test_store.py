@@ -272,6 +272,19 @@ def test_one_event_adds_at_most_max_pairs() -> None:
     assert [p.other_event_id for p in latest] == ["e99", "e98", "e97"]
 
 
+def test_no_tenant_exceeds_its_share_of_a_training_snapshot() -> None:
+    from tuneloop.store.read import cap_tenant_share
+
+    rows = pd.DataFrame({"tenant": ["big"] * 90 + ["small"] * 10, "n": range(100)})
+    kept = cap_tenant_share(rows, 0.6)
+    assert kept["tenant"].value_counts().to_dict() == {"big": 15, "small": 10}  # 15/25 = 0.6, the most allowed
+    assert list(kept[kept["tenant"] == "big"]["n"]) == list(range(75, 90)), "the latest rows, in order"
+    three = pd.DataFrame({"tenant": ["a"] * 50 + ["b"] * 30 + ["c"] * 20, "n": range(100)})
+    shares = cap_tenant_share(three, 0.4)["tenant"].value_counts(normalize=True)
+    assert shares.max() <= 0.4 and len(cap_tenant_share(three, 0.4)) == 83
+    assert cap_tenant_share(rows[rows["tenant"] == "big"], 0.1).equals(rows[rows["tenant"] == "big"])
+
+
 def test_rating_rule_margin_scale_scope_and_annotator() -> None:
     rules = PairRules(rating_margin=1.0)
     new = _rating("e9", "c9", 4.0)

@@ -131,6 +131,25 @@ def latest_judgement_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["event_id"].isin(set(latest["event_id"]))].reset_index(drop=True)
 
 
+def cap_tenant_share(rows: pd.DataFrame, share: float) -> pd.DataFrame:
+    """At most `share` of the rows from any one tenant (with two tenants or more): each tenant
+    keeps its latest rows up to the highest level L with min(n_t, L) <= share * sum_t min(n_t, L).
+    Rows keep their order."""
+    counts = rows["tenant"].value_counts()
+    if len(counts) < 2:
+        return rows
+    level = 0
+    low, high = 0, int(counts.max())
+    while low <= high:  # the kept total grows with L no faster than L itself: bisect
+        mid = (low + high) // 2
+        if mid <= share * sum(min(int(n), mid) for n in counts):
+            level, low = mid, mid + 1
+        else:
+            high = mid - 1
+    keep = rows.groupby("tenant", sort=False).cumcount(ascending=False) < level
+    return rows[keep].reset_index(drop=True)
+
+
 def load_row_ids(root: str | Path, version: int) -> set[str]:
     table = open_table(root, PAIRS, version)
     if table is None:

@@ -252,6 +252,14 @@ class PreferenceSource(Strict):
         description="The tenants whose preferences the run may use (required with store_root: there is no "
         "implicit 'all'). Only their rows are trained on, and the agreement gates must hold for each of them.",
     )
+    max_tenant_share: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Most share of the run's rows any one tenant may have (null: no cap). A tenant above it "
+        "keeps its latest rows up to the level where no tenant exceeds the share; with one tenant it has "
+        "no effect.",
+    )
     tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.store.read).")
     both_bad_policy: str = Field("drop", description="How 'both bad' judgements enter training.")
 

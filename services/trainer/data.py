@@ -136,6 +136,8 @@ def load_preferences(source: PreferenceSource) -> PreferenceData:
             raise ConfigError(f"preferences.snapshot: {err}") from None
         rows = read.load_rows(source.store_root, snap.version)
         rows = read.latest_judgement_rows(rows[rows["tenant"].isin(source.tenants)])
+        if source.max_tenant_share is not None:
+            rows = read.cap_tenant_share(rows, source.max_tenant_share)
         return PreferenceData(
             rows=rows, source=snap.id, offsets=snap.offsets, version=snap.version, store_root=source.store_root
         )
