@@ -244,12 +244,13 @@ def measure_store(root: Path | str, tenant: str, project: str = "", calibration_
     return _measure_tenant(load_judgements(root), read_anchors_file(root), tenant, project, calibration_only)
 
 
-def measure_every_tenant(root: Path | str) -> dict[str, Agreement]:
-    """`measure_store` for each tenant with judgements in the store, from one read."""
+def measure_tenants(root: Path | str, tenants: Iterable[str] | None = None) -> dict[str, Agreement]:
+    """`measure_store` for each of `tenants` (None: every tenant with judgements), from one read."""
     from tuneloop.store.read import load_judgements
 
     judgements, file = load_judgements(root), read_anchors_file(root)
-    return {tenant: _measure_tenant(judgements, file, tenant) for tenant in sorted(set(judgements["tenant"]))}
+    wanted = sorted(set(judgements["tenant"])) if tenants is None else list(tenants)
+    return {tenant: _measure_tenant(judgements, file, tenant) for tenant in wanted}
 
 
 def _measure_tenant(

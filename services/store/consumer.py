@@ -386,7 +386,6 @@ class PreferenceStore:
             if rec.topic == self.completions_topic:
                 try:
                     completion = parse_completion(rec.value)
-                    completion.to_row(rec)
                 except Unusable as err:
                     batch.dead.append((rec, err))
                 except Exception as err:  # no record may stop the store
@@ -404,18 +403,19 @@ class PreferenceStore:
             for rec in feedback.pop(key, []):
                 item = Waiting(rec, now, looked_in_table=True)
                 if not self._handle(item, now, batch):
-                    item.tenant = parse_feedback(rec.value).tenant  # parsed fine in _handle
                     waiting[rec.offset] = item
         self._shed_tenant_overflow(batch)
         return batch
 
     def _shed_tenant_overflow(self, batch: Batch) -> None:
         """Dead-letter each tenant's oldest waiting events beyond its share of the waiting room."""
+        limit = self.settings.pending_max_per_tenant
+        if self.pending_count() <= limit:
+            return  # no tenant can be over: skip the walk over every waiting event
         by_tenant: dict[str, list[tuple[tuple[str, int], int, Waiting]]] = {}
         for key, waiting in self.pending.items():
             for offset, item in waiting.items():
                 by_tenant.setdefault(item.tenant, []).append((key, offset, item))
-        limit = self.settings.pending_max_per_tenant
         for tenant, items in by_tenant.items():
             if len(items) <= limit:
                 continue
@@ -432,6 +432,7 @@ class PreferenceStore:
         rec = item.record
         try:
             event = parse_feedback(rec.value)
+            item.tenant = event.tenant
             if event.event_id in batch.seen or event.event_id in self._event_ids:
                 batch.duplicates += 1
                 return True
@@ -641,7 +642,7 @@ class PreferenceStore:
         if now < self._next_agreement:
             return
         self._next_agreement = now + self.settings.agreement_interval_s
-        for tenant, measured in agreement.measure_every_tenant(self.root).items():
+        for tenant, measured in agreement.measure_tenants(self.root).items():
             KAPPA.labels(tenant).set(measured.kappa)
             PERCENT_AGREEMENT.labels(tenant).set(measured.percent_agreement)
             for quality in measured.annotators:

@@ -313,13 +313,12 @@ def check_gates(config: RetrainConfig, data: PreferenceData, parent_card: Any) -
         for name in ("agreement", "kappa", "anchor_accuracy"):
             checks.append({"name": name, "passed": True, "skipped": True, "reason": "preferences come from a file"})
     else:
-        from tuneloop.store.agreement import report
+        from tuneloop.store.agreement import measure_tenants
 
         # Each tenant's annotators are measured on their own: one tenant's judgements can
         # neither carry another's data past the gates nor hold it back.
-        for tenant in config.preferences.tenants:
-            quality = report(store, tenant)
-            anchored = [a for a in quality.annotators_quality if a.anchors > 0]
+        for tenant, quality in measure_tenants(store, config.preferences.tenants).items():
+            anchored = [a for a in quality.annotators if a.anchors > 0]
             anchor_accuracy = (
                 sum(a.anchor_accuracy * a.anchors for a in anchored) / sum(a.anchors for a in anchored)
                 if anchored else None
