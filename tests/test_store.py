@@ -26,6 +26,7 @@ from tests.s3server import S3Server
 from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.store import agreement
+from tuneloop.store import consumer as store_consumer
 from tuneloop.store.consumer import PreferenceStore
 from tuneloop.store.pairs import PairRules, Rating, pairwise_pairs, ranking_pairs, rating_pairs
 from tuneloop.store.read import (
@@ -39,6 +40,7 @@ from tuneloop.store.read import (
 )
 from tuneloop.store.report import cli
 from tuneloop.store.settings import StoreSettings
+from tuneloop.store.tables import Source, WriteFailed, append_by_halves, source_of
 from tuneloop.v1 import completion_pb2, dead_letter_pb2, feedback_pb2
 
 A, B, TIE, BOTH_BAD = (
@@ -878,6 +880,171 @@ def test_one_tenant_cannot_fill_the_waiting_room(
     shed = [feedback_pb2.FeedbackEvent.FromString(letter.value).event_id for letter in letters
             if letter.reason.startswith("tenant globex has more than 2")]
     assert shed == [e.event_id for e in flood[:3]], "the oldest go first"
+
+
+def test_waiting_feedback_is_bounded_in_bytes_and_reading_goes_on_once_it_joins(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    """The count bound is far away (pending_max 10000); the byte bound, one event's size, pauses
+    feedback once the first event waits: without it all three would wait."""
+    c = [cid() for _ in range(2)]
+    events = [event(pairwise=(c[0], c[1], A), item_id="one-key") for _ in range(3)]
+    one_event = min(len(e.SerializeToString()) for e in events)
+    settings = store_settings.model_copy(update={"pending_max_bytes": one_event, "batch_max_records": 1})
+    with PreferenceStore(settings, kafka_settings) as store:
+        send.feedback(*events)
+        drive(store, lambda: store.pending_count() == 1)
+        for _ in range(5):  # feedback partitions are paused: nothing more is read
+            store.step()
+            assert store.pending_count() <= 1 and rows_of(store).empty
+            assert store.pending_bytes() <= one_event + 8  # timestamps' varints differ by a few bytes
+        send.completions(*(completion(x, x) for x in c))
+        drive(store, lambda: len(rows_of(store)) == 3)
+        assert store.pending_count() == 0 and store.pending_bytes() == 0
+
+
+def test_one_tenants_large_events_cannot_fill_the_waiting_room(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    """Attacker: globex sends few but large events naming completions that never come. Far below
+    the per-tenant count (1000), its oldest is dead-lettered once its bytes pass the per-tenant
+    byte bound; acme's small waiting event is kept and joins."""
+    c = [cid() for _ in range(2)]
+    flood = [event(pairwise=(cid(), cid(), A), tenant="globex", item_id="flood", comment="x" * 4000)
+             for _ in range(3)]
+    mine = event(pairwise=(c[0], c[1], A))
+    limit = 10_000  # two of globex's events fit, three do not
+    settings = store_settings.model_copy(update={"pending_max_bytes_per_tenant": limit})
+    with PreferenceStore(settings, kafka_settings) as store:
+        send.feedback(*flood, mine)
+        drive(store, lambda: metric("tuneloop_store_dead_letters_total", reason="pending_limit") >= 1
+              and store.pending_count() == 3)
+        for _ in range(3):
+            store.step()
+        assert store.pending_count() == 3, "only globex's oldest went"
+        assert 2 * 4000 < store.pending_bytes() < limit
+        send.completions(*(completion(x, x) for x in c))
+        drive(store, lambda: mine.event_id in set(load_judgements(store.root)["event_id"]))
+    letters = dead_letters(kafka_settings, settings.dlq_topic, 1)
+    shed = [feedback_pb2.FeedbackEvent.FromString(letter.value).event_id for letter in letters
+            if letter.reason.startswith(f"tenant globex has more than {limit} bytes")]
+    assert shed == [flood[0].event_id], "the oldest goes first, and only it"
+    assert all(letter.field == "tenant" for letter in letters)
+
+
+# --- a commit that fails: written by halves, the record no commit takes dead-lettered ---
+
+
+class _RefusingTable:
+    """A table that refuses every commit holding a row of a `bad` record (or every commit),
+    and checks at each commit it takes that no version passes a record still to be written."""
+
+    def __init__(self, rows: list[dict], bad: set[Source] = frozenset(), refuse_all: bool = False) -> None:
+        self.sources = {source_of(row) for row in rows}
+        self.bad, self.refuse_all = bad, refuse_all
+        self.rows: list[dict] = []
+        self.given_up: list[Source] = []
+        self.versions: dict[tuple[str, int], int] = {}
+
+    def write(self, rows: list[dict], versions: dict[tuple[str, int], int], force: bool) -> None:
+        if self.refuse_all or any(source_of(row) in self.bad for row in rows):
+            raise WriteFailed("refused")
+        self.rows += rows
+        done = {source_of(row) for row in self.rows} | set(self.given_up)
+        for topic, partition, offset in self.sources - done:
+            assert versions.get((topic, partition), 0) <= offset, f"version passed unwritten {offset}"
+        for key, version in versions.items():
+            assert version >= self.versions.get(key, 0), "a version went back"
+        self.versions.update(versions)
+
+    def give_up(self, source: Source, err: WriteFailed) -> None:
+        assert source in self.bad and source not in self.given_up
+        self.given_up.append(source)
+
+
+def _rows_of_records(*sources: Source) -> list[dict]:
+    return [{"topic": t, "partition": p, "offset": o, "n": n} for t, p, o in sources for n in range(2)]
+
+
+def test_a_failed_commit_is_written_by_halves_and_versions_never_pass_an_unwritten_record() -> None:
+    """Two bad records on two partitions, rows behind a record still waiting (f/0 at 15, so its
+    version stays 15), a partition with no rows: every good row once, each bad record given up
+    once, and the last versions are the batch's."""
+    sources = [("f", 0, o) for o in (10, 11, 12, 13, 14, 16, 17)] + [("f", 1, o) for o in range(3, 7)]
+    rows = _rows_of_records(*reversed(sources))
+    versions = {("f", 0): 15, ("f", 1): 7, ("f", 2): 9}
+    table = _RefusingTable(rows, bad={("f", 0, 12), ("f", 1, 5)})
+    append_by_halves(table.write, rows, versions, table.give_up)
+    written = [source_of(row) for row in table.rows]
+    assert sorted(written) == sorted(s for s in sources if s not in table.bad for _ in range(2))
+    assert sorted(table.given_up) == sorted(table.bad)
+    assert table.versions == versions
+
+
+def test_a_table_that_refuses_every_commit_gives_no_record_up() -> None:
+    """The table, not a record, is at fault: the commit of no rows fails too, and nothing is
+    dead-lettered (the store stops and resumes from the tables)."""
+    rows = _rows_of_records(("f", 0, 1), ("f", 0, 2), ("f", 0, 3))
+    table = _RefusingTable(rows, refuse_all=True)
+    with pytest.raises(WriteFailed):
+        append_by_halves(table.write, rows, {("f", 0): 4}, table.give_up)
+    assert table.given_up == [] and table.rows == []
+
+
+class _Unwritable(Exception):
+    """What the mocked Delta writer raises for the marked event's rows."""
+
+
+@pytest.mark.parametrize("refusing_table", ["pairs", "judgements"])
+def test_a_record_no_commit_takes_is_dead_lettered_and_the_rest_land_once_mocked_writer(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender, monkeypatch: pytest.MonkeyPatch,
+    refusing_table: str,
+) -> None:
+    """No value was found that arrow and Delta both accept in a row but refuse in a commit, so
+    the store's Delta writer is mocked: it refuses every commit holding the rows of one event
+    (item "unwritable") in one table. The batch is written by halves: every other event lands
+    once, the refused one is on the dead-letter topic with the reason, and the versions pass
+    every record, so a restart with a working writer stores nothing again and nothing more."""
+    real_append = store_consumer.append
+    column = {"pairs": "row_id", "judgements": "choice"}[refusing_table]
+
+    def refusing(table: object, rows: object, versions: object, commit_id: str | None = None) -> None:
+        if column in rows.column_names and "unwritable" in rows.column("item_id").to_pylist():
+            raise _Unwritable("this row cannot be written")
+        real_append(table, rows, versions, commit_id)
+
+    monkeypatch.setattr(store_consumer, "append", refusing)
+    c = [cid() for _ in range(2)]
+    good = [event(pairwise=(c[0], c[1], A), item_id=f"item-{n}") for n in range(7)]
+    bad = event(pairwise=(c[0], c[1], B), item_id="unwritable")
+    refused_before = metric("tuneloop_store_dead_letters_total", reason="write_failed")
+    with PreferenceStore(store_settings, kafka_settings) as store:
+        send.completions(*(completion(x, x) for x in c))
+        send.feedback(*good[:3], bad, *good[3:])
+        good_ids = {e.event_id for e in good}
+        drive(store, lambda: good_ids <= set(load_judgements(store.root)["event_id"])
+              and metric("tuneloop_store_dead_letters_total", reason="write_failed") > refused_before)
+        ends = {tp.partition: store.consumer.highwater(tp) for tp in store.consumer.assignment()
+                if tp.topic == store_settings.feedback_topic}
+    assert sorted(load_judgements(store_settings.root)["event_id"]) == sorted(good_ids)
+    rows = rows_of(store)
+    stored_rows = sorted(good_ids) + ([bad.event_id] if refusing_table == "judgements" else [])
+    assert sorted(rows["event_id"]) == sorted(stored_rows), "pairs are written before judgements"
+    letters = [letter for letter in dead_letters(kafka_settings, store_settings.dlq_topic, 1)
+               if letter.reason.startswith("write_failed: ")]
+    assert len(letters) == 1
+    assert letters[0].reason.startswith(f"write_failed: _Unwritable: the {refusing_table} table refused its rows")
+    assert feedback_pb2.FeedbackEvent.FromString(letters[0].value).event_id == bad.event_id
+    assert {p: o for p, o in done_offsets(store).items() if ends.get(p)} == {p: o for p, o in ends.items() if o}
+
+    monkeypatch.setattr(store_consumer, "append", real_append)
+    with PreferenceStore(store_settings, kafka_settings) as again:
+        topic = store_settings.feedback_topic
+        drive(again, lambda: all(again.positions.get((topic, p)) == end for p, end in ends.items() if end))
+        for _ in range(3):
+            again.step()
+    assert sorted(load_judgements(store_settings.root)["event_id"]) == sorted(good_ids)
+    assert sorted(rows_of(again)["event_id"]) == sorted(stored_rows)
 
 
 def test_the_store_on_object_storage_joins_and_another_process_reads_the_version(

@@ -11,6 +11,8 @@ One batch: collect records → parse, dedup by event id, join → send dead lett
 the broker's acknowledgement → append completions, then pairs, then judgements, each one Delta
 transaction that also records, per partition it covers, the offset below which that
 partition is done → commit the group's Kafka offsets (informational: lag in Kafka tooling).
+An append that fails other than by a conflict is written again by halves and the record
+whose rows no commit takes is dead-lettered (write_failed; tables.append_by_halves).
 
 Where a partition resumes (a restart, or a new owner after a rebalance): at the table's
 version for it. Completions are done when appended. A feedback record is done when stored,
@@ -22,10 +24,11 @@ every row carries its record's offset. Dead letters may be sent again for re-rea
 each names its source topic, partition and offset.
 
 Feedback waits for its completion at most `join_timeout_s` from when this process first
-read it, then it is dead-lettered; at most `pending_max` events wait, then feedback
-partitions pause until some resolve, and at most `pending_max_per_tenant` of one tenant's
-(its oldest beyond that are dead-lettered). No record stops the consumer: whatever cannot become
-rows goes to tuneloop.feedback.dlq.v1 naming the field and the reason.
+read it, then it is dead-lettered; at most `pending_max` events (`pending_max_bytes` of
+serialized events) wait, then feedback partitions pause until some resolve, and at most
+`pending_max_per_tenant` of one tenant's (`pending_max_bytes_per_tenant`; its oldest beyond
+that are dead-lettered). No record stops the consumer: whatever cannot become rows goes to
+tuneloop.feedback.dlq.v1 naming the field and the reason.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import signal
 import sys
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -74,10 +78,15 @@ from tuneloop.store.tables import (
     JUDGEMENTS_SCHEMA,
     PAIRS,
     PAIRS_SCHEMA,
+    Source,
+    WriteFailed,
     append,
+    append_by_halves,
     ensure_tables,
+    landed,
     partition_version,
     scan,
+    source_of,
 )
 from tuneloop.v1 import dead_letter_pb2, feedback_pb2
 
@@ -88,14 +97,23 @@ ROWS = Counter("tuneloop_store_rows_total", "Training rows written, by label.", 
 DEAD_LETTERS = Counter(
     "tuneloop_store_dead_letters_total",
     "Records sent to the dead-letter topic, by reason "
-    "(unparseable, invalid, unknown_completion, tenant_mismatch, different_prompts, unprocessable, pending_limit).",
+    "(unparseable, invalid, unknown_completion, tenant_mismatch, different_prompts, unprocessable, pending_limit, "
+    "write_failed).",
     ["reason"],
 )
 DUPLICATES = Counter(
     "tuneloop_store_duplicate_events_total", "Feedback events skipped because their id was stored (or re-read)."
 )
 PENDING = Gauge("tuneloop_store_pending_feedback", "Feedback events waiting for their completion records.")
+PENDING_BYTES = Gauge(
+    "tuneloop_store_pending_feedback_bytes", "Serialized size of the feedback events waiting for their completions."
+)
 LAG = Gauge("tuneloop_store_consumer_lag", "Records not yet consumed, per partition owned.", ["topic", "partition"])
+WRITE_FAILURES = Counter(
+    "tuneloop_store_write_failures_total",
+    "Appends that failed for a reason other than a commit conflict (their batch is then written by halves).",
+    ["table"],
+)
 CONFLICTS = Counter(
     "tuneloop_store_commit_conflicts_total", "Commits refused because another writer committed the same partition."
 )
@@ -141,6 +159,11 @@ class Waiting:
     looked_in_table: bool = False
     tenant: str = ""
 
+    @property
+    def size(self) -> int:
+        """What it costs the waiting room: the serialized event's bytes."""
+        return len(self.record.value or b"")
+
 
 @dataclass
 class Batch:
@@ -155,10 +178,25 @@ class Batch:
     dead: list[tuple[Record, Unusable]] = field(default_factory=list)
     duplicates: int = 0
     resolved: int = 0  # waiting records that were stored, skipped or dead-lettered
+    sources: dict[Source, Record] = field(default_factory=dict)  # the records the rows come from
 
     @property
     def changes(self) -> bool:
         return bool(self.positions or self.dead or self.resolved)
+
+    def forget(self, source: Source, rows_written: bool) -> None:
+        """Undo what a record that a table refused added to the batch: it must not count as
+        stored (its event id stays free, its rating pairs with no later rating)."""
+        gone = {j["event_id"] for j in self.judgements if source_of(j) == source}
+        self.judgements = [j for j in self.judgements if source_of(j) != source]
+        if not rows_written:
+            self.rows = [row for row in self.rows if source_of(row) != source]
+        self.seen -= gone
+        self.ratings = [r for r in self.ratings if r.event_id not in gone]
+        self.completions = {
+            key: (completion, rec) for key, (completion, rec) in self.completions.items()
+            if (rec.topic, rec.partition, rec.offset) != source
+        }
 
 
 def _unprocessable(rec: Record, err: Exception) -> Unusable:
@@ -251,6 +289,7 @@ class PreferenceStore:
             for known in self._versions.values():
                 known.pop((tp.topic, tp.partition), None)
         PENDING.set(self.pending_count())
+        PENDING_BYTES.set(self.pending_bytes())
 
     def _resume(self, assigned: Iterable[TopicPartition]) -> None:
         """Start each new partition where the tables say it is done."""
@@ -343,7 +382,7 @@ class PreferenceStore:
 
     def _pause_when_full(self) -> None:
         feedback = [tp for tp in self.consumer.assignment() if tp.topic == self.feedback_topic]
-        if self.pending_count() >= self.settings.pending_max:
+        if self._waiting_room_full():
             self.consumer.pause(*feedback)
             return
         paused = [tp for tp in self.consumer.paused() if tp in feedback]
@@ -354,6 +393,12 @@ class PreferenceStore:
                 position = self.positions.get((tp.topic, tp.partition))
                 if position is not None:
                     self.consumer.seek(tp, position)
+
+    def _waiting_room_full(self) -> bool:
+        return (
+            self.pending_count() >= self.settings.pending_max
+            or self.pending_bytes() >= self.settings.pending_max_bytes
+        )
 
     def _collect(self) -> list[Record]:
         out: list[Record] = []
@@ -392,6 +437,7 @@ class PreferenceStore:
                     batch.dead.append((rec, _unprocessable(rec, err)))
                 else:
                     batch.completions[completion.completion_id] = (completion, rec)
+                    batch.sources[rec.topic, rec.partition, rec.offset] = rec
             else:
                 feedback.setdefault((rec.topic, rec.partition), []).append(rec)
         self._prefetch([rec for records in feedback.values() for rec in records], batch)
@@ -408,24 +454,35 @@ class PreferenceStore:
         return batch
 
     def _shed_tenant_overflow(self, batch: Batch) -> None:
-        """Dead-letter each tenant's oldest waiting events beyond its share of the waiting room."""
-        limit = self.settings.pending_max_per_tenant
-        if self.pending_count() <= limit:
-            return  # no tenant can be over: skip the walk over every waiting event
+        """Dead-letter each tenant's oldest waiting events beyond its share of the waiting room,
+        in events and in bytes."""
+        if self._tenant_overflow("", self.pending_count(), self.pending_bytes()) is None:
+            return  # all together are within one tenant's share: skip the walk over every waiting event
         by_tenant: dict[str, list[tuple[tuple[str, int], int, Waiting]]] = {}
         for key, waiting in self.pending.items():
             for offset, item in waiting.items():
                 by_tenant.setdefault(item.tenant, []).append((key, offset, item))
         for tenant, items in by_tenant.items():
-            if len(items) <= limit:
-                continue
+            count, size = len(items), sum(entry[2].size for entry in items)
             items.sort(key=lambda entry: (entry[2].first_seen, entry[0], entry[1]))
-            for key, offset, item in items[: len(items) - limit]:
+            for key, offset, item in items:
+                reason = self._tenant_overflow(tenant, count, size)
+                if reason is None:
+                    break
+                count, size = count - 1, size - item.size
                 del self.pending[key][offset]
                 batch.resolved += 1
-                batch.dead.append((item.record, Unusable(
-                    "pending_limit", "tenant",
-                    f"tenant {tenant} has more than {limit} events waiting for their completions")))
+                batch.dead.append((item.record, Unusable("pending_limit", "tenant", reason)))
+
+    def _tenant_overflow(self, tenant: str, count: int, size: int) -> str | None:
+        """Why a tenant with `count` events of `size` bytes waiting is over its share; None if it is not."""
+        if count > self.settings.pending_max_per_tenant:
+            return (f"tenant {tenant} has more than {self.settings.pending_max_per_tenant} events "
+                    "waiting for their completions")
+        if size > self.settings.pending_max_bytes_per_tenant:
+            return (f"tenant {tenant} has more than {self.settings.pending_max_bytes_per_tenant} bytes "
+                    "of events waiting for their completions")
+        return None
 
     def _handle(self, item: Waiting, now: float, batch: Batch) -> bool:
         """Store, skip or dead-letter the record; False while it must keep waiting."""
@@ -470,6 +527,7 @@ class PreferenceStore:
         )
         batch.rows.extend(row for row in joined.rows if row["row_id"] not in self._replayed_rows)
         batch.judgements.append(joined.judgement)
+        batch.sources[item.record.topic, item.record.partition, item.record.offset] = item.record
         if joined.rating is not None:
             batch.ratings.append(joined.rating)
         batch.seen.add(event.event_id)
@@ -527,11 +585,11 @@ class PreferenceStore:
         try:
             if completions:
                 rows = [c.to_row(rec) for c, rec in batch.completions.values()]
-                self._append(COMPLETIONS, rows, COMPLETIONS_SCHEMA, completions)
+                self._write(COMPLETIONS, rows, COMPLETIONS_SCHEMA, completions, batch)
             if feedback:
                 # Pairs before judgements: a judgement stored means its pairs are too.
-                self._append(PAIRS, batch.rows, PAIRS_SCHEMA, feedback)
-                self._append(JUDGEMENTS, batch.judgements, JUDGEMENTS_SCHEMA, feedback)
+                self._write(PAIRS, batch.rows, PAIRS_SCHEMA, feedback, batch)
+                self._write(JUDGEMENTS, batch.judgements, JUDGEMENTS_SCHEMA, feedback, batch)
         except CommitFailedError as err:
             # Another replica committed one of these partitions: it owns them now. Start
             # over from the tables for every partition we still hold.
@@ -557,6 +615,7 @@ class PreferenceStore:
         DUPLICATES.inc(batch.duplicates)
         pending = self.pending_count()
         PENDING.set(pending)
+        PENDING_BYTES.set(self.pending_bytes())
         log.info(
             "committed",
             extra={
@@ -572,14 +631,63 @@ class PreferenceStore:
             },
         )
 
-    def _append(self, name: str, rows: list[dict], schema: pa.Schema, versions: Mapping[tuple[str, int], int]) -> None:
+    def _write(
+        self, name: str, rows: list[dict], schema: pa.Schema, versions: Mapping[tuple[str, int], int], batch: Batch
+    ) -> None:
+        """Append the batch's rows to one table; if that fails, by halves, dead-lettering the
+        records whose rows cannot be written (tables.append_by_halves)."""
+        try:
+            self._append(name, rows, schema, versions)
+            return
+        except WriteFailed as err:
+            log.warning("write failed; writing the batch by halves",
+                        extra={"fields": {"table": name, "rows": len(rows), "error": repr(err.__cause__)}})
+
+        def write(part: list[dict], part_versions: Mapping[tuple[str, int], int], force: bool) -> None:
+            self._append(name, part, schema, part_versions, force=force)
+
+        def give_up(source: Source, err: WriteFailed) -> None:
+            self._give_up(name, batch, source, err)
+
+        append_by_halves(write, rows, versions, give_up)
+
+    def _give_up(self, name: str, batch: Batch, source: Source, err: WriteFailed) -> None:
+        """Dead-letter a record the table would not take, before any version passes it."""
+        cause = err.__cause__ or err
+        reason = f"write_failed: {type(cause).__name__}: the {name} table refused its rows: {cause}"
+        letter = (batch.sources[source], Unusable("write_failed", "", reason[:1000]))
+        self._send_dead_letters([letter])
+        batch.dead.append(letter)
+        # Pairs are written before judgements: a record the judgements refused keeps its pairs.
+        batch.forget(source, rows_written=name == JUDGEMENTS)
+
+    def _append(
+        self,
+        name: str,
+        rows: list[dict],
+        schema: pa.Schema,
+        versions: Mapping[tuple[str, int], int],
+        force: bool = False,
+    ) -> None:
+        """One commit of `rows` and `versions`. Raises CommitFailedError on a conflict and
+        WriteFailed when the commit failed for another reason and was not written."""
         known = self._versions[name]
-        if not rows and all(known.get(key) == version for key, version in versions.items()):
+        if not force and not rows and all(known.get(key) == version for key, version in versions.items()):
             return  # nothing new to record
         table = self.tables[name]
-        append(table, pa.Table.from_pylist(rows, schema=schema), versions)
-        table.update_incremental()
+        since, commit_id = table.version(), uuid.uuid4().hex
+        try:
+            append(table, pa.Table.from_pylist(rows, schema=schema), versions, commit_id)
+        except CommitFailedError:
+            raise
+        except Exception as err:
+            WRITE_FAILURES.labels(name).inc()
+            if not landed(table, commit_id, since):
+                raise WriteFailed(f"append to {name} failed: {type(err).__name__}") from err
+            log.warning("append raised after its commit was written",
+                        extra={"fields": {"table": name, "error": repr(err)}})
         known.update(versions)
+        table.update_incremental()
 
     def _send_dead_letters(self, dead: list[tuple[Record, Unusable]]) -> None:
         """Send and wait for the broker's acknowledgement: a dead letter is durable before its
@@ -628,6 +736,9 @@ class PreferenceStore:
 
     def pending_count(self) -> int:
         return sum(len(w) for w in self.pending.values())
+
+    def pending_bytes(self) -> int:
+        return sum(item.size for waiting in self.pending.values() for item in waiting.values())
 
     def _update_lag(self) -> None:
         for tp in self.consumer.assignment():

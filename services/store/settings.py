@@ -56,6 +56,20 @@ class StoreSettings(BaseSettings):
         "event is dead-lettered (reason pending_limit), so one tenant naming completions that never come "
         "cannot fill the waiting room and pause everyone's feedback.",
     )
+    pending_max_bytes: int = Field(
+        64 * 2**20,
+        ge=1,
+        description="Most bytes of feedback events (their serialized size) held waiting, 64 MiB by default; "
+        "at the bound the store stops reading feedback like at pending_max: a few large events cost "
+        "memory that their count does not show.",
+    )
+    pending_max_bytes_per_tenant: int = Field(
+        8 * 2**20,
+        ge=1,
+        description="Most bytes of one tenant's feedback events held waiting, 8 MiB by default (eight events "
+        "of Kafka's default 1 MiB largest message); beyond it that tenant's oldest waiting event is "
+        "dead-lettered (reason pending_limit), so one tenant's large events cannot fill the waiting room.",
+    )
     completion_cache_max: int = Field(
         100_000,
         ge=0,

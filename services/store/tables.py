@@ -18,6 +18,11 @@ after a crash keeps only rows at or past the table's version for their partition
 committing the same partition at once (a consumer that lost its partitions but has not noticed
 yet) conflict on the app id: Delta refuses the second commit.
 
+A commit that fails for any other reason is written again by halves (`append_by_halves`),
+down to one record's rows, so that one record no commit can take is isolated (the consumer
+dead-letters it) and costs neither the records beside it nor the partition behind it. Each
+part's commit moves a partition's version only up to its first record still to be written.
+
 Object storage takes its settings and credentials from the environment (AWS_ENDPOINT_URL,
 AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION, AWS_ALLOW_HTTP, and for concurrent
 writers AWS_CONDITIONAL_PUT=etag), read by delta-rs itself.
@@ -26,7 +31,7 @@ writers AWS_CONDITIONAL_PUT=etag), read by delta-rs itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -35,6 +40,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 COMPLETIONS, JUDGEMENTS, PAIRS = "completions", "judgements", "pairs"
+Source = tuple[str, int, int]  # the topic, partition and offset of the record a row came from
 TABLES = (COMPLETIONS, JUDGEMENTS, PAIRS)
 APP_PREFIX = "tuneloop.store"
 
@@ -179,23 +185,134 @@ def ensure_tables(root: str | Path) -> dict[str, DeltaTable]:
     return out
 
 
-def append(table: DeltaTable, rows: pa.Table, versions: Mapping[tuple[str, int], int]) -> None:
+def append(
+    table: DeltaTable, rows: pa.Table, versions: Mapping[tuple[str, int], int], commit_id: str | None = None
+) -> None:
     """One Delta commit: `rows` plus the partitions' new versions, or nothing at all.
 
     Raises deltalake's CommitFailedError when another writer committed one of these
-    partitions since `table` was read.
+    partitions since `table` was read. `commit_id`, when given, is recorded in the commit's
+    info so that `landed` can tell whether a commit that raised was written all the same.
     """
+    metadata = {"writer": f"tuneloop-store/{os.uname().nodename}/{os.getpid()}"}
+    if commit_id is not None:
+        metadata["commit_id"] = commit_id
     write_deltalake(
         table,
         rows,
         mode="append",
         commit_properties=CommitProperties(
             app_transactions=[Transaction(app_id(t, p), int(v)) for (t, p), v in sorted(versions.items())],
-            custom_metadata={"writer": f"tuneloop-store/{os.uname().nodename}/{os.getpid()}"},
+            custom_metadata=metadata,
             # A conflict on one of our app ids is final; retries are for other writers' appends.
             max_commit_retries=20,
         ),
     )
+
+
+def landed(table: DeltaTable, commit_id: str, since: int) -> bool:
+    """Whether a commit recorded with `commit_id` is among the table's versions after `since`.
+
+    A write can raise after its commit was written (a storage timeout on the reply, a failing
+    post-commit step): writing its rows again would store them twice.
+    """
+    table.update_incremental()
+    newer = table.version() - since
+    if newer <= 0:
+        return False
+    return any(entry.get("commit_id") == commit_id for entry in table.history(newer))
+
+
+class WriteFailed(Exception):
+    """An append that was not committed, for a reason other than another writer's commit."""
+
+
+# write(rows, versions, force): one commit, raising WriteFailed; force commits even with no
+# rows and no version moved.
+Write = Callable[[list[dict], Mapping[tuple[str, int], int], bool], None]
+
+
+def source_of(row: Mapping) -> Source:
+    return row["topic"], row["partition"], row["offset"]
+
+
+def append_by_halves(
+    write: Write,
+    rows: Sequence[dict],
+    versions: Mapping[tuple[str, int], int],
+    give_up: Callable[[Source, WriteFailed], None],
+) -> None:
+    """Commit `rows` and `versions` in parts, after their single commit failed.
+
+    Rows are grouped by their record and kept in record order. A part that fails is halved
+    until it holds one record; that record is written once more after a commit of no rows
+    proves that the table takes commits, and if it fails again it is handed to `give_up`
+    (which must make it durable elsewhere before returning). A failing empty commit means
+    the table, not a record, is at fault: its WriteFailed propagates and nothing is given up.
+
+    Exactly once: every part carries each partition's version held back to the partition's
+    first record not yet written (and never past its value in `versions`), so a version
+    never passes a record that is neither in the table nor given up; the last commit
+    carries `versions` themselves.
+    """
+    groups = _by_source(rows)
+    if groups:
+        _write_halves(write, groups, 0, len(groups), versions, give_up)
+    write([], versions, False)  # the versions past the last records (no-op when a part carried them)
+
+
+def _by_source(rows: Sequence[dict]) -> list[tuple[Source, list[dict]]]:
+    groups: dict[Source, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(source_of(row), []).append(row)
+    return sorted(groups.items(), key=lambda group: group[0])
+
+
+def _versions_before(
+    groups: list[tuple[Source, list[dict]]], first_unwritten: int, versions: Mapping[tuple[str, int], int]
+) -> dict[tuple[str, int], int]:
+    """`versions`, each held back to its partition's first record from `first_unwritten` on."""
+    out = dict(versions)
+    for (topic, partition, offset), _ in groups[first_unwritten:]:
+        if (topic, partition) in out:
+            out[topic, partition] = min(out[topic, partition], offset)
+    return out
+
+
+def _write_halves(
+    write: Write,
+    groups: list[tuple[Source, list[dict]]],
+    low: int,
+    high: int,
+    versions: Mapping[tuple[str, int], int],
+    give_up: Callable[[Source, WriteFailed], None],
+) -> None:
+    if high - low == 1:
+        _isolate(write, groups, low, versions, give_up)
+        return
+    middle = (low + high) // 2
+    for start, end in ((low, middle), (middle, high)):
+        part = [row for _, rows in groups[start:end] for row in rows]
+        try:
+            write(part, _versions_before(groups, end, versions), False)
+        except WriteFailed:
+            _write_halves(write, groups, start, end, versions, give_up)
+
+
+def _isolate(
+    write: Write,
+    groups: list[tuple[Source, list[dict]]],
+    index: int,
+    versions: Mapping[tuple[str, int], int],
+    give_up: Callable[[Source, WriteFailed], None],
+) -> None:
+    """One record's rows failed: blame the record only if the table takes other commits."""
+    write([], _versions_before(groups, index, versions), True)
+    source, rows = groups[index]
+    try:
+        write(rows, _versions_before(groups, index + 1, versions), False)
+    except WriteFailed as err:
+        give_up(source, err)
 
 
 def partition_version(table: DeltaTable, topic: str, partition: int) -> int | None:

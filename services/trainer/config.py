@@ -262,6 +262,13 @@ class PreferenceSource(Strict):
     )
     tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.store.read).")
     both_bad_policy: str = Field("drop", description="How 'both bad' judgements enter training.")
+    honour_weight: bool = Field(
+        True,
+        description="Draw rows in proportion to their `weight` column (the store's end_user_weight for end "
+        "users' feedback, 1 for annotators'; a file's own column) in DPO and the reward model: TRL has no "
+        "per-row loss weight, so a row of weight 2 is drawn twice as often as one of 1, and one of 0 never. "
+        "False: every row counts alike.",
+    )
 
     @field_validator("store_root", mode="before")
     @classmethod

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.trainer.config import ConfigError, PreferenceSource
+from tuneloop.trainer.weighting import check_weights
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -156,18 +157,21 @@ def load_preferences(source: PreferenceSource) -> PreferenceData:
     return PreferenceData(rows=rows, source=str(path), sha256=_file_sha256(path))
 
 
-def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str) -> Dataset:
+def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str, honour_weight: bool = True) -> Dataset:
     """Preference pairs in TRL's format.
 
     Store rows go through the store's own exporter (chat prompts: conversational format;
     raw prompts: plain strings, as served). Its kept ties and both-bad rows carry a `label`
     that DPO's loss cannot read, so only preferences are trained on. File rows are
     conversational: a string prompt is one user message, a string response one assistant
-    message.
+    message. With `honour_weight`, the rows' `weight` column (a file row without one
+    weighs 1) comes along for the trainer to draw by (weighting.py).
     """
     from datasets import Dataset
 
     rows = data.rows
+    if honour_weight and "weight" in rows.columns:
+        rows = rows.assign(weight=rows["weight"].fillna(1.0).astype(float))
     if "row_id" in rows.columns and "prompt_raw" in rows.columns:
         from tuneloop.store.read import to_trl_dataset
 
@@ -176,11 +180,12 @@ def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str) 
         except ValueError as err:
             raise ConfigError(f"preferences: {err}") from None
         dataset = dataset.filter(lambda r: r["label"] == "preference")
-        dataset = dataset.select_columns(["prompt", "chosen", "rejected"])
+        dataset = dataset.select_columns(["prompt", "chosen", "rejected"] + (["weight"] if honour_weight else []))
     else:
         records = rows.to_dict("records")
         if "label" in rows.columns:
             records = [r for r in records if r["label"] == "preference"]
+        weighted = honour_weight and "weight" in rows.columns
         out = []
         for i, r in enumerate(records, 1):
             where = f"{data.source}: row {i}"
@@ -189,11 +194,17 @@ def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str) 
                     "prompt": as_messages(r["prompt"], where),
                     "chosen": as_reply(r["chosen"], where),
                     "rejected": as_reply(r["rejected"], where),
+                    **({"weight": r["weight"]} if weighted else {}),
                 }
             )
         dataset = Dataset.from_list(out)
     if len(dataset) == 0:
         raise ConfigError(f"{data.source}: no preference pairs to train on")
+    if "weight" in dataset.column_names:
+        try:
+            check_weights(dataset["weight"])
+        except ValueError as err:
+            raise ConfigError(f"{data.source}: {err}") from None
     return dataset
 
 

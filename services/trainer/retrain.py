@@ -65,7 +65,7 @@ CRITERIA_FILE = "criteria.yaml"
 TRAIN_DIR = "train"
 
 # RewardStageConfig fields the pipeline fills in itself.
-_REWARD_OWNED = ("dataset_path", "store_root", "snapshot", "registry_root", "name")
+_REWARD_OWNED = ("dataset_path", "store_root", "snapshot", "registry_root", "name", "honour_weight")
 
 Status = Literal["running", "promoted", "refused", "failed"]
 
@@ -144,6 +144,7 @@ class RetrainConfig(Strict):
             "base_model": f"{self.reward_name}@production",
             "registry_root": self.registry_root,
             "name": self.reward_name,
+            "honour_weight": source.honour_weight,
             "work_dir": run_dir,
             **data,
             **(self.reward_model or {}),
@@ -447,7 +448,8 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
     gates = run.step("gates") or run.record("gates", check_gates(config, data, parent_card))
     if not gates["passed"]:
         return run.finish("refused", f"gates: {gates['reason']}")
-    dataset = to_dpo_dataset(data, config.preferences.tie_policy, config.preferences.both_bad_policy)
+    prefs = config.preferences
+    dataset = to_dpo_dataset(data, prefs.tie_policy, prefs.both_bad_policy, prefs.honour_weight)
 
     if config.reward_model is not None and run.step("reward_model") is None:
         from tuneloop.trainer.reward_stage import RewardStageConfig, run as run_reward_stage

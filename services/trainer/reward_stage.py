@@ -15,6 +15,9 @@ two rules.
 Inputs are tokenised by `tuneloop.common.reward_format.encode`, the function the Reward
 service scores with; TRL gets the token ids, so its own text handling (eos appending,
 special tokens) never applies.
+
+A `weight` column (the store's per-row weight) sets how often each pair is drawn
+(`honour_weight`, weighting.py); both orders of a symmetric tie take their row's weight.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tuneloop.common import reward_format as rf
 from tuneloop.common.registry import Registry, RegistrySettings
+from tuneloop.trainer.weighting import check_weights, weighted
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -70,6 +74,11 @@ class RewardStageConfig(BaseModel):
     seed: int = Field(0, ge=0, description="Seed of the prompt split, the head's init and data order.")
     ties: Rule = Field("drop", description="How ties enter training: 'drop' or 'symmetric' (both orders).")
     both_bad: Rule = Field("drop", description="How both-bad pairs enter training: 'drop' or 'symmetric'.")
+    honour_weight: bool = Field(
+        True,
+        description="Draw pairs in proportion to their rows' `weight` column (TRL has no per-row loss weight); "
+        "a row of weight 0 is never drawn. False, or no such column: every pair counts alike.",
+    )
     epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
     max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means use epochs.")
     learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
@@ -136,18 +145,31 @@ def training_pairs(
     rows: pd.DataFrame, ties: Rule, both_bad: Rule
 ) -> tuple[list[tuple[rf.Prompt, str, str]], dict[str, int]]:
     """(prompt, better, worse) triples after the tie and both-bad rules, and counts of each fate."""
+    pairs, _, counts = weighted_training_pairs(rows, ties, both_bad)
+    return pairs, counts
+
+
+def weighted_training_pairs(
+    rows: pd.DataFrame, ties: Rule, both_bad: Rule
+) -> tuple[list[tuple[rf.Prompt, str, str]], list[float], dict[str, int]]:
+    """`training_pairs`, and each pair's weight: its row's `weight` (1 where there is none)."""
     rules = {"tie": ties, "both_bad": both_bad}
     pairs: list[tuple[rf.Prompt, str, str]] = []
+    weights: list[float] = []
     counts = {"preference": 0, "tie": 0, "both_bad": 0, "dropped_tie": 0, "dropped_both_bad": 0}
-    for r in rows.itertuples():
+    row_weights = rows["weight"].fillna(1.0) if "weight" in rows.columns else [1.0] * len(rows)
+    for r, weight in zip(rows.itertuples(), row_weights, strict=True):
         counts[r.label] += 1
         if r.label == "preference":
-            pairs.append((r.prompt, r.chosen, r.rejected))
+            made = [(r.prompt, r.chosen, r.rejected)]
         elif rules[r.label] == "symmetric":
-            pairs += [(r.prompt, r.chosen, r.rejected), (r.prompt, r.rejected, r.chosen)]
+            made = [(r.prompt, r.chosen, r.rejected), (r.prompt, r.rejected, r.chosen)]
         else:
             counts[f"dropped_{r.label}"] += 1
-    return pairs, counts
+            made = []
+        pairs += made
+        weights += [float(weight)] * len(made)
+    return pairs, weights, counts
 
 
 # ---- the stage ---------------------------------------------------------------------------
@@ -196,13 +218,17 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     model.eval()
     before = rf.pairwise_accuracy(eval_rows, scorer(model), config.eval_batch_size)
 
-    pairs, counts = training_pairs(train_rows, config.ties, config.both_bad)
+    pairs, weights, counts = weighted_training_pairs(train_rows, config.ties, config.both_bad)
     encoded = [(rf.encode(tokenizer, p, good), rf.encode(tokenizer, p, bad)) for p, good, bad in pairs]
-    kept = [(c, r) for c, r in encoded if max(len(c), len(r)) <= config.max_length]
+    kept = [(c, r, w) for (c, r), w in zip(encoded, weights, strict=True) if max(len(c), len(r)) <= config.max_length]
     counts["dropped_too_long"] = len(encoded) - len(kept)
     if not kept:
         raise ValueError(f"no training pairs left (counts: {counts})")
-    dataset = Dataset.from_dict({"chosen_ids": [c for c, _ in kept], "rejected_ids": [r for _, r in kept]})
+    columns = {"chosen_ids": [c for c, _, _ in kept], "rejected_ids": [r for _, r, _ in kept]}
+    if config.honour_weight:
+        columns["weight"] = [w for _, _, w in kept]
+        check_weights(columns["weight"])
+    dataset = Dataset.from_dict(columns)
 
     if config.work_dir is not None:
         config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +255,7 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
             dataloader_pin_memory=False,
             disable_tqdm=True,
         )
-        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = weighted(RewardTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
         train_out = trainer.train()
         model = trainer.model
         model.eval()

@@ -39,6 +39,7 @@ from tuneloop.trainer.modeling import (
 )
 from tuneloop.trainer.rewards import RewardFunc, reward_function
 from tuneloop.trainer.watch import HackingWatch, criteria_eval
+from tuneloop.trainer.weighting import weighted
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,8 @@ def run_dpo_on(
     criteria: Path | None = None,
 ) -> StageResult:
     """DPO of `model_ref` on a TRL preference dataset (also the retrain pipeline's default);
-    `criteria` makes the hacking watch's eval metric unless `watch.criteria` names another."""
+    `criteria` makes the hacking watch's eval metric unless `watch.criteria` names another.
+    A `weight` column in `dataset` sets how often each row is drawn (weighting.py)."""
     from trl import DPOConfig, DPOTrainer
 
     model, tokenizer, path = _setup(params, model_ref, output_dir, registry_root)
@@ -182,7 +184,7 @@ def run_dpo_on(
         label_smoothing=params.label_smoothing,
         max_length=params.max_length,
     )
-    trainer = DPOTrainer(
+    trainer = weighted(DPOTrainer)(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -198,7 +200,7 @@ def run_dpo(config: DPOStageConfig, *, resume: bool = False) -> StageResult:
     from tuneloop.trainer.data import load_preferences, to_dpo_dataset
 
     pref = config.preferences
-    dataset = to_dpo_dataset(load_preferences(pref), pref.tie_policy, pref.both_bad_policy)
+    dataset = to_dpo_dataset(load_preferences(pref), pref.tie_policy, pref.both_bad_policy, pref.honour_weight)
     return run_dpo_on(
         config,
         config.model,
