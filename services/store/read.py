@@ -150,6 +150,13 @@ def cap_tenant_share(rows: pd.DataFrame, share: float) -> pd.DataFrame:
     return rows[keep].reset_index(drop=True)
 
 
+def rows_for_training(rows: pd.DataFrame, tenants: Iterable[str], max_tenant_share: float | None) -> pd.DataFrame:
+    """What a training run may use of a snapshot: only the named tenants' rows, each judge's
+    latest answer per item, no tenant above `max_tenant_share` (None: no cap)."""
+    rows = latest_judgement_rows(rows[rows["tenant"].isin(list(tenants))])
+    return rows if max_tenant_share is None else cap_tenant_share(rows, max_tenant_share)
+
+
 def load_row_ids(root: str | Path, version: int) -> set[str]:
     table = open_table(root, PAIRS, version)
     if table is None:

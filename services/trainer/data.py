@@ -135,10 +135,8 @@ def load_preferences(source: PreferenceSource) -> PreferenceData:
                 snap = read.snapshot_at(source.store_root, read.parse_snapshot(source.snapshot))
         except (ValueError, OSError) as err:
             raise ConfigError(f"preferences.snapshot: {err}") from None
-        rows = read.load_rows(source.store_root, snap.version)
-        rows = read.latest_judgement_rows(rows[rows["tenant"].isin(source.tenants)])
-        if source.max_tenant_share is not None:
-            rows = read.cap_tenant_share(rows, source.max_tenant_share)
+        rows = read.rows_for_training(read.load_rows(source.store_root, snap.version), source.tenants,
+                                      source.max_tenant_share)
         return PreferenceData(
             rows=rows, source=snap.id, offsets=snap.offsets, version=snap.version, store_root=source.store_root
         )

@@ -136,7 +136,8 @@ class RetrainConfig(Strict):
     def _reward_stage_fields(self, run_dir: Path, snapshot: str) -> dict[str, Any]:
         source = self.preferences
         data: dict[str, Any] = (
-            {"store_root": source.store_root, "snapshot": snapshot}
+            {"store_root": source.store_root, "snapshot": snapshot, "tenants": source.tenants,
+             "max_tenant_share": source.max_tenant_share}
             if source.store_root is not None
             else {"dataset_path": source.path}
         )

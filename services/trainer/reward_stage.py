@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -62,6 +62,14 @@ class RewardStageConfig(BaseModel):
     )
     snapshot: str | None = Field(
         None, pattern=r"^pairs@\d+$", description="Store snapshot id (pairs@<version>) to train on; default the newest."
+    )
+    tenants: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="With store_root, the tenants whose rows it may use (required: there is no implicit 'all'); "
+        "each judge's latest answer per item only.",
+    )
+    max_tenant_share: float | None = Field(
+        None, gt=0, le=1, description="Most share of the rows any one tenant may have (null: no cap)."
     )
     registry_root: Path | None = Field(
         None, description="Registry root; default from TUNELOOP_REGISTRY_ROOT (RegistrySettings)."
@@ -100,6 +108,8 @@ class RewardStageConfig(BaseModel):
             raise ValueError("give exactly one of dataset_path or store_root")
         if self.snapshot is not None and self.store_root is None:
             raise ValueError("snapshot needs store_root")
+        if self.store_root is not None and not self.tenants:
+            raise ValueError("tenants: name the tenants whose preferences the reward model may use")
         return self
 
 
@@ -117,7 +127,9 @@ def load_rows(config: RewardStageConfig) -> tuple[pd.DataFrame, dict[str, dict[i
             snap = read.current_snapshot(config.store_root)
         else:
             snap = read.snapshot_at(config.store_root, read.parse_snapshot(config.snapshot))
-        return read.load_rows(config.store_root, snap.version), snap.offsets, snap.id
+        rows = read.rows_for_training(read.load_rows(config.store_root, snap.version), config.tenants,
+                                      config.max_tenant_share)
+        return rows, snap.offsets, snap.id
     path = Path(config.dataset_path)
     if path.is_dir():
         from datasets import load_from_disk
