@@ -95,7 +95,8 @@ def services(work: Path, bootstrap: str) -> Iterator[tuple[str, str]]:
             "TUNELOOP_GATEWAY_FEEDBACK_TARGET": "127.0.0.1:9",
             # The limiter must not throttle the benchmark (its check still runs on every request).
             "TUNELOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "1000000",
-            "TUNELOOP_GATEWAY_RATE_LIMIT_BURST": "100000",
+            "TUNELOOP_GATEWAY_TENANT_TOKENS_PER_MINUTE": "1000000000",
+            "TUNELOOP_GATEWAY_TENANT_MAX_CONCURRENT": "1000",
         }
         with ServiceProcess("gateway", [], gateway_env, work, http=True) as gateway:
             yield generation.target, f"http://{gateway.target}"

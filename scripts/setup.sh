@@ -44,5 +44,14 @@ if [ ! -x /usr/bin/chromium ]; then
     echo "setup: chromium missing and not root: the workbench browser tests will be skipped" >&2
   fi
 fi
+# Debian's Redis for the gateway's shared limits in the tests (several replicas, one count).
+if [ ! -x /usr/bin/redis-server ]; then
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null \
+      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server >/dev/null; }
+  else
+    echo "setup: redis-server missing and not root: the shared-limit tests will be skipped" >&2
+  fi
+fi
 scripts/build_kube.sh  # kube-apiserver, kube-controller-manager and kine for the tests' control plane
 echo "setup: ok"

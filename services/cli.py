@@ -67,11 +67,11 @@ def serve_store(port: Port = None, metrics_port: MetricsPort = None) -> None:
 
 
 @serve.command("gateway")
-def serve_gateway(port: Port = None) -> None:
+def serve_gateway(port: Port = None, metrics_port: MetricsPort = None) -> None:
     """HTTP gateway: OpenAI-compatible API, feedback, API keys, the workbench."""
     from tuneloop.gateway.app import main
 
-    main(port=port)
+    main(port=port, metrics_port=metrics_port)
 
 
 _mount("tuneloop.trainer.cli", "train", "Run a training stage (the trainer Job's entrypoint).")

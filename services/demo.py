@@ -208,7 +208,8 @@ class Demo:
             "TUNELOOP_GATEWAY_GENERATION_TARGET": gen.target,
             "TUNELOOP_GATEWAY_CANDIDATE_GENERATION_TARGET": f"127.0.0.1:{self.candidate_port}",
             "TUNELOOP_GATEWAY_FEEDBACK_TARGET": fb.target,
-            "TUNELOOP_GATEWAY_RATE_LIMIT_BURST": "1000",
+            "TUNELOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000",
+            "TUNELOOP_GATEWAY_TENANT_TOKENS_PER_MINUTE": "100000000",
             # CPU generation of a full batch can take minutes on a busy machine.
             "TUNELOOP_GATEWAY_REQUEST_TIMEOUT_S": "900",
             "TUNELOOP_GATEWAY_WORKBENCH_RUNS_DIR": str(self.root / "runs"),

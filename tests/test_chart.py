@@ -189,10 +189,10 @@ def test_default_install_has_every_service_and_no_optional_objects():
     # Optional objects (and the CRDs they need) stay off unless asked for.
     assert not kinds & {"HorizontalPodAutoscaler", "ServiceMonitor", "PrometheusRule", "Ingress", "Job"}
     assert not any("nvidia.com/gpu" in json.dumps(spec) for spec in pod_specs(objs).values())
-    # Only the gateway is exposed over HTTP; the rest speak gRPC plus a metrics port.
+    # Only the gateway is exposed over HTTP; the rest speak gRPC; each has a metrics port.
     for s in SERVICES:
         ports = {p["name"]: p for p in by_kind(objs, "Service")[name_of(s)]["spec"]["ports"]}
-        assert set(ports) == ({"http"} if s == "gateway" else {"grpc", "metrics"})
+        assert set(ports) == ({"http", "metrics"} if s == "gateway" else {"grpc", "metrics"})
     for s in GRPC_SERVICES:
         ports = {p["name"]: p for p in by_kind(objs, "Service")[name_of(s)]["spec"]["ports"]}
         assert (ports["grpc"]["port"], ports["metrics"]["port"]) == (GRPC_PORTS[s], 9090)
@@ -233,7 +233,7 @@ def test_services_run_the_one_entrypoint_with_native_grpc_probes():
     assert container(objs, "generation")["args"][6:] == ["--model", "policy@production"]
     assert container(objs, "reward")["args"][6:] == ["--model", "reward@production"]
     gateway = container(objs, "gateway")
-    assert gateway["args"] == ["serve", "gateway", "--port", "8080"]
+    assert gateway["args"] == ["serve", "gateway", "--port", "8080", "--metrics-port", "9095"]
     assert gateway["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
     assert gateway["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
 
@@ -860,12 +860,14 @@ def test_network_policy_lets_only_the_gateway_in_from_outside():
     for component, (labels, ports) in pods.items():
         for port_name, port in ports.items():
             for stranger in (OUTSIDE_POD, SAME_NS_STRANGER):
-                expected = component == "gateway"
+                # The gateway's API, not its metrics.
+                expected = component == "gateway" and port_name == "http"
                 assert allowed(policies, "in", labels, stranger, port) is expected, (component, port_name, stranger)
             # Other tuneloop pods reach every port (the gateway calls generation and feedback).
             assert allowed(policies, "in", labels, {"namespace": NS, "labels": gateway_labels}, port)
-            # Prometheus scrapes the metrics ports and nothing else.
-            assert allowed(policies, "in", labels, PROMETHEUS, port) is (port_name in ("metrics", "http"))
+            # Prometheus scrapes the metrics ports; of the rest it reaches only what anyone reaches.
+            public = component == "gateway" and port_name == "http"
+            assert allowed(policies, "in", labels, PROMETHEUS, port) is (port_name == "metrics" or public)
 
 
 def test_network_policy_egress_reaches_kafka_and_dns_only():
@@ -886,6 +888,33 @@ def test_network_policy_egress_reaches_kafka_and_dns_only():
     assert allowed(policies, "out", trainer_labels, {"ip": "10.96.0.1"}, (None, 443))
     assert allowed(policies, "out", trainer_labels, KAFKA_BROKER, (None, 9092))
     assert not allowed(policies, "out", pods["generation"][0], {"ip": "10.96.0.1"}, (None, 443))
+
+
+def test_the_gateway_replicas_reach_the_redis_of_deploy_redis_and_it_admits_only_them():
+    objs = render("default")
+    policies = list(by_kind(objs, "NetworkPolicy").values())
+    pods = _component_pods(objs)
+    manifests = list(yaml.safe_load_all((REPO / "deploy" / "redis" / "redis.yaml").read_text()))
+    assert_valid_kubernetes(manifests)
+    redis_pod = {"namespace": NS, "labels": by_kind(manifests, "Deployment")["tuneloop-redis"]["spec"]["template"][
+        "metadata"]["labels"]}
+    env = {e["name"]: e.get("value") for e in pod_specs(objs)[f"Deployment/{name_of('gateway')}"]["containers"][0]["env"]}
+    assert env["TUNELOOP_GATEWAY_LIMITS_STORAGE_URL"] == "redis://tuneloop-redis:6379/0"
+    assert allowed(policies, "out", pods["gateway"][0], redis_pod, (None, 6379))
+    assert not allowed(policies, "out", pods["generation"][0], redis_pod, (None, 6379))
+    redis_policy = by_kind(manifests, "NetworkPolicy")["tuneloop-redis"]
+    redis_port = ("redis", 6379)
+    for component, (labels, _) in pods.items():
+        peer = {"namespace": NS, "labels": labels}
+        assert allowed([redis_policy], "in", redis_pod["labels"], peer, redis_port) is (component == "gateway")
+
+
+@pytest.mark.parametrize("setting", ["gateway.replicas=2", "gateway.autoscaling.enabled=true"])
+def test_more_than_one_gateway_replica_needs_shared_limits(setting):
+    result = helm("template", "t", str(CHART), "--set", "gateway.limits.storageUrl=", "--set", setting, check=False)
+    assert result.returncode != 0 and "gateway.limits.storageUrl is required" in result.stderr
+    one = helm("template", "t", str(CHART), "--set", "gateway.limits.storageUrl=", "--set", "gateway.replicas=1")
+    assert "TUNELOOP_GATEWAY_LIMITS_STORAGE_URL" not in one.stdout
 
 
 def test_gateway_can_be_limited_to_an_ingress_controller():
@@ -1057,17 +1086,81 @@ def test_strimzi_topics_are_the_services_topics():
     names = {d["metadata"]["name"] for d in docs if d["kind"] == "KafkaTopic"}
     code_topics = {v for k, v in vars(kafka).items() if k.endswith("_TOPIC") and isinstance(v, str)}
     assert names == code_topics
-    for path in ("kafka.yaml", "dev/kafka.yaml"):
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())["kafka"]
+    # The dev cluster's plain listener is the chart's default; the production cluster's only
+    # listener (SCRAM over TLS) is what values-gpu.yaml logs in to.
+    for path, values in (("dev/kafka.yaml", defaults), ("kafka.yaml", {**defaults, **_gpu_kafka_values()})):
         kafka_cr = next(
             d for d in yaml.safe_load_all((REPO / "deploy" / "strimzi" / path).read_text()) if d["kind"] == "Kafka"
         )
-        plain = next(lst for lst in kafka_cr["spec"]["kafka"]["listeners"] if not lst["tls"])
+        (listener,) = kafka_cr["spec"]["kafka"]["listeners"]
         cluster = kafka_cr["metadata"]["name"]
         assert all(d["metadata"]["labels"]["strimzi.io/cluster"] == cluster for d in docs)
-        # The chart's default bootstrap address and NetworkPolicy peer are this cluster's.
-        chart_values = yaml.safe_load((CHART / "values.yaml").read_text())["kafka"]
-        assert chart_values["bootstrapServers"] == f"{cluster}-kafka-bootstrap:{plain['port']}"
-        assert chart_values["networkPolicyPeers"][0]["podSelector"]["matchLabels"] == {"strimzi.io/cluster": cluster}
+        # The chart's bootstrap address, ports, login and NetworkPolicy peer are this cluster's.
+        assert values["bootstrapServers"] == f"{cluster}-kafka-bootstrap:{listener['port']}"
+        assert values["ports"] == [listener["port"]]
+        assert values["auth"].get("enabled", False) is ("authentication" in listener) is listener["tls"]
+        assert values["networkPolicyPeers"][0]["podSelector"]["matchLabels"] == {"strimzi.io/cluster": cluster}
+
+
+def _gpu_kafka_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values-gpu.yaml").read_text())["kafka"]
+
+
+KAFKA_WORKLOADS = ("feedback", "generation", "store", "trainer")
+
+
+@pytest.mark.parametrize("values", ["default", "gpu"])
+def test_kafka_login_the_chart_renders_is_what_each_workload_loads(values, tmp_path):
+    """With kafka.auth on, every workload that talks to Kafka loads SASL_SSL settings as its own
+    user, with the password from its user's Secret and the CA from a read-only mounted Secret;
+    the others get no login at all."""
+    from tests.kafka_security import kafka_env_of, settings_from_env
+    from tuneloop.common.kafka_acls import username
+
+    objs = render(values, "--set", "kafka.auth.enabled=true")
+    auth = yaml.safe_load((CHART / "values.yaml").read_text())["kafka"]["auth"]
+    secrets = {username(w): {"password": f"pw-{w}"} for w in KAFKA_WORKLOADS}
+    secrets[auth["caSecret"]["name"]] = {"ca.crt": "-----BEGIN CERTIFICATE-----\n"}
+    seen = set()
+    for key, spec in pod_specs(objs).items():
+        if key.startswith("Pod/"):
+            continue
+        c = spec["containers"][0]
+        env = kafka_env_of(spec, secrets, tmp_path / key.replace("/", "_"))
+        settings = settings_from_env(env)
+        if c["name"] not in KAFKA_WORKLOADS:
+            assert settings.security_protocol == "PLAINTEXT" and settings.sasl_username is None, key
+            continue
+        seen.add(c["name"])
+        assert settings.security_protocol == "SASL_SSL", key
+        assert (settings.sasl_username, settings.sasl_secret()) == (username(c["name"]), f"pw-{c['name']}"), key
+        # The CA path is inside a read-only mount of the CA Secret (kafka_env_of wrote it there).
+        assert settings.ssl_cafile is not None and settings.ssl_cafile.read_text().startswith("-----BEGIN"), key
+        cafile = env_of(c)["TUNELOOP_KAFKA_SSL_CAFILE"]
+        mount = next(m for m in c["volumeMounts"] if cafile.startswith(m["mountPath"].rstrip("/") + "/"))
+        assert mount["readOnly"] is True
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        assert volume["secret"]["secretName"] == auth["caSecret"]["name"]
+    assert seen == set(KAFKA_WORKLOADS)
+
+
+def test_strimzi_listener_lets_in_only_the_release_pods_that_use_kafka():
+    """kafka.yaml's networkPolicyPeers (for a release named tuneloop) select exactly the pods of
+    the workloads that have a Kafka user."""
+    kafka_cr = next(
+        d for d in yaml.safe_load_all((REPO / "deploy" / "strimzi" / "kafka.yaml").read_text()) if d["kind"] == "Kafka"
+    )
+    (peer,) = kafka_cr["spec"]["kafka"]["listeners"][0]["networkPolicyPeers"]
+    selector = peer["podSelector"]
+    objs = [d for d in yaml.safe_load_all(helm(*["template", "tuneloop", str(CHART), "--namespace", NS,
+                                                  "--kube-version", f"{KUBE_VERSION}.0"]).stdout) if d]
+    for key, labels in _pod_labels(objs).items():
+        wanted = labels["app.kubernetes.io/component"] in KAFKA_WORKLOADS
+        matched = all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items()) and all(
+            (labels.get(e["key"]) in e["values"]) is (e["operator"] == "In") for e in selector.get("matchExpressions", [])
+        )
+        assert matched is wanted, key
 
 
 def test_skaffold_points_at_real_files_and_chart_values():

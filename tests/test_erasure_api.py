@@ -25,7 +25,7 @@ def client(tmp_path: Path) -> TestClient:
                                 for k, (t, r) in KEYS.items()]))
     # No backend is called: the endpoint answers before any gRPC.
     app = create_app(GatewaySettings(api_keys_file=keys, generation_target="127.0.0.1:9",
-                                     feedback_target="127.0.0.1:9"))
+                                     feedback_target="127.0.0.1:9", api_docs=True))
     with TestClient(app) as c:
         yield c
 

@@ -36,10 +36,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str):
     fb = ServiceProcess("feedback", [], env, root).start()
     gw_env = {**env, "TUNELOOP_GATEWAY_API_KEYS_FILE": str(keys_file),
               "TUNELOOP_GATEWAY_GENERATION_TARGET": gen.target, "TUNELOOP_GATEWAY_FEEDBACK_TARGET": fb.target,
-              "TUNELOOP_GATEWAY_RATE_LIMIT_BURST": "200", "TUNELOOP_GATEWAY_MAX_BODY_BYTES": "65536"}
+              "TUNELOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "100000", "TUNELOOP_GATEWAY_TENANT_TOKENS_PER_MINUTE": "10000000",
+              "TUNELOOP_GATEWAY_MAX_BODY_BYTES": "65536", "TUNELOOP_GATEWAY_API_DOCS": "true"}
     gw = ServiceProcess("gateway", [], gw_env, root, http=True).start()
     try:
-        yield {"url": f"http://{gw.target}", "bootstrap": kafka_bootstrap, "root": root}
+        yield {"url": f"http://{gw.target}", "metrics": f"http://127.0.0.1:{gw.metrics_port}/metrics",
+               "bootstrap": kafka_bootstrap, "root": root}
     finally:
         for p in (gw, fb, gen):
             p.stop()
@@ -198,21 +200,34 @@ def test_models_health_and_metrics(stack) -> None:
     models = client(stack).models.list()
     assert models.data and models.data[0].id.startswith("policy@") or models.data[0].id
     assert httpx.get(stack["url"] + "/readyz", timeout=10).json()["ready"] is True
-    body = httpx.get(stack["url"] + "/metrics", timeout=10).text
+    body = httpx.get(stack["metrics"], timeout=10).text
     assert 'tuneloop_gateway_requests_total{route="/v1/chat/completions",status="200"}' in body
+    # Not on the public port: the API port's NetworkPolicy is open to clients, not to scrapers.
+    assert httpx.get(stack["url"] + "/metrics", timeout=10).status_code == 404
+
+
+def test_api_docs_are_off_unless_asked_for(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps([{"sha256": hash_key("k"), "tenant": "t", "roles": ["app"]}]))
+    env = {"TUNELOOP_GATEWAY_API_KEYS_FILE": str(keys), "TUNELOOP_GATEWAY_GENERATION_TARGET": "127.0.0.1:9"}
+    with ServiceProcess("gateway", [], env, tmp_path, http=True) as gw:
+        codes = {path: httpx.get(f"http://{gw.target}{path}", timeout=10).status_code
+                 for path in ("/openapi.json", "/docs", "/redoc", "/metrics")}
+    assert codes == {"/openapi.json": 404, "/docs": 404, "/redoc": 404, "/metrics": 404}
 
 
 def test_rate_limit_is_429_with_retry_after(stack, tmp_path: Path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text(json.dumps([{"sha256": hash_key("k"), "tenant": "t", "roles": ["app"]}]))
     # Backends are irrelevant: the limit is checked before any call is relayed.
-    env = {"TUNELOOP_GATEWAY_API_KEYS_FILE": str(keys), "TUNELOOP_GATEWAY_RATE_LIMIT_BURST": "2",
-           "TUNELOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "1", "TUNELOOP_GATEWAY_GENERATION_TARGET": "127.0.0.1:9"}
+    env = {"TUNELOOP_GATEWAY_API_KEYS_FILE": str(keys), "TUNELOOP_GATEWAY_RATE_LIMIT_PER_MINUTE": "2",
+           "TUNELOOP_GATEWAY_GENERATION_TARGET": "127.0.0.1:9"}
     with ServiceProcess("gateway", [], env, tmp_path, http=True) as gw:
         codes = [httpx.get(f"http://{gw.target}/v1/models", headers={"Authorization": "Bearer k"}, timeout=10)
                  for _ in range(3)]
     assert [r.status_code for r in codes[:2]] != [429, 429]
     assert codes[2].status_code == 429 and int(codes[2].headers["Retry-After"]) >= 1
+    assert codes[2].json()["error"]["code"] == "requests_limit"
 
 
 def test_a_failed_backend_reaches_clients_as_a_stable_message_without_internals(tmp_path: Path) -> None:

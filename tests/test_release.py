@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.kube import KubeControlPlane
+from tests.redis_server import RedisServer
 from tests.release_harness import CHART, ApiAccess, Network, Release, can_run, render
 from tests.test_kube_release import helm
 from tuneloop.common.broker import LocalBroker, install
@@ -82,6 +83,16 @@ def broker(network: Network, tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
+def redis(network: Network, tmp_path_factory: pytest.TempPathFactory):
+    """The Redis of the gateway's limits (deploy/redis/ in a cluster), where pods reach it."""
+    server = RedisServer(tmp_path_factory.mktemp("release-redis"), host=network.node_ip).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return make_tiny(tmp_path_factory.mktemp("release-tiny"))
 
@@ -116,7 +127,8 @@ class StandInPushgateway:
         self.server.shutdown()
 
 
-def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "", project: str = "journey") -> Path:
+def journey_values(broker: LocalBroker, redis: RedisServer, path: Path, pushgateway: str = "",
+                   project: str = "journey") -> Path:
     values = {
         "kafka": {"bootstrapServers": broker.bootstrap},
         "metrics": {"pushgateway": {"url": pushgateway}},
@@ -125,6 +137,8 @@ def journey_values(broker: LocalBroker, path: Path, pushgateway: str = "", proje
                      {"name": "TUNELOOP_TRAINER_TORCH_THREADS", "value": "1"}],
         "gateway": {"apiKeys": {"keys": [{"name": "app", "tenant": "acme", "roles": ["app", "annotator", "lead"],
                                           "sha256": hash_key(KEY)}]},
+                    # The replicas count their limits together in a real Redis on the node.
+                    "limits": {"storageUrl": redis.url},
                     "workbench": {"enabled": True, "projects": {f"{project}.yaml": {**PROJECT, "project": project}}}},
         "trainer": {
             "retrainConfig": {
@@ -273,7 +287,7 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any, proje
 
 @pytest.mark.parametrize("values_file", [None, CHART / "values-dev.yaml"], ids=["values", "values-dev"])
 def test_journey_through_the_rendered_release(
-    values_file: Path | None, network: Network, broker: LocalBroker, tiny: tuple[Path, Path],
+    values_file: Path | None, network: Network, broker: LocalBroker, redis: RedisServer, tiny: tuple[Path, Path],
     kube: KubeControlPlane, tmp_path: Path,
 ) -> None:
     """The release installed into the real API server (restricted Pod Security) and run on this
@@ -285,7 +299,7 @@ def test_journey_through_the_rendered_release(
     kube.create_namespace(namespace, {"pod-security.kubernetes.io/enforce": "restricted"})
     # The module's broker keeps earlier tests' events: this journey's judgements are its own project.
     files = [*([values_file] if values_file else []),
-             journey_values(broker, tmp_path / "journey.yaml", pushgateway.url, project=namespace)]
+             journey_values(broker, redis, tmp_path / "journey.yaml", pushgateway.url, project=namespace)]
     helm(kube, tmp_path / "helm", "install", "tuneloop", str(CHART), "--namespace", namespace,
          *[a for f in files for a in ("-f", str(f))])
     objects = render(files, namespace=namespace)
@@ -303,6 +317,11 @@ def test_journey_through_the_rendered_release(
     release = Release(objects, tmp_path / "node", namespace=namespace, network=network, api=api)
     try:
         run_journey(release, tiny, start_job, project=namespace)
+        # The rendered gateways counted their limits in the shared Redis, not each in its memory.
+        import redis as redis_client
+
+        counted = redis_client.Redis.from_url(redis.url).keys("LIMITS:*")
+        assert any(b"tuneloop-tokens" in k for k in counted), counted
     except BaseException:
         print(release.logs())
         raise
@@ -325,10 +344,10 @@ def start_what_fits(release: Release, tiny: tuple[Path, Path]) -> None:
     release.wait_ready(timeout=300)
 
 
-def test_gpu_values_start_all_but_the_gpu_pods_which_stay_pending(network, broker, tiny, tmp_path: Path) -> None:
+def test_gpu_values_start_all_but_the_gpu_pods_which_stay_pending(network, broker, redis, tiny, tmp_path: Path) -> None:
     """values-gpu.yaml on this node (no GPU): generation (vLLM image) and the trainer ask for GPU
     nodes and stay Pending, with the scheduler's reason; everything else runs and is ready."""
-    values = journey_values(broker, tmp_path / "v.yaml")
+    values = journey_values(broker, redis, tmp_path / "v.yaml")
     # helm merges the small CPU and memory requests into the GPU values: the GPU requests stay.
     objects = render([CHART / "values-gpu.yaml", values], sets=["trainer.rbac.create=false"])
     release = Release(objects, tmp_path / "node", network=network)
@@ -357,11 +376,11 @@ def test_gpu_values_start_all_but_the_gpu_pods_which_stay_pending(network, broke
         release.stop()
 
 
-def test_all_values_start_every_pod_and_the_one_off_job(network, broker, tiny, tmp_path: Path) -> None:
+def test_all_values_start_every_pod_and_the_one_off_job(network, broker, redis, tiny, tmp_path: Path) -> None:
     """ci/all-values.yaml (autoscaling, the one-off Job, a priority class, extra env): every
     Deployment at its HPA's minReplicas, ready; the install Job's retrain runs to an outcome
     (promoted or refused, exit 0: the broker may still hold earlier tests' feedback)."""
-    values = journey_values(broker, tmp_path / "v.yaml")
+    values = journey_values(broker, redis, tmp_path / "v.yaml")
     objects = render([CHART / "ci" / "all-values.yaml", values], sets=["trainer.rbac.create=false"])
     release = Release(objects, tmp_path / "node", network=network)
     try:
@@ -420,13 +439,13 @@ BROKEN = {
 
 
 @pytest.mark.parametrize("broken", sorted(BROKEN))
-def test_a_broken_rendered_key_fails_the_release(broken: str, network, broker, tiny, tmp_path: Path) -> None:
+def test_a_broken_rendered_key_fails_the_release(broken: str, network, broker, redis, tiny, tmp_path: Path) -> None:
     """The harness runs what is rendered, so a rendered key broken after rendering (an env name,
     a mount path, a probe port, a config field) makes the workload fail: it is never ready, or
     its Job fails. (A Role verb the trainer needs is refused by the real API server:
     tests/test_kube_release.py.)"""
     kind, component, breaks = BROKEN[broken]
-    objects = render([journey_values(broker, tmp_path / "v.yaml")], sets=["trainer.rbac.create=false"])
+    objects = render([journey_values(broker, redis, tmp_path / "v.yaml")], sets=["trainer.rbac.create=false"])
     breaks(objects)
     release = Release(objects, tmp_path / "node", network=network)
     try:

@@ -5,6 +5,10 @@ Maven Central with the pom in `deploy/kafka/` into `.tools/kafka/libs`. `LocalBr
 data directory, runs `kafka.Kafka` there and knows when it serves: a metadata request answered
 by the broker itself, not an open port. Restarting keeps the data directory and the ports, so
 fault drills can check that no acknowledged record is lost.
+
+With `BrokerSecurity` every listener speaks SASL_SSL, the way an authenticated cluster does:
+clients log in with SCRAM over TLS, the KRaft authorizer denies whatever no ACL allows, and the
+only super user is the broker's own admin.
 """
 
 from __future__ import annotations
@@ -20,9 +24,11 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -34,6 +40,36 @@ _PR_SET_PDEATHSIG = 1
 
 class BrokerError(RuntimeError):
     """The broker could not be installed, started or reached."""
+
+
+@dataclass(frozen=True)
+class BrokerSecurity:
+    """SASL_SSL on every listener, SCRAM users, ACLs enforced.
+
+    `certfile` and `keyfile` are PEM files of the broker's certificate (naming the host it listens
+    on) and its unencrypted PKCS#8 key; `cafile` is the CA that signed it, which clients trust.
+    `users` (name to password) get SCRAM-SHA-512 and SCRAM-SHA-256 credentials when the data
+    directory is formatted; `admin` is the super user the broker itself logs in as.
+    """
+
+    certfile: Path
+    keyfile: Path
+    cafile: Path
+    admin_password: str
+    users: Mapping[str, str] = field(default_factory=dict)
+    admin: str = "admin"
+
+    def client_options(self, username: str | None = None, password: str | None = None) -> dict[str, Any]:
+        """kafka-python options to log in as `username` (default: the admin)."""
+        if username is None:
+            username, password = self.admin, self.admin_password
+        return {
+            "security_protocol": "SASL_SSL",
+            "sasl_mechanism": "SCRAM-SHA-512",
+            "sasl_plain_username": username,
+            "sasl_plain_password": password if password is not None else self.users[username],
+            "ssl_cafile": str(self.cafile),
+        }
 
 
 def repo_root() -> Path:
@@ -128,8 +164,12 @@ def die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def serves(bootstrap: str, timeout_s: float = 2.0) -> bool:
-    """Whether a broker answers a metadata request at `bootstrap` and lists itself in it."""
+def serves(bootstrap: str, timeout_s: float = 2.0, security: Mapping[str, Any] | None = None) -> bool:
+    """Whether a broker answers a metadata request at `bootstrap` and lists itself in it.
+
+    `security`: kafka-python TLS/SASL options (`tuneloop.common.kafka.client_security`) for a
+    broker that only speaks SASL_SSL; a refused handshake or login counts as not serving.
+    """
     host, _, port = bootstrap.rpartition(":")
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):
@@ -142,7 +182,8 @@ def serves(bootstrap: str, timeout_s: float = 2.0) -> bool:
     timeout_ms = int(timeout_s * 1000)
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tuneloop-broker-probe",
-                                 bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms)
+                                 bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                                 **(security or {}))
     except KafkaError:
         return False
     try:
@@ -174,8 +215,10 @@ class LocalBroker:
         startup_timeout_s: float = 90.0,
         die_with_parent: bool = True,
         host: str = _LOOPBACK,
+        security: BrokerSecurity | None = None,
     ) -> None:
         self.host = host
+        self.security = security
         self.data_dir = Path(data_dir).resolve()
         self.port = port or free_port()
         self.controller_port = controller_port or free_port()
@@ -218,6 +261,7 @@ class LocalBroker:
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+            **self._security_props(),
             "log.dirs": str(self.data_dir / "logs"),
             # One node: every internal topic must be satisfiable by a single replica.
             "offsets.topic.replication.factor": "1",
@@ -239,6 +283,46 @@ class LocalBroker:
         }
         self.config_path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
 
+    def _security_props(self) -> dict[str, str]:
+        sec = self.security
+        if sec is None:
+            return {}
+        # Kafka reads a PEM key store as one file: the private key, then the certificate chain.
+        keystore = self.data_dir / "keystore.pem"
+        keystore.write_text(Path(sec.keyfile).read_text() + Path(sec.certfile).read_text())
+        keystore.chmod(0o600)
+        scram = ("org.apache.kafka.common.security.scram.ScramLoginModule required "
+                 f'username="{sec.admin}" password="{sec.admin_password}";')
+        # SCRAM credentials live in the metadata log the controller serves, so the controller
+        # listener cannot check them: it takes PLAIN, with the admin as its only user.
+        plain = ("org.apache.kafka.common.security.plain.PlainLoginModule required "
+                 f'username="{sec.admin}" password="{sec.admin_password}" '
+                 f'user_{sec.admin}="{sec.admin_password}";')
+        return {
+            "listeners": f"SASL_SSL://{self.host}:{self.port},CONTROLLER://{self.host}:{self.controller_port}",
+            "advertised.listeners": f"SASL_SSL://{self.host}:{self.port}",
+            "inter.broker.listener.name": "SASL_SSL",
+            "listener.security.protocol.map": "CONTROLLER:SASL_SSL,SASL_SSL:SASL_SSL",
+            "sasl.mechanism.inter.broker.protocol": "SCRAM-SHA-512",
+            "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-512,SCRAM-SHA-256",
+            "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+            "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(Path(sec.cafile).resolve()),
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{sec.admin}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
+
+    def client_options(self) -> dict[str, Any]:
+        """kafka-python options an admin client of this broker needs (none without security)."""
+        return self.security.client_options() if self.security else {}
+
     def _java_cmd(self, main: str, *args: str, heap: str) -> list[str]:
         return [
             java_executable(), f"-Xmx{heap}", "-Djava.awt.headless=true",
@@ -249,8 +333,14 @@ class LocalBroker:
     def _format(self) -> None:
         if (self.data_dir / "logs" / "meta.properties").is_file():
             return
+        scram: list[str] = []
+        if self.security is not None:
+            users = {**self.security.users, self.security.admin: self.security.admin_password}
+            for name, password in users.items():
+                for mechanism in ("SCRAM-SHA-512", "SCRAM-SHA-256"):
+                    scram += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         cmd = self._java_cmd("kafka.tools.StorageTool", "format", "-t", _cluster_id(),
-                             "-c", str(self.config_path), "--ignore-formatted", heap="256m")
+                             "-c", str(self.config_path), "--ignore-formatted", *scram, heap="256m")
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise BrokerError(f"formatting {self.data_dir} failed:\n{(done.stdout + done.stderr)[-4000:]}")
@@ -285,7 +375,7 @@ class LocalBroker:
                 code = self._proc.returncode
                 self._proc = None
                 raise BrokerError(f"broker exited with {code} while starting; log tail:\n{self.log_tail()}")
-            if serves(self.bootstrap):
+            if serves(self.bootstrap, security=self.client_options()):
                 return
             time.sleep(0.25)
         raise BrokerError(

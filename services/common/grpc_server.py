@@ -42,6 +42,7 @@ class GrpcServer:
         max_workers: int = 32,
         grace_seconds: float = 20.0,
         on_stop: Callable[[], None] | None = None,
+        max_concurrent_rpcs: int | None = None,
     ) -> None:
         self.service = service
         self.grace_seconds = grace_seconds
@@ -50,6 +51,9 @@ class GrpcServer:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=f"{service}-rpc"),
             interceptors=[MetricsInterceptor(service)],
+            # Beyond this many open calls gRPC answers RESOURCE_EXHAUSTED at once instead of
+            # queueing without bound behind busy handler threads.
+            maximum_concurrent_rpcs=max_concurrent_rpcs,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

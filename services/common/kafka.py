@@ -12,6 +12,10 @@ producer on the same broker.
 
 Keys are bytes (they pick the partition, so one prompt's events stay in order); values are
 serialized protobuf messages, passed in and out as bytes.
+
+Security: every client gets the same TLS and SASL/SCRAM options from `client_security`, so a
+producer, a consumer and an admin client of one process authenticate as the same Kafka user
+and trust the same CA; what that user may do is the broker's ACLs (`tuneloop.common.kafka_acls`).
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal, Self
 
 from kafka import IsolationLevel, KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetSpec, TopicPartition
 from kafka.errors import TopicAlreadyExistsError, for_code
-from pydantic import Field
+from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 COMPLETIONS_TOPIC = "tuneloop.completions.v1"
@@ -31,6 +36,8 @@ FEEDBACK_TOPIC = "tuneloop.feedback.v1"
 FEEDBACK_DLQ_TOPIC = "tuneloop.feedback.dlq.v1"
 MODELS_TOPIC = "tuneloop.models.v1"
 ALL_TOPICS = (COMPLETIONS_TOPIC, FEEDBACK_TOPIC, FEEDBACK_DLQ_TOPIC, MODELS_TOPIC)
+
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
 
 
 class KafkaSettings(BaseSettings):
@@ -73,6 +80,91 @@ class KafkaSettings(BaseSettings):
     topic_ready_timeout_s: float = Field(
         30.0, gt=0, description="How long ensure_topics waits for created topics to have leaders."
     )
+    security_protocol: SecurityProtocol = Field(
+        "PLAINTEXT",
+        description="How clients talk to the brokers: PLAINTEXT, SSL (TLS), SASL_PLAINTEXT or SASL_SSL "
+        "(SCRAM over TLS, what an authenticated cluster asks for).",
+    )
+    sasl_mechanism: Literal["SCRAM-SHA-512", "SCRAM-SHA-256"] = Field(
+        "SCRAM-SHA-512", description="SASL mechanism of the SASL_* protocols (Strimzi's scram-sha-512 by default)."
+    )
+    sasl_username: str | None = Field(
+        None, min_length=1, description="SASL user (the KafkaUser of this service); required by SASL_*."
+    )
+    sasl_password: SecretStr | None = Field(
+        None, description="Password of sasl_username; give it or sasl_password_file with SASL_*."
+    )
+    sasl_password_file: FilePath | None = Field(
+        None,
+        description="File holding the password of sasl_username (a mounted Secret key); read each time a "
+        "client is made, so a rotated password is picked up by the next client.",
+    )
+    ssl_cafile: FilePath | None = Field(
+        None,
+        description="PEM file of the CA that signed the brokers' certificates (Strimzi: the cluster CA "
+        "Secret's ca.crt); unset: the system trust store.",
+    )
+    ssl_certfile: FilePath | None = Field(
+        None, description="PEM client certificate, for brokers that authenticate clients by TLS (mTLS)."
+    )
+    ssl_keyfile: FilePath | None = Field(None, description="PEM private key of ssl_certfile.")
+    ssl_check_hostname: bool = Field(
+        True, description="Check that a broker's certificate names the host the client connected to."
+    )
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> Self:
+        """Refuse half-configured security at start-up, naming the setting, instead of a
+        handshake or authentication failure at the first request."""
+        protocol = self.security_protocol
+        env = self.model_config.get("env_prefix", "")
+        uses_sasl, uses_tls = protocol.startswith("SASL_"), protocol.endswith("SSL")
+        if uses_sasl:
+            if not self.sasl_username:
+                raise ValueError(f"sasl_username ({env}SASL_USERNAME) is required with security_protocol {protocol}")
+            if (self.sasl_password is None) == (self.sasl_password_file is None):
+                raise ValueError(
+                    f"give exactly one of sasl_password ({env}SASL_PASSWORD) and sasl_password_file "
+                    f"({env}SASL_PASSWORD_FILE) with security_protocol {protocol}"
+                )
+        else:
+            # Credentials next to a protocol that never sends them mean a forgotten protocol.
+            for name in ("sasl_username", "sasl_password", "sasl_password_file"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but security_protocol {protocol} does not use SASL")
+        if not uses_tls:
+            for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is set but security_protocol {protocol} does not use TLS")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise ValueError("ssl_keyfile needs ssl_certfile (the certificate the key belongs to)")
+        return self
+
+    def sasl_secret(self) -> str | None:
+        """The SASL password: the setting, or the file's content without its trailing newline."""
+        if self.sasl_password is not None:
+            return self.sasl_password.get_secret_value()
+        if self.sasl_password_file is not None:
+            return Path(self.sasl_password_file).read_text().rstrip("\r\n")
+        return None
+
+
+def client_security(settings: KafkaSettings) -> dict[str, Any]:
+    """kafka-python options for TLS and SASL, the same for producers, consumers and admin clients."""
+    options: dict[str, Any] = {"security_protocol": settings.security_protocol}
+    if settings.security_protocol.endswith("SSL"):
+        options["ssl_check_hostname"] = settings.ssl_check_hostname
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            if (path := getattr(settings, name)) is not None:
+                options[name] = str(path)
+    if settings.security_protocol.startswith("SASL_"):
+        # kafka-python names them "plain" for every mechanism, SCRAM included.
+        options.update(
+            sasl_mechanism=settings.sasl_mechanism,
+            sasl_plain_username=settings.sasl_username,
+            sasl_plain_password=settings.sasl_secret(),
+        )
+    return options
 
 
 def make_producer(settings: KafkaSettings, transactional_id: str | None = None) -> KafkaProducer:
@@ -95,6 +187,7 @@ def make_producer(settings: KafkaSettings, transactional_id: str | None = None) 
         request_timeout_ms=settings.request_timeout_ms,
         reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
         delivery_timeout_ms=settings.delivery_timeout_ms,
+        **client_security(settings),
     )
 
 
@@ -114,6 +207,7 @@ def make_consumer(settings: KafkaSettings, group_id: str, topics: Sequence[str] 
         request_timeout_ms=settings.request_timeout_ms,
         reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
         metadata_max_age_ms=settings.metadata_max_age_ms,
+        **client_security(settings),
     )
 
 
@@ -123,6 +217,7 @@ def make_admin(settings: KafkaSettings) -> KafkaAdminClient:
         client_id=settings.client_id,
         request_timeout_ms=settings.request_timeout_ms,
         reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
+        **client_security(settings),
     )
 
 

@@ -29,10 +29,9 @@ class ServiceProcess:
         self.name = name
         self.http = http
         self.port = port or free_port()
-        self.metrics_port = None if http else (metrics_port or free_port())
-        cmd = [sys.executable, "-m", "tuneloop.cli", "serve", name, "--port", str(self.port)]
-        if self.metrics_port is not None:
-            cmd += ["--metrics-port", str(self.metrics_port)]
+        self.metrics_port = metrics_port or free_port()
+        cmd = [sys.executable, "-m", "tuneloop.cli", "serve", name, "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port)]
         self.cmd = cmd + list(args or [])
         self.env = {**os.environ, **(env or {})}
         self.log_path = (log_dir or Path(os.environ.get("TMPDIR", "/tmp"))) / f"{name}-{self.port}.log"

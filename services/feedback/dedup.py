@@ -18,7 +18,7 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
-from tuneloop.common.kafka import KafkaSettings
+from tuneloop.common.kafka import KafkaSettings, client_security
 from tuneloop.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def warm_from_topic(
         enable_auto_commit=False,
         isolation_level=kafka.isolation_level,
         request_timeout_ms=kafka.request_timeout_ms,
+        **client_security(kafka),
     )
     loaded = 0
     try:

@@ -1,5 +1,5 @@
 """The HTTP face of tuneloop: OpenAI-compatible chat completions, A/B comparisons, feedback,
-API keys with tenancy and rate limits, health, metrics."""
+API keys with tenancy and limits, health; metrics on a port of their own."""
 
 
 import asyncio
@@ -9,19 +9,21 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from typing import Annotated
 
 import grpc
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import Counter, Histogram
 
 from tuneloop.common.errors import field_of
 from tuneloop.common.grpc_client import make_aio_channel
 from tuneloop.gateway import convert
-from tuneloop.gateway.auth import ApiKey, KeyStore, RateLimiter, load_keys, retry_after_header
+from tuneloop.gateway.auth import ApiKey, KeyStore, load_keys, retry_after_header
+from tuneloop.gateway.quotas import Limited, QuotaLimits, Quotas, prompt_cost
 from tuneloop.gateway.schemas import ChatCompletionRequest, ComparisonRequest, FeedbackBatch, FeedbackIn
 from tuneloop.gateway.settings import GatewaySettings
 from tuneloop.v1 import feedback_pb2, feedback_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -45,6 +47,8 @@ GRPC_TO_HTTP = {
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
     grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    # Only when the HTTP client left first: nobody reads it, but the metrics tell it apart.
+    grpc.StatusCode.CANCELLED: (499, "client_closed_request"),
 }
 
 
@@ -79,6 +83,26 @@ def from_rpc(err: grpc.RpcError) -> ApiError:
                         headers={"X-Request-Id": request_id})
     field = field_of(err) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
     return ApiError(status, err.details() or err.code().name, type_, field)
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the HTTP client disconnects (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_gone(request: Request, *calls: grpc.aio.UnaryUnaryCall) -> list:
+    """The calls' responses; a client that disconnects first cancels them, and generation
+    stops instead of finishing answers nobody will read."""
+    watcher = asyncio.ensure_future(_client_gone(request))
+    watcher.add_done_callback(lambda _: [call.cancel() for call in calls])
+    try:
+        return list(await asyncio.gather(*calls))
+    finally:
+        # Cancelling the watcher also "cancels" the finished calls: a no-op for them, and
+        # the ones still running when another failed stop too.
+        watcher.cancel()
 
 
 class TenancyIndex:
@@ -145,14 +169,27 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     if settings.api_keys_file is None:
         raise ValueError("api_keys_file (TUNELOOP_GATEWAY_API_KEYS_FILE) is required: the gateway never runs open")
     keys = KeyStore(load_keys(settings.api_keys_file))
-    limiter = RateLimiter(settings.rate_limit_per_minute, settings.rate_limit_burst)
+    quotas = Quotas(
+        QuotaLimits(
+            requests_per_minute=settings.rate_limit_per_minute,
+            tenant_tokens_per_minute=settings.tenant_tokens_per_minute,
+            tenant_max_concurrent=settings.tenant_max_concurrent,
+            # A crashed replica's leases outlive the longest request it could have been serving.
+            lease_ttl_s=settings.request_timeout_s + 30,
+        ),
+        settings.limits_storage_url,
+    )
     tenancy = TenancyIndex(settings.tenancy_cache_size)
     channels: dict[str, grpc.aio.Channel] = {}
 
+    docs = settings.api_docs
     app = FastAPI(
         title="tuneloop gateway",
         version="1",
         description="OpenAI-compatible chat completions that feed a preference loop.",
+        openapi_url="/openapi.json" if docs else None,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
     )
     app.state.settings = settings
 
@@ -179,6 +216,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def _close() -> None:
         for ch in channels.values():
             await ch.close()
+        await quotas.close()
 
     @app.middleware("http")
     async def _metrics(request: Request, call_next):
@@ -193,6 +231,11 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
         return JSONResponse(error_body(err.message, err.type, err.param), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(Limited)
+    async def _limited(_: Request, err: Limited) -> JSONResponse:
+        return JSONResponse(error_body(str(err), "rate_limit_error", code=f"{err.limit}_limit"), status_code=429,
+                            headers={"Retry-After": retry_after_header(err.retry_after_s)})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -210,17 +253,14 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
     def authed(*roles: str):
-        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
+        async def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
             token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
             key = keys.lookup(token)
             if key is None:
                 raise ApiError(401, "missing or invalid API key", "authentication_error")
             if not key.roles & {*roles, "lead"}:
                 raise ApiError(403, f"this key lacks the role for this call ({' or '.join(roles)})", "permission_error")
-            wait = limiter.acquire(key.sha256)
-            if wait > 0:
-                raise ApiError(429, "rate limit exceeded", "rate_limit_error",
-                               headers={"Retry-After": retry_after_header(wait)})
+            await quotas.admit_request(key.sha256, key.tenant)
             return key
 
         return check
@@ -228,26 +268,44 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     def deadline() -> float:
         return settings.request_timeout_s
 
+    async def start_generation(requests: list[generation_pb2.GenerateRequest], tenant: str) -> AsyncExitStack:
+        """Charges the tenant's token budget and takes a concurrency slot, held until the
+        returned stack closes."""
+        cost = sum(prompt_cost(r.prompt.ByteSize(), r.sampling.max_tokens, r.sampling.n) for r in requests)
+        await quotas.charge_tokens(tenant, cost)
+        slot = AsyncExitStack()
+        await slot.enter_async_context(quotas.generation_slot(tenant))
+        return slot
+
+    def sampling(body, n: int, logprobs: bool = False):
+        s = convert.sampling_of(body, n=n, logprobs=logprobs)
+        if not s.HasField("max_tokens"):
+            s.max_tokens = settings.default_max_tokens  # what was charged is what may be generated
+        return s
+
     @app.post("/v1/chat/completions", tags=["completions"])
     async def chat_completions(
+        request: Request,
         body: ChatCompletionRequest,
         key: Annotated[ApiKey, Depends(authed("app"))],
         x_tuneloop_conversation_id: Annotated[str | None, Header(max_length=128)] = None,
     ):
         req = generation_pb2.GenerateRequest(
             prompt=convert.prompt_of(body.messages),
-            sampling=convert.sampling_of(body, n=body.n, logprobs=body.logprobs),
+            sampling=sampling(body, n=body.n, logprobs=body.logprobs),
             model=convert.model_ref(body.model),
             tenant=key.tenant,
             conversation_id=x_tuneloop_conversation_id or "",
         )
         created = int(time.time())
         gen = generation_for(body.model)
+        slot = await start_generation([req], key.tenant)
         if not body.stream:
-            try:
-                resp = await gen.Generate(req, timeout=deadline())
-            except grpc.RpcError as err:
-                raise from_rpc(err) from None
+            async with slot:
+                try:
+                    [resp] = await unless_client_gone(request, gen.Generate(req, timeout=deadline()))
+                except grpc.RpcError as err:
+                    raise from_rpc(err) from None
             for c in resp.completions:
                 tenancy.add(c.completion_id, key.tenant)
             return convert.chat_completion_json(resp, created)
@@ -257,46 +315,47 @@ def create_app(settings: GatewaySettings) -> FastAPI:
             # Wait for the first chunk so a bad request still gets a proper HTTP status.
             first = await call.read()
         except grpc.RpcError as err:
+            await slot.aclose()
             raise from_rpc(err) from None
 
         async def events() -> AsyncIterator[bytes]:
-            chunk = first
-            try:
-                while chunk is not grpc.aio.EOF:
-                    tenancy.add(chunk.completion_id, key.tenant)
-                    yield f"data: {json.dumps(convert.chunk_json(chunk, created))}\n\n".encode()
-                    chunk = await call.read()
-            except grpc.RpcError as err:
-                api = from_rpc(err)
-                yield f"data: {json.dumps(error_body(api.message, api.type, api.param))}\n\n".encode()
-            except asyncio.CancelledError:
-                call.cancel()
-                raise
-            yield b"data: [DONE]\n\n"
+            # The slot is held while the stream runs; the response ending (or the client
+            # leaving, which cancels this generator) gives it back.
+            async with slot:
+                chunk = first
+                try:
+                    while chunk is not grpc.aio.EOF:
+                        tenancy.add(chunk.completion_id, key.tenant)
+                        yield f"data: {json.dumps(convert.chunk_json(chunk, created))}\n\n".encode()
+                        chunk = await call.read()
+                except grpc.RpcError as err:
+                    api = from_rpc(err)
+                    yield f"data: {json.dumps(error_body(api.message, api.type, api.param))}\n\n".encode()
+                except asyncio.CancelledError:
+                    call.cancel()
+                    raise
+                yield b"data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/comparisons", tags=["completions"])
-    async def comparisons(body: ComparisonRequest, key: Annotated[ApiKey, Depends(authed("app"))]):
+    async def comparisons(request: Request, body: ComparisonRequest, key: Annotated[ApiKey, Depends(authed("app"))]):
         """Two candidates for one prompt, with both completion ids, for A/B choices."""
         prompt = convert.prompt_of(body.messages)
 
-        def request(model: str, n: int) -> generation_pb2.GenerateRequest:
+        def generate(model: str, n: int) -> generation_pb2.GenerateRequest:
             return generation_pb2.GenerateRequest(
-                prompt=prompt, sampling=convert.sampling_of(body, n=n), model=convert.model_ref(model),
-                tenant=key.tenant,
+                prompt=prompt, sampling=sampling(body, n=n), model=convert.model_ref(model), tenant=key.tenant,
             )
 
-        try:
-            if body.model_b is None:
-                resps = [await generation_for(body.model).Generate(request(body.model, 2), timeout=deadline())]
-            else:
-                resps = await asyncio.gather(
-                    generation_for(body.model).Generate(request(body.model, 1), timeout=deadline()),
-                    generation_for(body.model_b).Generate(request(body.model_b, 1), timeout=deadline()),
-                )
-        except grpc.RpcError as err:
-            raise from_rpc(err) from None
+        wanted = [(body.model, generate(body.model, 2))] if body.model_b is None else [
+            (body.model, generate(body.model, 1)), (body.model_b, generate(body.model_b, 1))]
+        async with await start_generation([req for _, req in wanted], key.tenant):
+            try:
+                resps = await unless_client_gone(
+                    request, *(generation_for(model).Generate(req, timeout=deadline()) for model, req in wanted))
+            except grpc.RpcError as err:
+                raise from_rpc(err) from None
         candidates = []
         for resp in resps:
             for c in resp.completions:
@@ -374,10 +433,6 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ready = {k: await check(k) for k in ("generation", "feedback")}
         return JSONResponse({"ready": all(ready.values()), "backends": ready}, status_code=200 if all(ready.values()) else 503)
 
-    @app.get("/metrics", tags=["ops"], include_in_schema=False)
-    async def metrics():
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
     try:
         from tuneloop.gateway.workbench import mount as mount_workbench
     except ModuleNotFoundError:
@@ -393,7 +448,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     return app
 
 
-def main(port: int | None = None) -> None:
+def main(port: int | None = None, metrics_port: int | None = None) -> None:
     import uvicorn
 
     from tuneloop.common.logs import configure_logging
@@ -401,8 +456,13 @@ def main(port: int | None = None) -> None:
 
     configure_logging("gateway")
     try:
-        settings = load_settings(GatewaySettings, port=port)
+        settings = load_settings(GatewaySettings, port=port, metrics_port=metrics_port)
         app = create_app(settings)
     except (SettingsError, ValueError) as err:
         raise SystemExit(f"gateway: {err}") from None
+    if settings.metrics_port is not None:
+        # Scrapers reach this port, clients only the API one (the chart's NetworkPolicy).
+        from prometheus_client import start_http_server
+
+        start_http_server(settings.metrics_port, addr=settings.host)
     uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=20)

@@ -23,8 +23,34 @@ class GatewaySettings(BaseSettings):
     api_keys_file: Path | None = Field(
         None, description="YAML or JSON file of API keys (sha256 hashes, tenant, roles), e.g. from a Secret."
     )
-    rate_limit_per_minute: float = Field(600, gt=0, description="Sustained requests per minute per API key.")
-    rate_limit_burst: int = Field(60, ge=1, description="Requests a key may make at once before being limited.")
+    metrics_port: int | None = Field(
+        9095,
+        ge=0,
+        le=65535,
+        description="Port of Prometheus /metrics, apart from the public API (0 picks a free one). "
+        "Unset: /metrics is not served at all.",
+    )
+    api_docs: bool = Field(
+        False, description="Serve the OpenAPI document and its pages (/openapi.json, /docs, /redoc) on the API port."
+    )
+    limits_storage_url: str | None = Field(
+        None,
+        description="Redis URL (redis://host:6379/0) where every gateway replica counts the limits below "
+        "together. Unset: counted in this process, right only for a single replica.",
+    )
+    rate_limit_per_minute: int = Field(600, ge=1, description="Requests per minute per API key (sliding window).")
+    tenant_tokens_per_minute: int = Field(
+        200_000,
+        ge=1,
+        description="Tokens per minute per tenant, charged when a generation starts at what it may use: "
+        "prompt (estimated at 3 UTF-8 bytes per token) plus max_tokens for each of n candidates.",
+    )
+    tenant_max_concurrent: int = Field(
+        16, ge=1, description="Generations one tenant may have running at once (streams until they end)."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, le=4096, description="max_tokens of a chat completion that names none (what is charged)."
+    )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 above).")
     max_feedback_batch: int = Field(500, ge=1, description="Most feedback events in one request.")
     request_timeout_s: float = Field(120, gt=0, description="Deadline of each call to a backend service.")

@@ -377,6 +377,7 @@ class GenerationApp:
             max_workers=settings.max_workers,
             grace_seconds=settings.grace_seconds,
             on_stop=self._shutdown,
+            max_concurrent_rpcs=settings.max_open_calls,
         )
 
     @property

@@ -23,6 +23,12 @@ class GenerationSettings(BaseSettings):
     metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one).")
     host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to.")
     max_workers: int = Field(64, ge=2, le=1024, description="gRPC handler threads (one per open call).")
+    max_open_calls: int = Field(
+        128,
+        ge=2,
+        description="Open gRPC calls (health checks included) beyond which new ones get RESOURCE_EXHAUSTED "
+        "(HTTP 429 at the gateway) instead of waiting in an unbounded queue for a handler thread.",
+    )
     grace_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight calls may still finish.")
     log_level: str = Field("INFO", description="Python log level.")
     model: str = Field(

@@ -17,7 +17,8 @@ from google.protobuf.message import DecodeError
 from kafka.errors import KafkaError
 
 from tuneloop.common.broker import serves
-from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, ensure_topics, make_consumer
+from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, client_security, ensure_topics, make_consumer
+from tuneloop.common.kafka_acls import MODEL_WATCH_GROUP_PREFIX
 from tuneloop.common.registry import Registry, RegistryError
 from tuneloop.v1 import model_event_pb2
 
@@ -96,14 +97,14 @@ class AliasWatcher:
         brokers = [b.strip() for b in self._kafka.bootstrap_servers.split(",") if b.strip()]
         while not self._stop.is_set():
             if consumer is None:
-                if not any(serves(b, timeout_s=2.0) for b in brokers):
+                if not any(serves(b, timeout_s=2.0, security=client_security(self._kafka)) for b in brokers):
                     self._stop.wait(self._interval_s)
                     continue
                 try:
                     ensure_topics(self._kafka, [MODELS_TOPIC])
                     # A group of its own: every replica must see every event. Nothing is
                     # committed, so the broker forgets the group once it is gone.
-                    group = f"tuneloop-generation-watch-{uuid.uuid4().hex[:12]}"
+                    group = f"{MODEL_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}"
                     consumer = make_consumer(self._kafka, group, [MODELS_TOPIC])
                 except KafkaError as err:
                     log.warning("model events: Kafka not usable", extra={"fields": {"error": str(err)}})

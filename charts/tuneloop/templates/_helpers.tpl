@@ -192,6 +192,64 @@ read-only), then the release-wide extraEnv. */}}
 {{- end }}
 {{- end }}
 
+{{/* Kafka login of one workload (TUNELOOP_KAFKA_SECURITY_PROTOCOL, SASL_* and the CA file) when
+kafka.auth is on and the workload has a user in kafka.auth.users; nothing otherwise.
+Args: (dict "root" $ "name" "feedback") */}}
+{{- define "tuneloop.kafkaAuthEnv" -}}
+{{- $a := .root.Values.kafka.auth }}
+{{- $user := index $a.users .name | default "" }}
+{{- if and $a.enabled $user }}
+- name: TUNELOOP_KAFKA_SECURITY_PROTOCOL
+  value: {{ $a.securityProtocol | quote }}
+- name: TUNELOOP_KAFKA_SASL_MECHANISM
+  value: {{ $a.saslMechanism | quote }}
+- name: TUNELOOP_KAFKA_SASL_USERNAME
+  value: {{ $user | quote }}
+- name: TUNELOOP_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $user }}
+      key: {{ $a.passwordKey }}
+{{- if include "tuneloop.kafkaTls" . }}
+- name: TUNELOOP_KAFKA_SSL_CAFILE
+  value: {{ printf "%s/%s" (include "tuneloop.kafkaCaDir" .) $a.caSecret.key | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the workload logs in over TLS and so mounts the brokers' CA. Args as kafkaAuthEnv. */}}
+{{- define "tuneloop.kafkaTls" -}}
+{{- $a := .root.Values.kafka.auth }}
+{{- if and $a.enabled (index $a.users .name) (hasSuffix "SSL" $a.securityProtocol) }}true{{ end }}
+{{- end }}
+
+{{/* Not under /etc/tuneloop: the trainer mounts its config there, and a mount inside another
+volume is fragile. */}}
+{{- define "tuneloop.kafkaCaDir" -}}
+/etc/kafka/ca
+{{- end }}
+
+{{/* The CA's volumeMount and volume (YAML lists; empty without TLS). Args as kafkaAuthEnv. */}}
+{{- define "tuneloop.kafkaCaMount" -}}
+{{- if include "tuneloop.kafkaTls" . }}
+- name: kafka-ca
+  mountPath: {{ include "tuneloop.kafkaCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "tuneloop.kafkaCaVolume" -}}
+{{- if include "tuneloop.kafkaTls" . }}
+{{- $ca := .root.Values.kafka.auth.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ $ca.name }}
+    items:
+      - key: {{ $ca.key }}
+        path: {{ $ca.key }}
+{{- end }}
+{{- end }}
+
 {{- define "tuneloop.tmpVolume" -}}
 - name: tmp
   emptyDir:

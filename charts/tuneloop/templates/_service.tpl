@@ -3,7 +3,7 @@ The objects every long-running service has: Deployment, Service, HPA, PDB, Servi
 Each service's own template files call these with its name and what is particular to it:
   root   $
   name   "generation" | "reward" | "feedback" | "store" | "gateway"
-  http   true for the gateway (HTTP probes, metrics on the serving port)
+  http   true for the gateway (an HTTP serving port and HTTP probes)
   args   extra CLI arguments
   env    extra EnvVars (list of dicts)
   mounts any of "registry" (read-only), "store" (read-write), "store-ro", "runs-ro", "api-keys",
@@ -94,10 +94,8 @@ spec:
             - {{ $name }}
             - --port
             - {{ $v.port | quote }}
-            {{- if not .http }}
             - --metrics-port
             - {{ $v.metricsPort | quote }}
-            {{- end }}
             {{- range .args }}
             - {{ . | quote }}
             {{- end }}
@@ -106,6 +104,7 @@ spec:
             {{- end }}
           env:
             {{- include "tuneloop.commonEnv" $root | nindent 12 }}
+            {{- include "tuneloop.kafkaAuthEnv" $ctx | nindent 12 }}
             {{- with .env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -121,10 +120,10 @@ spec:
             - name: grpc
               containerPort: {{ $v.port }}
               protocol: TCP
+            {{- end }}
             - name: metrics
               containerPort: {{ $v.metricsPort }}
               protocol: TCP
-            {{- end }}
           {{- if .http }}
           startupProbe:
             httpGet: {path: /healthz, port: http}
@@ -153,6 +152,7 @@ spec:
           volumeMounts:
             - name: tmp
               mountPath: /tmp
+            {{- include "tuneloop.kafkaCaMount" $ctx | nindent 12 }}
             {{- if $shm }}
             - name: dshm
               mountPath: /dev/shm
@@ -188,6 +188,7 @@ spec:
             {{- end }}
       volumes:
         {{- include "tuneloop.tmpVolume" $root | nindent 8 }}
+        {{- include "tuneloop.kafkaCaVolume" $ctx | nindent 8 }}
         {{- if $shm }}
         - name: dshm
           emptyDir:
@@ -264,12 +265,12 @@ spec:
       targetPort: grpc
       protocol: TCP
       appProtocol: grpc
+    {{- end }}
     - name: metrics
       port: {{ $v.metricsPort }}
       targetPort: metrics
       protocol: TCP
       appProtocol: http
-    {{- end }}
 {{- end }}
 
 {{- define "tuneloop.hpa" -}}
@@ -350,7 +351,7 @@ spec:
     matchLabels:
       {{- include "tuneloop.selectorLabels" $ctx | nindent 6 }}
   endpoints:
-    - port: {{ ternary "http" "metrics" (default false .http) }}
+    - port: metrics
       # Keep the metrics' own `service` label (the gRPC service) instead of renaming it to
       # exported_service in favour of the Kubernetes Service name.
       honorLabels: true

@@ -66,6 +66,7 @@ template:
           {{- end }}
         env:
           {{- include "tuneloop.commonEnv" . | nindent 10 }}
+          {{- include "tuneloop.kafkaAuthEnv" $ctx | nindent 10 }}
           - name: TUNELOOP_REGISTRY_ROOT
             value: {{ .Values.persistence.registry.mountPath | quote }}
           {{- include "tuneloop.storeEnv" . | nindent 10 }}
@@ -95,6 +96,7 @@ template:
         volumeMounts:
           - name: tmp
             mountPath: /tmp
+          {{- include "tuneloop.kafkaCaMount" $ctx | nindent 10 }}
           {{- if $shm }}
           - name: dshm
             mountPath: /dev/shm
@@ -113,6 +115,7 @@ template:
             mountPath: {{ .Values.persistence.runs.mountPath }}
     volumes:
       {{- include "tuneloop.tmpVolume" . | nindent 6 }}
+      {{- include "tuneloop.kafkaCaVolume" $ctx | nindent 6 }}
       {{- if $shm }}
       - name: dshm
         emptyDir:
