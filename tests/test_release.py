@@ -349,7 +349,10 @@ def test_gpu_values_start_all_but_the_gpu_pods_which_stay_pending(network, broke
     nodes and stay Pending, with the scheduler's reason; everything else runs and is ready."""
     values = journey_values(broker, redis, tmp_path / "v.yaml")
     # helm merges the small CPU and memory requests into the GPU values: the GPU requests stay.
-    objects = render([CHART / "values-gpu.yaml", values], sets=["trainer.rbac.create=false"])
+    # The GPU values log in to Kafka over SASL_SSL; the node's broker is plaintext, so that is
+    # switched off here (tests/test_kafka_auth.py runs the chart's rendered Kafka env against a
+    # SCRAM-over-TLS broker).
+    objects = render([CHART / "values-gpu.yaml", values], sets=["trainer.rbac.create=false", "kafka.auth.enabled=false"])
     release = Release(objects, tmp_path / "node", network=network)
     try:
         seed_registry(release, tiny)

@@ -18,8 +18,9 @@ import grpc
 import pytest
 import uvicorn
 from fastapi import FastAPI, Header, HTTPException
+from prometheus_client import REGISTRY
 
-from tests.test_generation_helpers import make_registry, scrape, tiny_policies  # noqa: F401 (a fixture)
+from tests.test_generation_helpers import make_registry, tiny_policies  # noqa: F401 (a fixture)
 from tests.test_reward_server import request, serving
 from tests.test_reward_stage import GOOD, synthetic_rows
 from tuneloop.common import reward_format as rf
@@ -241,8 +242,11 @@ def gateway(
 
 
 def chat_requests(gw: Gateway, status: str) -> float:
-    """The gateway's own count of /v1/chat/completions requests answered with `status`."""
-    return scrape(gw.port, "tuneloop_gateway_requests_total", route="/v1/chat/completions", status=status)
+    """The gateway's own count of /v1/chat/completions requests answered with `status`. The gateway
+    runs in this process and serves /metrics only on its own metrics port, so its registry is read here."""
+    value = REGISTRY.get_sample_value("tuneloop_gateway_requests_total",
+                                      {"route": "/v1/chat/completions", "status": status})
+    return value or 0.0
 
 
 def tenant_records(gw: Gateway, tenant: str, count: int, timeout_s: float = 30.0) -> list[CompletionRecord]:
