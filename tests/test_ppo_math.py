@@ -100,3 +100,67 @@ def test_adaptive_kl_controller() -> None:
     fixed = pm.FixedKLController(0.05)
     fixed.update(100.0, 256)
     assert fixed.value == 0.05
+
+
+def test_k3_is_bounded() -> None:
+    # log(q/p) = 20: unclipped k3 = e^20 - 21 ~ 4.9e8; clipped at 10 it is at most 10 nats.
+    lp, ref = t([-20.0]), t([0.0])
+    assert pm.kl_penalty(lp, ref, "k3").item() == pytest.approx(math.expm1(20) - 20)
+    assert pm.kl_penalty(lp, ref, "k3", clip=10.0).item() == pytest.approx(10.0)
+    # Inside the bound nothing changes: q/p = 0.5 gives -0.5 + log 2 as before.
+    assert pm.kl_penalty(t([math.log(0.5)]), t([math.log(0.25)]), "k3", clip=10.0).item() == pytest.approx(
+        -0.5 + math.log(2)
+    )
+    # k1 is linear in the log ratio and is not clipped.
+    assert pm.kl_penalty(lp, ref, "k1", clip=10.0).item() == pytest.approx(-20.0)
+
+
+def test_assemble_rewards_by_hand() -> None:
+    # Row 0: log p = (-1, -2, -0.5), log q = (-1.5, -1, -0.5): k1 = (0.5, -1, 0).
+    # Row 1: two real tokens then padding whose (garbage) log-probs must count for nothing.
+    logprobs = t([-1.0, -2.0, -0.5], [-0.2, -0.3, -9.0])
+    ref = t([-1.5, -1.0, -0.5], [-0.2, -0.5, -1.0])
+    mask = t([1, 1, 1], [1, 1, 0])
+    kl, rewards = pm.assemble_rewards(t([2.0, -1.0])[0], logprobs, ref, mask, kl_coef=0.1)
+    assert kl.tolist()[0] == pytest.approx([0.5, -1.0, 0.0])
+    assert kl.tolist()[1] == pytest.approx([0.0, 0.2, 0.0])
+    # rewards = -0.1 * kl, score on the last real token: row 0 (-0.05, 0.1, 0 + 2), row 1 (0, -0.02 - 1, 0)
+    assert rewards.tolist()[0] == pytest.approx([-0.05, 0.1, 2.0])
+    assert rewards.tolist()[1] == pytest.approx([0.0, -1.02, 0.0])
+    # k3 of row 0 token 1: log(q/p) = 1, e - 1 - 1 = 0.71828; with coefficient 0.5
+    kl3, rewards3 = pm.assemble_rewards(t([0.0, 0.0])[0], logprobs, ref, mask, kl_coef=0.5, estimator="k3", clip=10.0)
+    assert kl3[0, 1].item() == pytest.approx(math.e - 2)
+    assert rewards3[0, 1].item() == pytest.approx(-0.5 * (math.e - 2))
+    assert kl3[1, 2].item() == 0.0 and rewards3[1, 2].item() == 0.0
+
+
+def test_running_moments_and_normalised_scores() -> None:
+    moments = pm.RunningMoments()
+    assert moments.std == 1.0  # nothing seen: no scale
+    # First batch (10, 30): mean 20, population std 10 -> (-1, 1)
+    assert pm.normalize_scores(t([10.0, 30.0])[0], moments).tolist() == pytest.approx([-1.0, 1.0])
+    # Then (20, 60, 100): all five scores have mean 44 and variance (34^2+14^2+24^2+16^2+56^2)/5 = 1064
+    out = pm.normalize_scores(t([20.0, 60.0, 100.0])[0], moments, clip=1.5)
+    std = math.sqrt(1064)
+    assert (moments.count, moments.mean, moments.std) == (5, pytest.approx(44.0), pytest.approx(std))
+    assert out.tolist() == pytest.approx([(20 - 44) / std, (60 - 44) / std, 1.5])  # 56/32.6 = 1.72 clipped
+    restored = pm.RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert (restored.count, restored.mean, restored.std) == (5, moments.mean, moments.std)
+
+
+def test_response_mask() -> None:
+    from tuneloop.trainer.ppo import response_mask
+
+    eos, other_eos, pad = 2, 7, 0
+    responses = torch.tensor(
+        [
+            [5, 6, eos, pad, pad],  # ends at the third token: it counts, the padding does not
+            [5, 6, 8, 9, 4],  # cut at max_new_tokens: every token counts, no eos
+            [eos, pad, pad, pad, pad],  # an immediate eos: one token
+            [5, other_eos, 6, eos, pad],  # the first of several eos ids ends it
+        ]
+    )
+    mask, ended = response_mask(responses, {eos, other_eos})
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True, True]

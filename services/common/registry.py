@@ -5,6 +5,7 @@ Layout under the root:
     .staging/<token>/                 registrations in progress (never listed)
     <name>/versions/v0001/            committed versions: model files + card.json
     <name>/aliases/production.json    alias -> version, with its history
+    <name>/audit/<time>-<id>.json     who moved an alias from the workbench, and why
     <name>/.lock                      serialises version allocation and alias moves
 
 A version becomes visible only through one rename of a fully written, fsynced staging
@@ -472,6 +473,40 @@ class Registry:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
         return removed
+
+    # ---- alias history and audit (read by the workbench's versions page) ------------
+
+    def alias_state(self, name: str, alias: str) -> dict[str, Any] | None:
+        """The alias file as stored: version, the stack rollback walks back through, history."""
+        return self._read_alias(_check_name(name), _check_alias(alias))
+
+    def rollback_target(self, name: str, alias: str = "production") -> str | None:
+        """The version `rollback` would move the alias to now, or None if it has none."""
+        state = self.alias_state(name, alias)
+        return state["stack"][-2] if state and len(state["stack"]) >= 2 else None
+
+    def record_audit(self, name: str, entry: dict[str, Any]) -> dict[str, Any]:
+        """Stores one audit entry next to the aliases; one file per entry, so writers on
+        different hosts never contend and a reader never sees half of one."""
+        folder = self.root / _check_name(name) / "audit"
+        folder.mkdir(parents=True, exist_ok=True)
+        now = datetime.now(UTC)
+        entry = {"at": now.isoformat(), "id": uuid.uuid4().hex, **entry}
+        _write_durable(folder / f"{now:%Y%m%dT%H%M%S%fZ}-{entry['id']}.json", json.dumps(entry, indent=2).encode())
+        return entry
+
+    def audit_log(self, name: str) -> list[dict[str, Any]]:
+        """Every audit entry of `name`, oldest first (file names sort by time)."""
+        folder = self.root / _check_name(name) / "audit"
+        if not folder.is_dir():
+            return []
+        out = []
+        for path in sorted(folder.glob("*.json")):
+            try:
+                out.append(json.loads(path.read_bytes()))
+            except ValueError:  # a damaged entry hides itself, not the rest
+                log.warning("unreadable audit entry skipped", extra={"fields": {"path": str(path)}})
+        return out
 
     # ---- internals -----------------------------------------------------------------
 

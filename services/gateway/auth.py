@@ -2,7 +2,9 @@
 
 Keys are stored as sha256 hashes only (a leaked keys file does not leak keys). The file is
 YAML or JSON: a list of {sha256, tenant, name, roles}; roles are `app` (completions and
-end-user feedback), `annotator` (judgements as an annotator) and `lead` (quality views).
+end-user feedback), `annotator` (judgements as an annotator), `lead` (quality views, retrain
+runs and model versions) and `operator` (the same views, plus promote and roll back). Moving
+what is served is kept to its own role so that reviewing quality does not imply it.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-ROLES = frozenset({"app", "annotator", "lead"})
+ROLES = frozenset({"app", "annotator", "lead", "operator"})
 
 
 def hash_key(key: str) -> str:

@@ -66,5 +66,29 @@ class GatewaySettings(BaseSettings):
         "gateway replicas; default: <workbench_projects_dir>/.state.",
     )
     workbench_runs_dir: Path | None = Field(
-        None, description="Folder of retrain run directories, for the workbench's before/after review."
+        None,
+        description="Folder of retrain run directories, for the workbench's runs pages; a run is shown to the "
+        "tenants its preferences.tenants names.",
+    )
+    workbench_registry_root: Path | None = Field(
+        None,
+        description="Model registry folder for the workbench's versions page and its promote and roll-back "
+        "actions (needs write access for those); unset: no versions page.",
+    )
+    workbench_models: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Registry model names each tenant's leads and operators see and act on, as JSON "
+        '{"tenant": ["policy"]}; a model no tenant names is shown to none.',
+    )
+    workbench_generation_metrics: str | None = Field(
+        None,
+        description="host:port of the Generation replicas' Prometheus endpoint, for the served version per "
+        "replica on the runs page; a name resolving to several addresses (a headless Service) is scraped at "
+        "each one. Unset: not shown.",
+    )
+    model_events_bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka brokers to publish the workbench's promotions and rollbacks to as ModelEvents on "
+        "tuneloop.models.v1 (the TUNELOOP_KAFKA_* security settings apply); unset: serving services see "
+        "the change at their next registry poll.",
     )

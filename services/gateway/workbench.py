@@ -15,9 +15,10 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 import yaml
@@ -27,6 +28,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
 from tuneloop.gateway.auth import ApiKey, KeyStore
+from tuneloop.gateway.operations import VIEW_ROLES, Runs
+from tuneloop.gateway.operations import mount as mount_operations
 from tuneloop.v1 import feedback_pb2
 
 CHOICES = {"a": feedback_pb2.PAIRWISE_CHOICE_A, "b": feedback_pb2.PAIRWISE_CHOICE_B,
@@ -211,7 +214,8 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
             key = keys.lookup(token)
             if key is None:
                 raise ApiError(401, "missing or invalid API key", "authentication_error")
-            if role not in key.roles and "lead" not in key.roles:
+            # Operators see what leads see (they act on it); see auth.py for the roles.
+            if role not in key.roles and not key.roles & VIEW_ROLES:
                 raise ApiError(403, f"this key lacks the '{role}' role", "permission_error")
             return key
 
@@ -303,7 +307,8 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         if runs is None:
             raise ApiError(404, "no runs folder configured", "not_found_error", "run")
         path = (runs / run / "report.json").resolve()
-        if runs.resolve() not in path.parents or not path.exists():
+        # Another tenant's run looks exactly like a missing one.
+        if runs.resolve() not in path.parents or not path.exists() or key.tenant not in Runs(runs).tenants(path.parent):
             raise ApiError(404, f"no report for run {run!r}", "not_found_error", "run")
         report = json.loads(path.read_text())
         evals = [path.parent / "eval_before.json", path.parent / "eval_after.json"]
@@ -314,3 +319,26 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
                        for b, a in zip(before, after, strict=True)]
         return {"run": run, "status": report.get("status"), "reason": report.get("reason", ""),
                 "verdict": report.get("verdict"), "samples": samples}
+
+    mount_operations(app, keys, settings, model_events(settings))
+
+
+def model_events(settings) -> Callable[[], Any] | None:
+    """The registry listener publishing ModelEvents, as the trainer's promotions do."""
+    if not settings.model_events_bootstrap_servers or settings.workbench_registry_root is None:
+        return None
+
+    def make() -> Any:
+        # One ModelEvent format and key, whoever moves the alias (the trainer publishes the same).
+        from tuneloop.common.model_events import KafkaModelEvents
+
+        events = KafkaModelEvents(settings.model_events_bootstrap_servers, str(settings.workbench_registry_root))
+        lock = threading.Lock()  # requests run on a thread pool; the producer is made on first use
+
+        def publish(*args: Any) -> None:
+            with lock:
+                events(*args)
+
+        return publish
+
+    return make

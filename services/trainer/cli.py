@@ -86,8 +86,12 @@ def _print(result: Any) -> None:
 
 
 def _stage(cls: type[C], config: Path | None, sets: list[str] | None, run: Callable[[C], Any]) -> None:
+    from tuneloop.trainer.distributed import is_main_process
+
     with _errors():
-        _print(run(load_config(cls, config, sets)))
+        result = run(load_config(cls, config, sets))
+        if is_main_process():  # one outcome line, not one per training process
+            _print(result)
 
 
 @cli.command("sft")

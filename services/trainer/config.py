@@ -188,6 +188,19 @@ class KLParams(Strict):
     target: float = Field(6.0, gt=0, description="Target KL per response (nats), adaptive controller only.")
     horizon: float = Field(10000, gt=0, description="Samples over which the controller closes the gap.")
     estimator: Literal["k1", "k3"] = Field("k1", description="Per-token KL estimator (k1 = log ratio, k3 >= 0).")
+    clip: float = Field(
+        10.0,
+        gt=0,
+        description="k3 only: bound (nats) of the log ratio and of each token's estimate. k3 grows like "
+        "exp(log ratio), so without a bound one sampled tail token can outweigh a batch of scores.",
+    )
+
+
+_RETIRED_PPO_FIELDS = (
+    ("top_k", (0, None), "PPO samples from the full softmax that its loss and KL score"),
+    ("top_p", (1, 1.0, None), "PPO samples from the full softmax that its loss and KL score"),
+    ("whiten_rewards", (False, None), "use reward_normalization ('running' statistics over the whole run)"),
+)
 
 
 class PPOParams(TrainParams):
@@ -205,20 +218,47 @@ class PPOParams(TrainParams):
     cliprange: float = Field(0.2, gt=0, description="Policy ratio clip.")
     cliprange_value: float = Field(0.2, gt=0, description="Value prediction clip around the rollout's values.")
     vf_coef: float = Field(0.1, ge=0, description="Weight of the value loss.")
-    whiten_rewards: bool = Field(False, description="Scale scores to unit variance per batch (mean kept).")
+    reward_normalization: Literal["running", "none"] = Field(
+        "running",
+        description="'running': scores become (score - mean) / std over every rollout of the run so far, so "
+        "beta, the KL target and cliprange_value mean the same whatever the reward model's scale; the "
+        "statistics are checkpointed. 'none': raw scores (only for a reward already on a unit scale).",
+    )
+    reward_clip: float | None = Field(
+        5.0, gt=0, description="Normalised scores are kept within [-reward_clip, reward_clip] (null: no bound)."
+    )
     kl: KLParams = Field(default_factory=KLParams, description="KL penalty against the frozen reference.")
     max_prompt_length: int = Field(512, ge=8, description="Prompt tokens kept (from the end).")
     max_new_tokens: int = Field(64, ge=1, description="Most tokens sampled per response.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_k: int = Field(0, ge=0, description="Top-k sampling (0 = off).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling temperature, the only sampling knob: responses are drawn from softmax(logits / "
+        "temperature), the distribution the loss and the KL score (no top-k/top-p, no repetition penalty, "
+        "the model's generation_config.json ignored).",
+    )
     missing_eos_penalty: float | None = Field(
-        None, description="Subtracted from the score of a response cut at max_new_tokens (discourages rambling)."
+        None,
+        description="Subtracted from the score of a response cut at max_new_tokens (discourages rambling); "
+        "in units of the normalised score when reward_normalization is 'running'.",
     )
     reference: str | None = Field(
         None,
         description="Reference model; unset: a frozen copy of the starting model (with LoRA: adapters off).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired_fields(cls, data: Any) -> Any:
+        # Configs saved by earlier runs (retrain's config.yaml) carry these at their old
+        # defaults, which is what PPO does now; any other value would be silently changed.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, neutral, why in _RETIRED_PPO_FIELDS:
+            if name in data and data.pop(name) not in neutral:
+                raise ValueError(f"{name}: no longer supported; {why}")
+        return data
 
     @model_validator(mode="after")
     def _batches_fit(self) -> PPOParams:

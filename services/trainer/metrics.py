@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, push_to_gateway
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from tuneloop.trainer.config import MetricsParams, TrainerSettings
+from tuneloop.trainer.distributed import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,10 @@ class StepMetrics:
         self.last_success = Gauge("tuneloop_trainer_last_success_timestamp_seconds",
                                   "Unix time the stage last finished.", labels, registry=self.registry)
         self.last_row: dict[str, Any] | None = None
+        # Under several training processes every one keeps its rows (the hacking watch reads
+        # them and must decide alike everywhere, or the processes would stop at different
+        # steps); the main one writes files, gauges and log lines.
+        self.writes = is_main_process()
 
     def _first_length(self) -> float | None:
         """On resume the baseline is the first length this stage ever logged, not the resumed one."""
@@ -110,18 +115,23 @@ class StepMetrics:
             if self._baseline_length is None:
                 self._baseline_length = length
             row["response_length_ratio"] = length / self._baseline_length
-        self._append(row)
         self.last_row = row
-        self._export(row)
-        log.info("step", extra={"fields": row})
+        if self.writes:
+            self._append(row)
+            self._export(row)
+            log.info("step", extra={"fields": row})
         return row
 
     def flag(self, step: int, name: str, detail: str) -> None:
+        if not self.writes:
+            return
         self._append({"stage": self.stage, "step": step, "time": time.time(), "watch_flag": name, "detail": detail})
         self.flags.labels(stage=self.stage, run=self.run, flag=name).inc()
         self._export({})
 
     def finished(self) -> None:
+        if not self.writes:
+            return
         self.last_success.labels(stage=self.stage, run=self.run).set(time.time())
         self._export({})
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneloop.common.registry import Registry, RegistrySettings
 from tuneloop.trainer.config import ConfigError, LoraParams, TrainParams
+from tuneloop.trainer.distributed import ddp_backend, world_size
 
 if TYPE_CHECKING:
     from peft import LoraConfig
@@ -138,6 +139,13 @@ def trl_args(cls: type, params: TrainParams, output_dir: Path, **specific: Any) 
         dataloader_num_workers=0,
         use_cpu=not _has_gpu(),
     )
+    if world_size() > 1:
+        # Every parameter of a causal LM (or its adapters) gets a gradient each step; the
+        # search for unused ones is an extra graph traversal per step for nothing.
+        kwargs["ddp_find_unused_parameters"] = False
+        backend = ddp_backend()
+        if backend is not None:
+            kwargs["ddp_backend"] = backend
     kwargs.update(specific)
     kwargs.update(params.trl_args)
     try:

@@ -1,12 +1,15 @@
 """Classic RLHF PPO (Ziegler et al. 2019; Stiennon et al. 2020; Ouyang et al. 2022).
 
 Per step:
-1. sample one response per prompt from the policy (temperature, top-k/top-p);
-2. score each (prompt, response) with the reward function;
+1. sample one response per prompt from the policy: softmax(logits / temperature) and nothing
+   else, under the same autocast as the scoring passes, so the distribution the tokens come
+   from is the one the loss and the KL score;
+2. score each (prompt, response) with the reward function and normalise the score by running
+   statistics over the run (the reward model's scale then does not set beta's meaning);
 3. with the rollout's weights, compute token log-probs of the policy and of the frozen
    reference, and the value head's estimates;
-4. per-token rewards = -beta * KL(policy || reference) at each token, plus the score on the
-   last token; GAE advantages (whitened) and returns;
+4. per-token rewards = -beta * KL(policy || reference) at each token (k3 bounded), plus the
+   score on the last token; GAE advantages (whitened) and returns;
 5. `ppo_epochs` passes of clipped-surrogate policy loss + clipped value loss in updates of
    per_device_train_batch_size * gradient_accumulation_steps rollouts;
 6. the KL coefficient is fixed or steered to a target KL (adaptive controller).
@@ -25,16 +28,19 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from tuneloop.trainer import ppo_math as pm
-from tuneloop.trainer.config import MetricsParams, PPOParams, PPOStageConfig
+from tuneloop.trainer.config import ConfigError, MetricsParams, PPOParams, PPOStageConfig
+from tuneloop.trainer.distributed import world_size
 from tuneloop.trainer.data import prompt_rows
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
@@ -64,6 +70,102 @@ class ValueHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.summary(hidden.to(self.summary.weight.dtype)).squeeze(-1)
+
+
+# Config fields (and same-named attributes that attention modules copy at init) holding a
+# dropout probability, across the decoder families the trainer loads (Llama, Qwen, Mistral,
+# Gemma, Phi, GPT-2, Falcon, ...). nn.Dropout modules alone miss the attention dropout that
+# Llama-style models pass straight to the attention kernel.
+DROPOUT_FIELDS = (
+    "attention_dropout",
+    "hidden_dropout",
+    "dropout",
+    "activation_dropout",
+    "attn_pdrop",
+    "resid_pdrop",
+    "embd_pdrop",
+    "summary_first_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Every dropout of `model` off: nn.Dropout modules, config fields and attention modules' copies.
+
+    PPO needs the rollout pass and the first update pass over it to give the same log-probs
+    (ratio 1), and the reference's log-probs to be those of the model it is.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        _zero_dropout_fields(module)
+        config = getattr(module, "config", None)
+        if config is not None:
+            _zero_dropout_fields(config)
+            if hasattr(config, "get_text_config"):  # multimodal configs nest the decoder's
+                _zero_dropout_fields(config.get_text_config())
+
+
+def _zero_dropout_fields(obj: object) -> None:
+    for name in DROPOUT_FIELDS:
+        if isinstance(getattr(obj, name, None), float):
+            setattr(obj, name, 0.0)
+
+
+def sampling_config(temperature: float, max_new_tokens: int, pad_id: int | None, eos_ids: set[int]) -> GenerationConfig:
+    """Plain temperature sampling, every logits processor that `generate` would add set to off.
+
+    Each field is set even at its neutral value: `generate` fills unset fields from the
+    model's generation_config.json and then from global defaults (top_k=50), and either would
+    sample from a distribution other than the softmax the loss scores.
+    """
+    return GenerationConfig(
+        do_sample=True,
+        num_beams=1,
+        num_return_sequences=1,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        min_p=None,
+        typical_p=1.0,
+        epsilon_cutoff=0.0,
+        eta_cutoff=0.0,
+        repetition_penalty=1.0,
+        encoder_repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0,
+        bad_words_ids=None,
+        sequence_bias=None,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+        forced_bos_token_id=None,
+        forced_eos_token_id=None,
+        min_new_tokens=0,
+        max_new_tokens=max_new_tokens,
+        renormalize_logits=False,
+        remove_invalid_values=False,
+        guidance_scale=None,
+        pad_token_id=pad_id,
+        eos_token_id=sorted(eos_ids),
+    )
+
+
+@contextmanager
+def model_generation_defaults_off(model: nn.Module) -> Iterator[None]:
+    """Within: `generate` sees a blank model generation config, so nothing is inherited from it.
+
+    The model's own config is put back afterwards: it is saved with the trained model and
+    serving should keep it.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel delegates
+    saved = inner.generation_config
+    inner.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        inner.generation_config = saved
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -97,8 +199,11 @@ class Rollout:
     logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
     values: torch.Tensor
-    scores: torch.Tensor
+    scores: torch.Tensor  # the reward function's, as it gave them
+    ended: torch.Tensor  # whether each response produced an eos
     entropy: torch.Tensor  # mean per-token entropy of each response
+    # log p of each sampled token from `generate`'s own scores; only with rollout(..., keep_sample_logprobs=True)
+    sample_logprobs: torch.Tensor | None = None
 
 
 class PPOTrainer:
@@ -116,6 +221,10 @@ class PPOTrainer:
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
+        if world_size() > 1:
+            # This loop has no gradient all-reduce: N processes would train N diverging
+            # copies and race on output_dir. Scale it with rollout_batch_size on one device.
+            raise ConfigError("ppo runs as one process; launch it without torchrun/accelerate")
         self.params = params
         self.prompts = prompts
         self.reward = reward
@@ -140,12 +249,9 @@ class PPOTrainer:
             self.ref_model = copy.deepcopy(self.policy)
         if self.ref_model is not None:
             self.ref_model.requires_grad_(False).eval().to(self.device)
-        # No dropout anywhere: the first pass over a rollout must see ratio 1 exactly, and
-        # the reference's log-probs must be those of the model it is.
         for module in (self.policy, self.ref_model):
-            for layer in module.modules() if module is not None else ():
-                if isinstance(layer, nn.Dropout):
-                    layer.p = 0.0
+            if module is not None:
+                disable_dropout(module)
         self.policy.to(self.device)
         if params.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
@@ -178,6 +284,7 @@ class PPOTrainer:
         eos = gen.eos_token_id if gen is not None else None
         self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.discard(None)
+        self.score_moments = pm.RunningMoments()
         self.step = 0
         self.observers = Observers("ppo", params, path, output_dir, metrics, criteria)
         self.sink = self.observers.sink
@@ -238,21 +345,25 @@ class PPOTrainer:
         )
         return {k: v.to(self.device) for k, v in enc.items()}
 
+    def _sample(self, enc: dict[str, torch.Tensor], *, with_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt + sampled response ids, `generate`'s per-step scores [B, R, V] if asked for)."""
+        p = self.params
+        config = sampling_config(p.temperature, p.max_new_tokens, self.tokenizer.pad_token_id, self.eos_ids)
+        config.output_scores = with_scores
+        config.return_dict_in_generate = True
+        # Same autocast as the scoring passes: sampling in fp32 and scoring in bf16 would score
+        # a distribution other than the sampled one.
+        with model_generation_defaults_off(self.policy), self._autocast():
+            out = self.policy.generate(**enc, generation_config=config)
+        scores = torch.stack(out.scores, dim=1) if with_scores else None
+        return out.sequences, scores
+
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[Any]) -> Rollout:
+    def rollout(self, prompts: Sequence[Any], *, keep_sample_logprobs: bool = False) -> Rollout:
         p = self.params
         enc = self._encode_prompts(prompts)
         self.policy.eval()
-        generated = self.policy.generate(
-            **enc,
-            do_sample=True,
-            temperature=p.temperature,
-            top_k=p.top_k or None,
-            top_p=p.top_p,
-            max_new_tokens=p.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=sorted(self.eos_ids),
-        )
+        generated, sample_scores = self._sample(enc, with_scores=keep_sample_logprobs)
         prompt_len = enc["input_ids"].shape[1]
         responses = generated[:, prompt_len:]
         mask, ended = response_mask(responses, self.eos_ids)
@@ -260,8 +371,6 @@ class PPOTrainer:
             [r[: int(m.sum())] for r, m in zip(responses, mask, strict=True)], skip_special_tokens=True
         )
         scores = torch.tensor(self.reward(list(prompts), texts), dtype=torch.float32, device=self.device)
-        if p.missing_eos_penalty is not None:
-            scores = scores - p.missing_eos_penalty * (~ended).float()
 
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
         logits, values = self._forward(self.policy, generated, attention_mask, with_values=True)
@@ -271,6 +380,10 @@ class PPOTrainer:
         ref_logits = self._ref_logits(generated, attention_mask)[:, prompt_len - 1 : -1]
         ref_logprobs = response_logprobs(ref_logits, responses, p.temperature)
         assert values is not None
+        sample_logprobs = None
+        if sample_scores is not None:
+            # `generate`'s scores are the processed logits it sampled from (already / temperature).
+            sample_logprobs = response_logprobs(sample_scores, responses, 1.0) * mask
         return Rollout(
             input_ids=generated,
             attention_mask=attention_mask,
@@ -280,19 +393,51 @@ class PPOTrainer:
             ref_logprobs=ref_logprobs * mask,
             values=values[:, prompt_len - 1 : -1].float() * mask,
             scores=scores,
+            ended=ended,
             entropy=(entropy * mask).sum(1) / mask.sum(1).clamp(min=1),
+            sample_logprobs=sample_logprobs,
         )
+
+    def shaped_scores(self, batch: Rollout) -> torch.Tensor:
+        """The scores that enter the rewards: normalised by the run's statistics, then the eos penalty."""
+        p = self.params
+        scores = batch.scores
+        if p.reward_normalization == "running":
+            scores = pm.normalize_scores(scores, self.score_moments, p.reward_clip)
+        if p.missing_eos_penalty is not None:
+            scores = scores - p.missing_eos_penalty * (~batch.ended).float()
+        return scores
+
+    def advantages(self, batch: Rollout, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(per-token KL, whitened advantages, returns) of a rollout at the current KL coefficient."""
+        p = self.params
+        kl, rewards = pm.assemble_rewards(
+            scores, batch.logprobs, batch.ref_logprobs, batch.mask, self.kl_ctl.value, p.kl.estimator, p.kl.clip
+        )
+        advantages, returns = pm.gae(rewards, batch.values, batch.mask, p.gamma, p.lam)
+        return kl, pm.whiten(advantages, batch.mask), returns
+
+    def micro_loss(
+        self, batch: Rollout, micro: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor
+    ) -> tuple[torch.Tensor, pm.PolicyLoss, pm.ValueLoss]:
+        """(total loss, policy loss, value loss) of the rollout rows `micro` under the current weights."""
+        p = self.params
+        logits, values = self._forward(self.policy, batch.input_ids[micro], batch.attention_mask[micro], with_values=True)
+        assert values is not None
+        sl = slice(batch.prompt_len - 1, -1)
+        logprobs = response_logprobs(logits[:, sl], batch.input_ids[micro, batch.prompt_len :], p.temperature)
+        m = batch.mask[micro]
+        pg = pm.clipped_policy_loss(logprobs, batch.logprobs[micro], advantages[micro], m, p.cliprange)
+        vf = pm.clipped_value_loss(values[:, sl].float(), batch.values[micro], returns[micro], m, p.cliprange_value)
+        return pg.loss + p.vf_coef * vf.loss, pg, vf
 
     def train_step(self) -> dict[str, float]:
         p = self.params
         started = time.monotonic()
         batch = self.rollout(self._batch_prompts(self.step))
         mask = batch.mask
-        kl = pm.kl_penalty(batch.logprobs, batch.ref_logprobs, p.kl.estimator) * mask
-        scores = pm.whiten(batch.scores, shift_mean=False) if p.whiten_rewards and len(batch.scores) > 1 else batch.scores
-        rewards = pm.token_rewards(scores, kl, mask, self.kl_ctl.value)
-        advantages, returns = pm.gae(rewards, batch.values, mask, p.gamma, p.lam)
-        advantages = pm.whiten(advantages, mask)
+        scores = self.shaped_scores(batch)
+        kl, advantages, returns = self.advantages(batch, scores)
 
         update = p.per_device_train_batch_size * p.gradient_accumulation_steps
         stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl")}
@@ -302,17 +447,8 @@ class PPOTrainer:
             for start in range(0, len(order), update):
                 self.optimizer.zero_grad(set_to_none=True)
                 for micro in order[start : start + update].split(p.per_device_train_batch_size):
-                    logits, values = self._forward(
-                        self.policy, batch.input_ids[micro], batch.attention_mask[micro], with_values=True
-                    )
-                    assert values is not None
-                    sl = slice(batch.prompt_len - 1, -1)
-                    logprobs = response_logprobs(logits[:, sl], batch.input_ids[micro, batch.prompt_len :], p.temperature)
-                    m = mask[micro]
-                    pg = pm.clipped_policy_loss(logprobs, batch.logprobs[micro], advantages[micro], m, p.cliprange)
-                    vf = pm.clipped_value_loss(values[:, sl].float(), batch.values[micro], returns[micro], m, p.cliprange_value)
-                    loss = (pg.loss + p.vf_coef * vf.loss) / p.gradient_accumulation_steps
-                    loss.backward()
+                    loss, pg, vf = self.micro_loss(batch, micro, advantages, returns)
+                    (loss / p.gradient_accumulation_steps).backward()
                     for key, value in (
                         ("policy_loss", pg.loss),
                         ("value_loss", vf.loss),
@@ -335,6 +471,9 @@ class PPOTrainer:
         row = {
             "reward": float(batch.scores.mean()),
             "reward_std": float(batch.scores.std()) if len(batch.scores) > 1 else 0.0,
+            "reward_normalized": float(scores.mean()),
+            "reward_running_mean": self.score_moments.mean,
+            "reward_running_std": self.score_moments.std,
             "kl": mean_kl,
             "kl_coef": coef_used,
             "non_score_reward": float(-(coef_used * kl_per_response).mean()),
@@ -362,7 +501,11 @@ class PPOTrainer:
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, tmp / "rng.pt")
-        (tmp / STATE_FILE).write_text(json.dumps({"global_step": self.step, "kl_ctl": self.kl_ctl.state_dict()}))
+        (tmp / STATE_FILE).write_text(
+            json.dumps(
+                {"global_step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict()}
+            )
+        )
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
@@ -392,6 +535,8 @@ class PPOTrainer:
         state = json.loads((checkpoint / STATE_FILE).read_text())
         self.step = int(state["global_step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if "score_moments" in state:  # checkpoints from before running normalisation start afresh
+            self.score_moments.load_state_dict(state["score_moments"])
 
     def train(self, *, resume: bool = False) -> StageResult:
         started = time.monotonic()

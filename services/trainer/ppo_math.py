@@ -34,9 +34,8 @@ def whiten(
 ) -> torch.Tensor:
     """Scales `x` to unit variance over the masked entries; centres it unless `shift_mean` is False.
 
-    Rewards are whitened without shifting the mean (a shift would change which answers the
-    policy is pushed towards relative to the KL penalty); advantages are fully whitened.
-    Masked entries come back as 0.
+    Advantages are fully whitened per batch; scores are not whitened here but normalised by
+    running statistics (`RunningMoments`). Masked entries come back as 0.
     """
     mean = masked_mean(x, mask)
     out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
@@ -45,18 +44,26 @@ def whiten(
     return out if mask is None else out * mask
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1") -> torch.Tensor:
+def kl_penalty(
+    logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator = "k1", clip: float | None = None
+) -> torch.Tensor:
     """Per-token estimate of KL(policy || reference) from log-probs of tokens the policy sampled.
 
     k1 = log p - log q: unbiased, but single samples can be negative.
     k3 = (q/p - 1) - log(q/p): unbiased, never negative, lower variance (Schulman, "Approximating
-    KL divergence", 2020).
+    KL divergence", 2020). It grows like q/p, so one sampled tail token that the reference likes
+    far more than the policy can outweigh a whole batch of scores; `clip` bounds the log ratio
+    and the estimate to [0, clip] nats (as OpenRLHF does with 10). k1 is linear in the log ratio
+    and is left as it is.
     """
     if estimator == "k1":
         return logprobs - ref_logprobs
     if estimator == "k3":
         log_ratio = ref_logprobs - logprobs
-        return torch.expm1(log_ratio) - log_ratio
+        if clip is not None:
+            log_ratio = log_ratio.clamp(-clip, clip)
+        k3 = torch.expm1(log_ratio) - log_ratio
+        return k3 if clip is None else k3.clamp(max=clip)
     raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
 
 
@@ -69,6 +76,71 @@ def token_rewards(
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last] += scores * (mask.sum(dim=1) > 0)
     return rewards
+
+
+def assemble_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+    estimator: KLEstimator = "k1",
+    clip: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token KL on response tokens, per-token rewards): what the trainer feeds GAE with.
+
+    One function from rollout numbers to rewards, so the assembly the trainer runs is the
+    one the tests check by hand (padding carries neither KL nor score).
+    """
+    kl = kl_penalty(logprobs, ref_logprobs, estimator, clip) * mask
+    return kl, token_rewards(scores, kl, mask, kl_coef)
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far in a run.
+
+    Scores are normalised by these rather than per batch: a batch's own statistics move
+    with every batch (and are undefined for a batch of one), so the reward scale would
+    change under the adaptive KL controller that is trying to track a fixed KL target.
+    Merging uses the parallel update of Chan et al. (1979); the variance is the population one.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        values = x.detach().double().flatten()
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        # Too few scores (or all alike) give no scale yet: leave the scores unscaled.
+        var = self.m2 / self.count if self.count > 1 else 0.0
+        return var**0.5 if var > 1e-12 else 1.0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def normalize_scores(scores: torch.Tensor, moments: RunningMoments, clip: float | None = None) -> torch.Tensor:
+    """(score - running mean) / running std, within [-clip, clip]; `moments` first takes in `scores`."""
+    moments.update(scores)
+    out = (scores - moments.mean) / moments.std
+    return out if clip is None else out.clamp(-clip, clip)
 
 
 def gae(

@@ -1,4 +1,9 @@
-"""A retrain run's report: report.json, report.md and plots, all in the run folder."""
+"""A retrain run's report: report.json, report.md, answers.json and plots, all in the run folder.
+
+answers.json holds the held-out answers and probes of the parent and the candidate side by
+side with the checks each answer passed; the workbench's run page shows the same file, so a
+run reads the same in the browser and in report.md.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ log = logging.getLogger(__name__)
 
 TRAINING_PLOT = "training.png"
 CRITERIA_PLOT = "criteria.png"
+ANSWERS_FILE = "answers.json"
 
 
 def plot_training(rows: list[dict[str, Any]], out: Path) -> Path | None:
@@ -67,6 +73,65 @@ def plot_criteria(verdict: dict[str, Any], out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def side_by_side(run_dir: Path) -> dict[str, Any] | None:
+    """Held-out answers and probes before and after, each with the checks it passed or failed;
+    None until both evaluations exist."""
+    from tuneloop.trainer import criteria as cr
+
+    paths = [run_dir / "eval_before.json", run_dir / "eval_after.json"]
+    if not all(p.is_file() for p in paths):
+        return None
+    before, after = (json.loads(p.read_text()) for p in paths)
+    spec = cr.load_criteria(run_dir / "criteria.yaml")
+
+    def checks(text: str) -> list[dict[str, Any]]:
+        return [{"name": f"behaviour:{c.name}", "passed": cr.check_passes(c, text)} for c in spec.behaviour]
+
+    held_out = [
+        {
+            "prompt": b["prompt"],
+            "before": {"output": b["output"], "reward": b.get("reward"), "checks": checks(b["output"])},
+            "after": {"output": a["output"], "reward": a.get("reward"), "checks": checks(a["output"])},
+        }
+        for b, a in zip(before["held_out"], after["held_out"], strict=True)
+    ]
+    probes = [
+        {
+            "prompt": b["prompt"],
+            "expect": b["expect"],
+            "before": {"output": b["output"], "checks": [{"name": "probes", "passed": b["passed"]}]},
+            "after": {"output": a["output"], "checks": [{"name": "probes", "passed": a["passed"]}]},
+        }
+        for b, a in zip(before.get("probes", []), after.get("probes", []), strict=True)
+    ]
+    return {"held_out": held_out, "probes": probes}
+
+
+def _cell(text: str) -> str:
+    """One answer as a Markdown table cell: pipes escaped, line breaks kept visible."""
+    return (text.strip() or "(empty)").replace("|", "\\|").replace("\n", "<br>")
+
+
+def _marks(answer: dict[str, Any]) -> str:
+    return ", ".join(("✓ " if c["passed"] else "✗ ") + c["name"] for c in answer["checks"]) or "-"
+
+
+def answers_markdown(answers: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for title, rows in (("Held-out answers", answers["held_out"]), ("Probes", answers["probes"])):
+        if not rows:
+            continue
+        lines += [f"## {title}: parent vs candidate", "", "| prompt | parent | candidate |", "| --- | --- | --- |"]
+        for r in rows:
+            prompt = _cell(r["prompt"]) + (f"<br>expects: {_cell(r['expect'])}" if "expect" in r else "")
+            lines.append(
+                f"| {prompt} | {_cell(r['before']['output'])}<br>{_marks(r['before'])} "
+                f"| {_cell(r['after']['output'])}<br>{_marks(r['after'])} |"
+            )
+        lines.append("")
+    return lines
 
 
 def _fmt(value: Any) -> str:
@@ -137,6 +202,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
         if report.get("plots", {}).get("criteria"):
             lines += [f"![criteria]({CRITERIA_PLOT})", ""]
+    if report.get("answers"):
+        lines += answers_markdown(report["answers"])
     if report.get("error"):
         lines += ["## Error", "", "```", str(report["error"]), "```", ""]
     return "\n".join(lines)
@@ -155,5 +222,12 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
         log.exception("plotting the report failed")
     report = {**report, "plots": plots}
     (run_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (run_dir / "report.md").write_text(markdown(report))
+    answers = None
+    try:
+        answers = side_by_side(run_dir)
+    except Exception:  # noqa: BLE001 - as with the plots: the verdict matters more
+        log.exception("pairing the answers for the report failed")
+    if answers is not None:
+        (run_dir / ANSWERS_FILE).write_text(json.dumps(answers, indent=2))
+    (run_dir / "report.md").write_text(markdown({**report, "answers": answers}))
     return report

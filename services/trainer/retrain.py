@@ -52,6 +52,7 @@ from tuneloop.trainer.config import (
     format_errors,
 )
 from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset, unique_prompts
+from tuneloop.trainer.distributed import world_size
 from tuneloop.trainer.jobs import JOB_NAME_ENV, record_promoted_version
 from tuneloop.trainer.modeling import FINAL_DIR, registry
 from tuneloop.trainer.report import write_report
@@ -529,6 +530,10 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
     """
     if (config is None) == (resume is None):
         raise ConfigError("give a config for a new run or --resume RUN_DIR, not both")
+    if world_size() > 1:
+        # Gates, evaluations, registry writes and promotion are one decision, made once; the
+        # training stages themselves can run on several processes (README: Running on N processes).
+        raise ConfigError("retrain runs as one process; launch it without torchrun/accelerate")
     job_run = job_run_id()
     if config is not None and job_run and (runs_dir(config) / job_run / STATE_FILE).is_file():
         log.info("resuming the Job's run", extra={"fields": {"run": job_run}})
@@ -538,7 +543,7 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
     assert run_config is not None
     events = None
     if run_config.kafka_bootstrap_servers:
-        from tuneloop.trainer.events import KafkaModelEvents
+        from tuneloop.common.model_events import KafkaModelEvents
 
         root = run_config.registry_root or registry().root
         events = KafkaModelEvents(run_config.kafka_bootstrap_servers, str(root))

@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tuneloop.common import reward_format as rf
 from tuneloop.common.registry import Registry, RegistrySettings
+from tuneloop.trainer.distributed import on_main
 from tuneloop.trainer.weighting import check_weights, weighted
 
 if TYPE_CHECKING:
@@ -293,27 +294,34 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
             "stage_seconds": round(time.monotonic() - started, 1),
         }
         out = Path(scratch) / "model"
-        trainer.save_model(str(out))
-        card = registry.register(
-            config.name,
-            out,
-            kind="reward",
-            parent=parent,
-            dataset_snapshot=offsets,
-            training_config=config.model_dump(mode="json"),
-            metrics=metrics,
-            description=f"Bradley–Terry reward model trained from {config.base_model}",
-            move=True,
-        )
-    promoted = refused is None and config.promote
+        trainer.save_model(str(out))  # the main process writes (TrainingArguments.should_save)
+        promoted = refused is None and config.promote
+
+        def register_and_promote() -> tuple[str, str]:
+            card = registry.register(
+                config.name,
+                out,
+                kind="reward",
+                parent=parent,
+                dataset_snapshot=offsets,
+                training_config=config.model_dump(mode="json"),
+                metrics=metrics,
+                description=f"Bradley–Terry reward model trained from {config.base_model}",
+                move=True,
+            )
+            if promoted:
+                registry.promote(config.name, card.version, config.alias)
+            return card.ref, card.version
+
+        # Under several processes one version is registered (and promoted), by the main one.
+        ref, version = on_main(register_and_promote)
     if promoted:
-        registry.promote(config.name, card.version, config.alias)
-        log.info("reward model promoted", extra={"fields": {"ref": card.ref, "accuracy": after["accuracy"]}})
+        log.info("reward model promoted", extra={"fields": {"ref": ref, "accuracy": after["accuracy"]}})
     else:
-        log.warning("reward model not promoted", extra={"fields": {"ref": card.ref, "reason": refused}})
+        log.warning("reward model not promoted", extra={"fields": {"ref": ref, "reason": refused}})
     return {
-        "ref": card.ref,
-        "version": card.version,
+        "ref": ref,
+        "version": version,
         "promoted": promoted,
         "refused_reason": refused,
         "metrics": metrics,

@@ -25,6 +25,7 @@ from tuneloop.trainer.config import (
     TrainParams,
 )
 from tuneloop.trainer.data import prompt_dataset, prompt_rows, sft_dataset
+from tuneloop.trainer.distributed import barrier, check_ranks_agree, is_main_process, world_size
 from tuneloop.trainer.metrics import MetricsCallback, StepMetrics
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
@@ -55,6 +56,8 @@ class StageResult:
     seconds: float
     resumed_from: str | None
     watch_flags: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1  # data-parallel training processes (torchrun / accelerate launch)
+    weights_sha256: str | None = None  # of the trained weights, the same in every process
 
     def write(self, output_dir: Path) -> None:
         (output_dir / STAGE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -106,7 +109,10 @@ def _train(
     if checkpoint is not None:
         log.info("resuming %s from %s", stage, checkpoint)
     out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    model_dir = save_final(trainer.model, tokenizer, output_dir / FINAL_DIR)
+    # Sharded training (FSDP, DeepSpeed ZeRO) holds different parts in each process by design.
+    sharded = bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
+    digest = None if sharded else check_ranks_agree(trainer.model)
+    model_dir = output_dir / FINAL_DIR
     result = StageResult(
         stage=stage,
         model_dir=str(model_dir),
@@ -115,9 +121,15 @@ def _train(
         seconds=round(time.monotonic() - started, 2),
         resumed_from=str(checkpoint) if checkpoint else None,
         watch_flags=observers.watch.flags,
+        processes=world_size(),
+        weights_sha256=digest,
     )
-    result.write(output_dir)
-    observers.sink.finished()
+    if is_main_process():
+        save_final(trainer.model, tokenizer, model_dir)
+        result.write(output_dir)
+        observers.sink.finished()
+    # No process returns (and goes on to read model/) before the main one has written it.
+    barrier()
     return result
 
 

@@ -6,7 +6,8 @@ Each service's own template files call these with its name and what is particula
   http   true for the gateway (an HTTP serving port and HTTP probes)
   args   extra CLI arguments
   env    extra EnvVars (list of dicts)
-  mounts any of "registry" (read-only), "store" (read-write), "store-ro", "runs-ro", "api-keys",
+  mounts any of "registry" (read-only), "registry-rw" (the gateway's promote and roll back),
+         "store" (read-write), "store-ro", "runs-ro", "api-keys",
          "workbench" (the projects ConfigMap and the state volume); the store volume only when
          store.root is not an object-storage URL (tuneloop.storeOnObjectStorage)
 */}}
@@ -157,10 +158,12 @@ spec:
             - name: dshm
               mountPath: /dev/shm
             {{- end }}
-            {{- if has "registry" $mounts }}
+            {{- if or (has "registry" $mounts) (has "registry-rw" $mounts) }}
             - name: registry
               mountPath: {{ $root.Values.persistence.registry.mountPath }}
+              {{- if not (has "registry-rw" $mounts) }}
               readOnly: true
+              {{- end }}
             {{- end }}
             {{- if or (has "store" $mounts) (has "store-ro" $mounts) }}
             - name: store
@@ -195,11 +198,13 @@ spec:
             medium: Memory
             sizeLimit: {{ $v.shmSize }}
         {{- end }}
-        {{- if has "registry" $mounts }}
+        {{- if or (has "registry" $mounts) (has "registry-rw" $mounts) }}
         - name: registry
           persistentVolumeClaim:
             claimName: {{ include "tuneloop.registryClaimName" $root }}
+            {{- if not (has "registry-rw" $mounts) }}
             readOnly: true
+            {{- end }}
         {{- end }}
         {{- if or (has "store" $mounts) (has "store-ro" $mounts) }}
         - name: store
