@@ -17,7 +17,8 @@ from kafka import KafkaConsumer
 from tuneloop.common.kafka import FEEDBACK_TOPIC
 from tuneloop.common.models import make_tiny
 from tuneloop.common.processes import ServiceProcess
-from tuneloop.gateway.auth import hash_key
+from tuneloop.gateway.auth import ACCESS, ROLES, ApiKey, KeyStore, authorize, hash_key
+from tuneloop.gateway.errors import ApiError
 from tuneloop.v1 import feedback_pb2
 
 KEYS = {"acme-app": ("acme", ["app"]), "globex-app": ("globex", ["app"]), "acme-annotator": ("acme", ["annotator"])}
@@ -276,3 +277,28 @@ def test_no_5xx_for_generated_requests(stack, mode: str) -> None:
             continue
         exercised += 1
     assert exercised >= (5 if mode == "positive" else 3)  # negative: the operations with a body
+
+
+def test_each_role_reaches_exactly_its_kinds_of_call() -> None:
+    store = KeyStore({hash_key(r): ApiKey(r, "acme", frozenset({r}), hash_key(r)) for r in ROLES})
+
+    def allowed(role: str, call: str) -> bool:
+        try:
+            return authorize(store, f"Bearer {role}", call).name == role
+        except ApiError as err:
+            assert err.status == 403 and err.type == "permission_error"
+            return False
+
+    reach = {role: {call for call in ACCESS if allowed(role, call)} for role in ROLES}
+    # A lead does what app and annotator keys do; an operator sees the workbench as a lead
+    # does and alone moves an alias; neither operators nor annotators use the public API's models.
+    assert reach == {
+        "app": {"complete", "feedback"},
+        "annotator": {"feedback", "annotate"},
+        "lead": {"complete", "feedback", "annotate", "review", "erase"},
+        "operator": {"annotate", "review", "move"},
+    }
+    for header in (None, "", "Bearer", "Bearer nope", "lead"):
+        with pytest.raises(ApiError) as caught:
+            authorize(store, header, "complete")
+        assert caught.value.status == 401

@@ -341,18 +341,54 @@ def test_verify_detects_tampering(reg: Registry, tmp_path: Path) -> None:
         reg.verify(card.ref)
 
 
-def test_watch_yields_each_change(reg: Registry, tmp_path: Path) -> None:
+def test_the_follower_hands_over_each_change(reg: Registry, tmp_path: Path) -> None:
+    from tuneloop.common.alias_follower import AliasFollower
+
     for i in range(2):
         reg.register("policy", model_dir(tmp_path / str(i), str(i)), kind="policy")
-    stop = threading.Event()
-    changes = reg.watch("policy", interval_s=0.01, stop=stop)
-    assert next(changes) is None
+    swaps: list[str] = []
+    follower = AliasFollower(reg, "policy", "production", None, swaps.append)
+    assert follower.check() is False and swaps == [], "an alias not set yet is nothing to follow"
     reg.promote("policy", "v0001")
-    assert next(changes) == "v0001"
+    assert follower.check() is True and swaps == ["v0001"]
+    assert follower.check() is False, "an unmoved alias is not handed over again"
     reg.promote("policy", "v0002")
-    assert next(changes) == "v0002"
-    stop.set()
-    assert list(changes) == []
+    follower.check()
+    assert swaps == ["v0001", "v0002"] and follower.current == "v0002"
+
+
+def test_the_follower_does_not_retry_a_failed_version_until_the_alias_moves(reg: Registry, tmp_path: Path) -> None:
+    from tuneloop.common.alias_follower import AliasFollower
+
+    for i in range(3):
+        reg.register("policy", model_dir(tmp_path / str(i), str(i)), kind="policy")
+    tried: list[str] = []
+
+    def swap(version: str) -> None:
+        tried.append(version)
+        if version == "v0002":
+            raise RuntimeError("does not load")
+
+    follower = AliasFollower(reg, "policy", "production", "v0001", swap)
+    reg.promote("policy", "v0002")
+    follower.check()
+    follower.check()
+    assert tried == ["v0002"] and follower.current == "v0001", "the old version stays, the bad one is tried once"
+    reg.promote("policy", "v0003")
+    follower.check()
+    assert tried == ["v0002", "v0003"] and follower.current == "v0003"
+
+
+def test_the_follower_runs_in_its_own_thread(reg: Registry, tmp_path: Path) -> None:
+    from tuneloop.common.alias_follower import AliasFollower
+
+    reg.register("policy", model_dir(tmp_path / "a"), kind="policy")
+    moved = threading.Event()
+    follower = AliasFollower(reg, "policy", "latest", None, lambda _: moved.set(), interval_s=0.01).start()
+    try:
+        assert moved.wait(10), "latest is followed like an alias"
+    finally:
+        follower.stop()
 
 
 def test_failing_listener_does_not_undo_a_promotion(tmp_path: Path) -> None:
@@ -400,7 +436,7 @@ def test_cli_list_show_promote_rollback(tmp_path: Path) -> None:
 def test_a_damaged_alias_file_is_a_registry_error_and_never_stops_the_watcher(
     reg: Registry, tmp_path: Path, content: bytes
 ) -> None:
-    from tuneloop.generation.swap import AliasWatcher
+    from tuneloop.common.alias_follower import AliasFollower
 
     for i in range(2):
         reg.register("policy", model_dir(tmp_path / str(i), str(i)), kind="policy")
@@ -411,7 +447,7 @@ def test_a_damaged_alias_file_is_a_registry_error_and_never_stops_the_watcher(
         reg.current("policy")
     assert reg.aliases("policy") == {"candidate": "v0002"}, "the damaged alias hides itself, not the others"
     swaps: list[str] = []
-    watcher = AliasWatcher(reg, "policy", "production", "v0001", swaps.append)
+    watcher = AliasFollower(reg, "policy", "production", "v0001", swaps.append)
     watcher.check()  # logs and keeps serving
     (reg.root / "policy" / "aliases" / "production.json").write_bytes(
         (reg.root / "policy" / "aliases" / "candidate.json").read_bytes())

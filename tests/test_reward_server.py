@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -16,18 +17,20 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tuneloop.common import reward_format as rf
 from tuneloop.common.errors import field_of
+from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, ensure_topics, make_producer
 from tuneloop.common.models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.reward.formatting import to_proto_prompt
 from tuneloop.reward.server import RewardServer, build_server
 from tuneloop.reward.settings import RewardSettings
-from tuneloop.v1 import completion_pb2, reward_pb2, reward_pb2_grpc
+from tuneloop.v1 import completion_pb2, model_event_pb2, reward_pb2, reward_pb2_grpc
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is the capital of France?"}]
 PROMPTS: list[rf.Prompt] = [CHAT, "Q: What boils at 100 degrees?\nA: ", [{"role": "user", "content": "Hi"}], CHAT]
@@ -236,3 +239,30 @@ def test_a_promoted_version_that_fails_to_load_leaves_the_old_one_serving(
         registry.register("reward", tiny[1], kind="reward")
         registry.promote("reward", "v0003")
         assert _wait_for_version(stub, "v0003").model.version == "v0003"
+
+
+def test_a_model_event_swaps_without_waiting_for_the_poll(
+    registry: Registry, tiny: tuple[Path, Path], kafka_bootstrap: str
+) -> None:
+    # Polling once a minute: within the test only the event can trigger the swap.
+    settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", model="reward@production", reload_poll_s=60)
+    kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
+    with build_server(settings, registry, kafka) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        stub = reward_pb2_grpc.RewardStub(ch)
+        follower = server.catalog.follower
+        assert follower is not None and follower.events_ready.wait(60), "the model-event consumer never joined"
+        assert stub.Score(request(PROMPTS, RESPONSES), timeout=30).model.version == "v0001"
+
+        registry.register("reward", tiny[1], kind="reward")
+        registry.promote("reward", "v0002")
+        ensure_topics(kafka, [MODELS_TOPIC])
+        now = Timestamp()
+        now.GetCurrentTime()
+        event = model_event_pb2.ModelEvent(
+            event_id=uuid.uuid4().hex, type=model_event_pb2.MODEL_EVENT_TYPE_PROMOTED, name="reward",
+            version="v0002", alias="production", previous_version="v0001", kind="reward", created_at=now,
+        )
+        producer = make_producer(kafka)
+        producer.send(MODELS_TOPIC, key=b"reward", value=event.SerializeToString()).get(timeout=30)
+        producer.close()
+        assert _wait_for_version(stub, "v0002", timeout_s=30).model.version == "v0002"

@@ -38,6 +38,7 @@ import typer
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from tuneloop.common.durable import file_sha256, write_atomic
 from tuneloop.common.durable import fsync_dir as _fsync_dir
 
 log = logging.getLogger(__name__)
@@ -144,21 +145,6 @@ def _check_alias(alias: str) -> str:
     return alias
 
 
-def _write_durable(path: Path, data: bytes) -> None:
-    """Replace `path` atomically and durably with `data`."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _copy_file(src: Path, dst: Path) -> FileEntry:
     digest = hashlib.sha256()
     size = 0
@@ -173,14 +159,9 @@ def _copy_file(src: Path, dst: Path) -> FileEntry:
 
 
 def _sync_file(path: Path) -> FileEntry:
-    digest = hashlib.sha256()
-    size = 0
     with open(path, "rb+") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
         os.fsync(f.fileno())
-    return FileEntry(sha256=digest.hexdigest(), size=size)
+    return FileEntry(sha256=file_sha256(path), size=path.stat().st_size)
 
 
 def _stage_tree(src: Path, dst: Path) -> dict[str, FileEntry]:
@@ -286,24 +267,6 @@ class Registry:
         state = self._read_alias(_check_name(name), _check_alias(alias))
         return state["version"] if state else None
 
-    def watch(
-        self,
-        name: str,
-        alias: str = "production",
-        *,
-        interval_s: float = 2.0,
-        stop: threading.Event | None = None,
-    ) -> Iterator[str | None]:
-        """Yields the alias's version now and again each time it changes, until `stop` is set."""
-        stop = stop or threading.Event()
-        last: object = object()
-        while not stop.is_set():
-            now = self.current(name, alias)
-            if now != last:
-                last = now
-                yield now
-            stop.wait(interval_s)
-
     def resolve(self, ref: str | Path) -> Path:
         """Folder of `name@alias`, `name@vNNNN`, `name@latest`, or of an existing model folder."""
         parsed = self._parse_ref(ref)
@@ -322,11 +285,7 @@ class Registry:
             path = folder / rel
             if not path.is_file():
                 raise RegistryError(f"{ref}: file {rel} is missing")
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-            if digest.hexdigest() != entry.sha256:
+            if file_sha256(path) != entry.sha256:
                 raise RegistryError(f"{ref}: file {rel} does not match its checksum")
 
     # ---- writing -------------------------------------------------------------------
@@ -392,7 +351,7 @@ class Registry:
                     description=description,
                     files=files,
                 )
-                _write_durable(staging / CARD_FILE, card.model_dump_json(indent=2).encode())
+                write_atomic(staging / CARD_FILE, card.model_dump_json(indent=2).encode())
                 os.rename(staging, versions_dir / version)  # the commit point
                 _fsync_dir(versions_dir)
                 _fsync_dir(versions_dir.parent)
@@ -492,7 +451,7 @@ class Registry:
         folder.mkdir(parents=True, exist_ok=True)
         now = datetime.now(UTC)
         entry = {"at": now.isoformat(), "id": uuid.uuid4().hex, **entry}
-        _write_durable(folder / f"{now:%Y%m%dT%H%M%S%fZ}-{entry['id']}.json", json.dumps(entry, indent=2).encode())
+        write_atomic(folder / f"{now:%Y%m%dT%H%M%S%fZ}-{entry['id']}.json", json.dumps(entry, indent=2).encode())
         return entry
 
     def audit_log(self, name: str) -> list[dict[str, Any]]:
@@ -600,7 +559,7 @@ class Registry:
         }
         path = self._alias_path(name, alias)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_durable(path, json.dumps(state, indent=2).encode())
+        write_atomic(path, json.dumps(state, indent=2).encode())
 
     @contextmanager
     def _locked(self, name: str) -> Iterator[None]:

@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
+import prometheus_client
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 from kafka.producer.future import FutureRecordMetadata
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 
 from tuneloop.common.errors import FieldError, abort_invalid
 from tuneloop.common.grpc_server import GrpcServer
@@ -34,12 +36,12 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["Feedback"].full_name
 
 # Module level: tests run several servers in one process, and a metric registers once.
-EVENTS = Counter(
+EVENTS = prometheus_client.Counter(
     "tuneloop_feedback_events_total",
     "Feedback events handled, by judgement kind and outcome (accepted, duplicate, rejected, unavailable).",
     ["kind", "status"],
 )
-REJECTIONS = Counter(
+REJECTIONS = prometheus_client.Counter(
     "tuneloop_feedback_rejections_total",
     "Rejected feedback events by offending field path (list indexes dropped).",
     ["field"],
@@ -148,9 +150,9 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         return results
 
     def _produce(self, event: feedback_pb2.FeedbackEvent) -> FutureRecordMetadata:
-        stored = feedback_pb2.FeedbackEvent()
-        stored.CopyFrom(event)
-        fill_item_id(stored)
+        # The request message is this call's own, so it is completed in place: a copy per
+        # event cost as much as its validation.
+        fill_item_id(event)
         # Key = item id. Every judgement of one item (each annotator's, a corrected one, each
         # calibration round's) then lands in one partition in the order it was accepted, so
         # the store reads them in that order ("an annotator's latest judgement of an item"
@@ -158,11 +160,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         # item id is the stable name of what is judged (by default the sorted completion ids,
         # so A/B shown swapped is the same key); an item gets a handful of judgements, so no
         # key grows hot enough to skew the partitions.
-        future = self.producer.send(self.settings.topic, key=stored.item_id.encode(), value=stored.SerializeToString())
-        # A record whose call already answered UNAVAILABLE may still land later; remembering
-        # it then turns the client's retry into DUPLICATE instead of a second copy.
-        future.add_callback(lambda _metadata, event_id=event.event_id: self.recent.add(event_id))
-        return future
+        return self.producer.send(self.settings.topic, key=event.item_id.encode(), value=event.SerializeToString())
 
     def _await_acks(
         self,
@@ -179,12 +177,14 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
             except KafkaError as err:
                 self._abort_unavailable(context, sent, err)
         PRODUCE_SECONDS.observe(time.perf_counter() - start)
+        accepted: Counter[str] = Counter()
         for result, kind, _future in sent:
-            # The callback adds too, but it may run after get() returns; a retry arriving in
-            # between must already see the id.
             self.recent.add(result.event_id)
             result.status = _ACCEPTED
-            EVENTS.labels(kind, "accepted").inc()
+            accepted[kind] += 1
+        # One increment per kind and call: a labelled child's lookup per event showed in profiles.
+        for kind, count in accepted.items():
+            EVENTS.labels(kind, "accepted").inc(count)
 
     def _abort_unavailable(
         self,
@@ -192,8 +192,12 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         sent: Iterable[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]],
         err: KafkaError,
     ) -> None:
-        for _result, kind, future in sent:
+        for result, kind, future in sent:
             EVENTS.labels(kind, "accepted" if future.succeeded() else "unavailable").inc()
+            # A record of this call may still land after it answered UNAVAILABLE; remembering
+            # it then turns the client's retry into DUPLICATE instead of a second copy. Only
+            # this path needs the callback (it runs at once for a record already acknowledged).
+            future.add_callback(lambda _metadata, event_id=result.event_id: self.recent.add(event_id))
         log.warning("kafka did not acknowledge", extra={"fields": {"error": repr(err), "topic": self.settings.topic}})
         context.abort(
             grpc.StatusCode.UNAVAILABLE,

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import time
-import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -19,10 +18,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import Counter, Histogram
 
-from tuneloop.common.errors import field_of
 from tuneloop.common.grpc_client import make_aio_channel
-from tuneloop.gateway import convert
-from tuneloop.gateway.auth import ApiKey, KeyStore, load_keys, retry_after_header
+from tuneloop.gateway import convert, erasure, workbench
+from tuneloop.gateway.auth import ACCESS, ApiKey, KeyStore, authorize, load_keys, retry_after_header
+from tuneloop.gateway.errors import ApiError, error_body, from_rpc
 from tuneloop.gateway.quotas import Limited, QuotaLimits, Quotas, prompt_cost
 from tuneloop.gateway.schemas import ChatCompletionRequest, ComparisonRequest, FeedbackBatch, FeedbackIn
 from tuneloop.gateway.settings import GatewaySettings
@@ -35,55 +34,6 @@ LATENCY = Histogram(
     "tuneloop_gateway_request_duration_seconds", "HTTP request latency.", ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
-
-# gRPC status → (HTTP status, OpenAI error type).
-GRPC_TO_HTTP = {
-    grpc.StatusCode.INVALID_ARGUMENT: (422, "invalid_request_error"),
-    grpc.StatusCode.OUT_OF_RANGE: (422, "invalid_request_error"),
-    grpc.StatusCode.FAILED_PRECONDITION: (422, "invalid_request_error"),
-    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
-    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
-    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
-    # Only when the HTTP client left first: nobody reads it, but the metrics tell it apart.
-    grpc.StatusCode.CANCELLED: (499, "client_closed_request"),
-}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.headers = status, message, type_, param, headers
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    # OpenAI's error shape, so its clients raise their own exception types.
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-# What a client reads when a backend fails on its side: stable text, never the backend's
-# own (addresses, exception text). The details go to the log under the request id.
-_BACKEND_FAILED = {
-    503: "the model backend is unavailable; retry later",
-    504: "the model backend did not answer in time; retry later",
-    502: "the model backend failed",
-}
-
-
-def from_rpc(err: grpc.RpcError) -> ApiError:
-    status, type_ = GRPC_TO_HTTP.get(err.code(), (502, "upstream_error"))
-    if status >= 500:
-        request_id = uuid.uuid4().hex[:16]
-        log.warning("backend call failed", extra={"fields": {"request_id": request_id, "code": err.code().name,
-                                                             "details": err.details()}})
-        return ApiError(status, f"{_BACKEND_FAILED[status]} (request {request_id})", type_,
-                        headers={"X-Request-Id": request_id})
-    field = field_of(err) if err.code() == grpc.StatusCode.INVALID_ARGUMENT else None
-    return ApiError(status, err.details() or err.code().name, type_, field)
-
 
 async def _client_gone(request: Request) -> None:
     """Returns when the HTTP client disconnects (the body was read already, so the next ASGI
@@ -252,14 +202,13 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         log.exception("unhandled error")
         return JSONResponse(error_body("internal error", "server_error"), status_code=500)
 
-    def authed(*roles: str):
+    def authed(call: str):
+        """The key check for one kind of call (auth.ACCESS), with the key's request rate."""
+        if call not in ACCESS:
+            raise ValueError(f"no kind of call {call!r} in auth.ACCESS")
+
         async def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
-            token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
-            key = keys.lookup(token)
-            if key is None:
-                raise ApiError(401, "missing or invalid API key", "authentication_error")
-            if not key.roles & {*roles, "lead"}:
-                raise ApiError(403, f"this key lacks the role for this call ({' or '.join(roles)})", "permission_error")
+            key = authorize(keys, authorization, call)
             await quotas.admit_request(key.sha256, key.tenant)
             return key
 
@@ -287,7 +236,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
     async def chat_completions(
         request: Request,
         body: ChatCompletionRequest,
-        key: Annotated[ApiKey, Depends(authed("app"))],
+        key: Annotated[ApiKey, Depends(authed("complete"))],
         x_tuneloop_conversation_id: Annotated[str | None, Header(max_length=128)] = None,
     ):
         req = generation_pb2.GenerateRequest(
@@ -339,7 +288,9 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/comparisons", tags=["completions"])
-    async def comparisons(request: Request, body: ComparisonRequest, key: Annotated[ApiKey, Depends(authed("app"))]):
+    async def comparisons(
+        request: Request, body: ComparisonRequest, key: Annotated[ApiKey, Depends(authed("complete"))]
+    ):
         """Two candidates for one prompt, with both completion ids, for A/B choices."""
         prompt = convert.prompt_of(body.messages)
 
@@ -387,7 +338,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ]
 
     @app.post("/v1/feedback", tags=["feedback"])
-    async def feedback(body: FeedbackIn | FeedbackBatch, key: Annotated[ApiKey, Depends(authed("app", "annotator"))]):
+    async def feedback(body: FeedbackIn | FeedbackBatch, key: Annotated[ApiKey, Depends(authed("feedback"))]):
         """One event, or {"events": [...]}. Each is accepted, a duplicate, or rejected with its field."""
         items = body.events if isinstance(body, FeedbackBatch) else [body]
         if len(items) > settings.max_feedback_batch:
@@ -400,7 +351,7 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         return {"object": "feedback.result", "results": results}
 
     @app.get("/v1/models", tags=["models"])
-    async def models(key: Annotated[ApiKey, Depends(authed("app"))]):
+    async def models(key: Annotated[ApiKey, Depends(authed("complete"))]):
         kinds = ["generation"] + (["candidate"] if settings.candidate_generation_target else [])
         try:
             resps = [await stub(k).ListModels(generation_pb2.ListModelsRequest(), timeout=10) for k in kinds]
@@ -433,16 +384,8 @@ def create_app(settings: GatewaySettings) -> FastAPI:
         ready = {k: await check(k) for k in ("generation", "feedback")}
         return JSONResponse({"ready": all(ready.values()), "backends": ready}, status_code=200 if all(ready.values()) else 503)
 
-    try:
-        from tuneloop.gateway.workbench import mount as mount_workbench
-    except ModuleNotFoundError:
-        pass
-    else:
-        mount_workbench(app, keys, stub, settings)
-
-    from tuneloop.gateway.erasure import mount as mount_erasures
-
-    mount_erasures(app, authed("lead"))
+    workbench.mount(app, authed, stub, settings)
+    erasure.mount(app, authed)
 
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -5,6 +5,8 @@ YAML or JSON: a list of {sha256, tenant, name, roles}; roles are `app` (completi
 end-user feedback), `annotator` (judgements as an annotator), `lead` (quality views, retrain
 runs and model versions) and `operator` (the same views, plus promote and roll back). Moving
 what is served is kept to its own role so that reviewing quality does not imply it.
+
+Every route names the kind of call it is (`ACCESS`); `authorize` is the one key check.
 """
 
 from __future__ import annotations
@@ -20,7 +22,22 @@ from pathlib import Path
 
 import yaml
 
+from tuneloop.gateway.errors import ApiError
+
 ROLES = frozenset({"app", "annotator", "lead", "operator"})
+
+# Which roles may make each kind of call. A lead does what app and annotator keys do and
+# reads the quality views; an operator reads the workbench as a lead does (its landing page
+# is the annotator's) and alone moves an alias. Operators stay off the public API: moving
+# what is served does not make a key an app, and erasure is a lead's request, not a view.
+ACCESS: dict[str, frozenset[str]] = {
+    "complete": frozenset({"app", "lead"}),  # completions, comparisons, the model list
+    "feedback": frozenset({"app", "annotator", "lead"}),  # feedback through the API
+    "annotate": frozenset({"annotator", "lead", "operator"}),  # workbench queues and judgements
+    "review": frozenset({"lead", "operator"}),  # calibration, exports, runs, model versions
+    "erase": frozenset({"lead"}),
+    "move": frozenset({"operator"}),  # promote and roll back
+}
 
 
 def hash_key(key: str) -> str:
@@ -66,6 +83,23 @@ class KeyStore:
         if key is not None and hmac.compare_digest(key.sha256, digest):
             return key
         return None
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    return authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
+
+
+def authorize(keys: KeyStore, authorization: str | None, call: str) -> ApiKey:
+    """The key behind an Authorization header, if it may make this kind of call: else 401
+    (no such key) or 403 (a key without a role for it)."""
+    key = keys.lookup(bearer_token(authorization))
+    if key is None:
+        raise ApiError(401, "missing or invalid API key", "authentication_error")
+    allowed = ACCESS[call]
+    if not key.roles & allowed:
+        raise ApiError(403, f"this key lacks the role for this call ({' or '.join(sorted(allowed))})",
+                       "permission_error")
+    return key
 
 
 @dataclass

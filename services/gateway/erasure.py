@@ -17,6 +17,7 @@ from fastapi import Depends, FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneloop.gateway.auth import ApiKey
+from tuneloop.gateway.errors import ApiError, error_body
 
 
 class ErasureRequest(BaseModel):
@@ -36,10 +37,9 @@ def erase_command(tenant: str, user: str | None) -> str:
     return shlex.join(["tuneloop", "store", "erase", "--tenant", tenant, *(["--user", user] if user else [])])
 
 
-def mount(app: FastAPI, lead: Callable[..., ApiKey]) -> None:
-    """Adds the endpoint; `lead` is the gateway's key check for the lead role."""
-    from tuneloop.gateway.app import ApiError, error_body  # the gateway's own error shape
-
+def mount(app: FastAPI, authed: Callable[[str], Callable[..., ApiKey]]) -> None:
+    """Adds the endpoint; `authed` is the gateway's key check for a kind of call (auth.ACCESS)."""
+    lead = authed("erase")
     unavailable = {"description": "The gateway cannot erase; the message names the command.",
                    "content": {"application/json": {"example": error_body("…", "not_implemented")}}}
 

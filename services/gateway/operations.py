@@ -19,15 +19,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from tuneloop.common.registry import InvalidRefError, NotFoundError, Registry, RegistryError
-from tuneloop.gateway.auth import ApiKey, KeyStore
+from tuneloop.gateway.auth import ApiKey
+from tuneloop.gateway.errors import ApiError
 from tuneloop.gateway.live import served_versions
 
-VIEW_ROLES = frozenset({"lead", "operator"})
 STATUSES = ("running", "promoted", "refused", "failed")
 PLOTS = {"training": "training.png", "criteria": "criteria.png"}
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -219,25 +219,12 @@ class RollbackRequest(BaseModel):
     reason: str = Field(min_length=1, max_length=2000, description="Why the alias goes back (for the audit).")
 
 
-def mount(app: FastAPI, keys: KeyStore, settings: Any, make_listener: Callable[[], Any] | None = None) -> None:
-    """Adds /workbench/api/runs* and /workbench/api/models* (as far as their folders are configured)."""
-    from tuneloop.gateway.app import ApiError  # the gateway's own error mapping
-
-    def with_role(roles: frozenset[str]):
-        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
-            token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
-            key = keys.lookup(token)
-            if key is None:
-                raise ApiError(401, "missing or invalid API key", "authentication_error")
-            if not key.roles & roles:
-                raise ApiError(403, f"this key lacks the {' or '.join(sorted(map(repr, roles)))} role",
-                               "permission_error")
-            return key
-
-        return check
-
-    viewer = Depends(with_role(VIEW_ROLES))
-    operator = Depends(with_role(frozenset({"operator"})))
+def mount(app: FastAPI, authed: Callable[[str], Callable[..., Any]], settings: Any,
+          make_listener: Callable[[], Any] | None = None) -> None:
+    """Adds /workbench/api/runs* and /workbench/api/models* (as far as their folders are configured);
+    `authed` is the gateway's key check for a kind of call (auth.ACCESS)."""
+    viewer = Depends(authed("review"))
+    operator = Depends(authed("move"))
     runs = Runs(settings.workbench_runs_dir) if settings.workbench_runs_dir is not None else None
 
     def runs_or_404() -> Runs:

@@ -22,13 +22,14 @@ from typing import Annotated, Any, Literal
 
 import grpc
 import yaml
-from fastapi import Depends, FastAPI, Header, Query
+from fastapi import Depends, FastAPI, Query
 from fastapi.responses import HTMLResponse, PlainTextResponse
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import BaseModel, Field
 
-from tuneloop.gateway.auth import ApiKey, KeyStore
-from tuneloop.gateway.operations import VIEW_ROLES, Runs
+from tuneloop.gateway.auth import ApiKey
+from tuneloop.gateway.errors import ApiError, from_rpc
+from tuneloop.gateway.operations import Runs
 from tuneloop.gateway.operations import mount as mount_operations
 from tuneloop.v1 import feedback_pb2
 
@@ -199,27 +200,16 @@ def measured(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
-    """Adds /workbench (the page) and /workbench/api/* to the gateway, if projects are configured."""
+def mount(app: FastAPI, authed: Callable[[str], Callable[..., Any]], stub, settings) -> None:
+    """Adds /workbench (the page) and /workbench/api/* to the gateway, if projects are configured;
+    `authed` is the gateway's key check for a kind of call (auth.ACCESS)."""
     if settings.workbench_projects_dir is None:
         return
-    from tuneloop.gateway.app import ApiError, from_rpc  # the gateway's own error mapping
 
     bench = Workbench(settings.workbench_projects_dir, settings.workbench_state_dir)
     page = (Path(__file__).parent / "static" / "workbench.html").read_text()
-
-    def member(role: str):
-        def check(authorization: Annotated[str | None, Header()] = None) -> ApiKey:
-            token = authorization.split(" ", 1)[1].strip() if authorization and " " in authorization else None
-            key = keys.lookup(token)
-            if key is None:
-                raise ApiError(401, "missing or invalid API key", "authentication_error")
-            # Operators see what leads see (they act on it); see auth.py for the roles.
-            if role not in key.roles and not key.roles & VIEW_ROLES:
-                raise ApiError(403, f"this key lacks the '{role}' role", "permission_error")
-            return key
-
-        return check
+    annotator = Depends(authed("annotate"))
+    lead = Depends(authed("review"))
 
     def project_or_404(name: str, key: ApiKey) -> Project:
         p = bench.project(name, key)
@@ -232,12 +222,12 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         return page
 
     @app.get("/workbench/api/me", tags=["workbench"])
-    async def me(key: Annotated[ApiKey, Depends(member("annotator"))]):
+    async def me(key: Annotated[ApiKey, annotator]):
         return {"name": key.name, "tenant": key.tenant, "roles": sorted(key.roles),
                 "projects": [{"project": p.project, **bench.progress(p, key.name)} for p in bench.visible(key)]}
 
     @app.get("/workbench/api/projects/{name}/next", tags=["workbench"])
-    async def next_item(name: str, key: Annotated[ApiKey, Depends(member("annotator"))]):
+    async def next_item(name: str, key: Annotated[ApiKey, annotator]):
         p = project_or_404(name, key)
         todo = bench.queue(p, key.name)
         item = todo[0] if todo else None
@@ -252,7 +242,7 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         }
 
     @app.post("/workbench/api/projects/{name}/judgements", tags=["workbench"])
-    async def judge(name: str, body: Judgement, key: Annotated[ApiKey, Depends(member("annotator"))]):
+    async def judge(name: str, body: Judgement, key: Annotated[ApiKey, annotator]):
         p = project_or_404(name, key)
         item = next((i for i in p.items if i.id == body.item_id), None)
         if item is None:
@@ -268,7 +258,7 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         return {"event_id": result.event_id, "progress": bench.progress(p, key.name)}
 
     @app.get("/workbench/api/projects/{name}/calibration", tags=["workbench"])
-    async def calibration(name: str, key: Annotated[ApiKey, Depends(member("lead"))], calibration_only: bool = True):
+    async def calibration(name: str, key: Annotated[ApiKey, lead], calibration_only: bool = True):
         p = project_or_404(name, key)
         try:
             report = await stub("feedback").GetAgreement(
@@ -290,7 +280,7 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         }
 
     @app.get("/workbench/api/projects/{name}/export.csv", tags=["workbench"], response_class=PlainTextResponse)
-    async def export(name: str, key: Annotated[ApiKey, Depends(member("lead"))]):
+    async def export(name: str, key: Annotated[ApiKey, lead]):
         p = project_or_404(name, key)
         out = io.StringIO()
         w = csv.writer(out)
@@ -301,7 +291,7 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         return out.getvalue()
 
     @app.get("/workbench/api/review", tags=["workbench"])
-    async def review(key: Annotated[ApiKey, Depends(member("lead"))], run: Annotated[str, Query(min_length=1, max_length=128)]):
+    async def review(key: Annotated[ApiKey, lead], run: Annotated[str, Query(min_length=1, max_length=128)]):
         """Before/after answers of a retrain run, from the run's report in the runs folder."""
         runs = settings.workbench_runs_dir
         if runs is None:
@@ -320,7 +310,7 @@ def mount(app: FastAPI, keys: KeyStore, stub, settings) -> None:
         return {"run": run, "status": report.get("status"), "reason": report.get("reason", ""),
                 "verdict": report.get("verdict"), "samples": samples}
 
-    mount_operations(app, keys, settings, model_events(settings))
+    mount_operations(app, authed, settings, model_events(settings))
 
 
 def model_events(settings) -> Callable[[], Any] | None:

@@ -46,7 +46,7 @@ from tuneloop.generation.engines.base import (
 )
 from tuneloop.generation.settings import GenerationSettings
 from tuneloop.generation.spool import Spool, SpoolBusyError
-from tuneloop.generation.swap import AliasWatcher
+from tuneloop.generation.swap import follow
 from tuneloop.generation.validation import check_ids, check_prompt, sampling_from, sampling_to_proto
 from tuneloop.v1 import completion_pb2, generation_pb2, generation_pb2_grpc
 
@@ -351,12 +351,10 @@ class GenerationApp:
             self.engine, self.completions, settings, self.registry, alias, on_engine_dead=self._engine_dead
         )
         self.watcher = (
-            AliasWatcher(
+            follow(
+                self.engine,
                 self.registry,
-                first.name,
                 alias,
-                first.version,
-                self._swap_to,
                 interval_s=settings.watch_interval_s,
                 kafka=kafka if settings.watch_events else None,
             )
@@ -388,21 +386,6 @@ class GenerationApp:
         # Health turns NOT_SERVING so the orchestrator restarts the process.
         log.error("engine is dead; reporting NOT_SERVING")
         self.server.set_serving(False)
-
-    def _swap_to(self, version: str) -> None:
-        name = self.engine.model.name
-        started = time.monotonic()
-        try:
-            ref = with_base(ModelRef(name, version, self.registry.resolve(f"{name}@{version}")), self.registry)
-            self.engine.swap(ref)
-        except Exception:
-            metrics.SWAPS.labels(result="failed").inc()
-            raise
-        metrics.SWAPS.labels(result="ok").inc()
-        metrics.SWAP_SECONDS.observe(time.monotonic() - started)
-        metrics.set_model_info(name, version, self.engine.name)
-        base = {"base": f"{ref.base.name}@{ref.base.version}"} if ref.base else {}
-        log.info("serving new version", extra={"fields": {"model": f"{name}@{version}", **base}})
 
     def start(self) -> GenerationApp:
         self.completions.start()

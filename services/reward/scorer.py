@@ -5,22 +5,25 @@ where a bad item is still the caller's error) and scores a batch of those (`scor
 batching thread). `ModelScorer` is a trained reward model; the LLM judge (judge.py) is the
 other backend.
 
-`ModelCatalog` follows a registry alias: a poller loads a newly promoted version next to
-the served one and swaps it in by replacing one reference, so a batch already formed
-finishes on the version that encoded it and every response names the version that scored it.
+`ModelCatalog` follows a registry alias (common `AliasFollower`: polling, plus model events
+when Kafka is configured): a newly promoted version is loaded next to the served one and
+swapped in by replacing one reference, so a batch already formed finishes on the version
+that encoded it and every response names the version that scored it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
+from functools import lru_cache
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tuneloop.common import reward_format as rf
+from tuneloop.common.alias_follower import AliasFollower
 from tuneloop.common.errors import FieldError
+from tuneloop.common.kafka import KafkaSettings
 from tuneloop.common.registry import VERSION_RE, NotFoundError, Registry, RegistryError
 from tuneloop.reward import metrics
 from tuneloop.v1 import completion_pb2
@@ -124,9 +127,11 @@ class ModelCatalog:
         max_tokens: int = 1024,
         max_pinned: int = 2,
         poll_s: float = 2.0,
+        kafka: KafkaSettings | None = None,
+        group_id: str | None = None,
     ) -> None:
         self.registry = registry
-        self.device, self.max_tokens, self.max_pinned, self.poll_s = device, max_tokens, max_pinned, poll_s
+        self.device, self.max_tokens, self.max_pinned = device, max_tokens, max_pinned
         self._on_ready: Callable[[], None] = lambda: None
         self.folder: Path | None = None
         self.name, self.tag = "", ""
@@ -138,11 +143,15 @@ class ModelCatalog:
                 raise RegistryError(f"reward model {spec!r} is neither NAME@TAG nor a folder")
         self.follows = self.folder is None and not VERSION_RE.match(self.tag)
         self._current: ModelScorer | None = None
-        self._failed: str | None = None
-        self._pinned: OrderedDict[str, ModelScorer] = OrderedDict()
+        # Pinned versions, least recently used evicted first; loads are serialized by _load_lock.
+        self._pinned = lru_cache(maxsize=max_pinned)(self._load_version)
         self._load_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._poller: threading.Thread | None = None
+        self.follower = (
+            AliasFollower(registry, self.name, self.tag, None, self._swap_to, interval_s=poll_s, kafka=kafka,
+                          group_id=group_id)
+            if self.follows
+            else None
+        )
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -159,45 +168,28 @@ class ModelCatalog:
         self._on_ready = on_ready
         if self.folder is not None:
             self._swap(self._load_folder(self.folder))
-            return
-        self._refresh_logged()
+        elif self.follower is None:
+            try:
+                self._swap_to(self.tag)
+            except Exception:
+                log.exception("reward model failed to load", extra={"fields": {"version": self.tag}})
+        else:
+            self.follower.check()
+            self.follower.start()
         if self._current is None:
             log.warning("no reward model to serve yet", extra={"fields": {"model": f"{self.name}@{self.tag}"}})
-        if self.follows:
-            self._poller = threading.Thread(target=self._poll, name="reward-model-poll", daemon=True)
-            self._poller.start()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._poller is not None:
-            self._poller.join()
+        if self.follower is not None:
+            self.follower.stop()
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self._refresh_logged()
-
-    def _refresh_logged(self) -> None:
-        try:
-            self.refresh()
-        except Exception:  # a bad version must not stop serving: the old one (if any) stays
-            metrics.LOAD_FAILURES.inc()
-            log.exception("reward model failed to load", extra={"fields": {"version": self._failed}})
-
-    def refresh(self) -> bool:
-        """Loads and swaps in the registry version the spec points to now, if it changed."""
-        try:
-            version = self.registry.resolve(f"{self.name}@{self.tag}").name
-        except NotFoundError:
-            return False
-        if version == self._failed or (self._current is not None and self._current.version.version == version):
-            return False
+    def _swap_to(self, version: str) -> None:
         try:
             scorer = self._load_version(version)
-        except Exception:
-            self._failed = version  # not retried every poll; a new promotion is tried afresh
+        except Exception:  # the follower keeps the old version serving and does not retry this one
+            metrics.LOAD_FAILURES.inc()
             raise
         self._swap(scorer)
-        return True
 
     def _swap(self, scorer: ModelScorer) -> None:
         old, self._current = self._current, scorer
@@ -254,11 +246,4 @@ class ModelCatalog:
         if self.max_pinned == 0:
             raise FieldError("model", "this server serves only its current version (max_loaded_models=0)")
         with self._load_lock:
-            scorer = self._pinned.get(version)
-            if scorer is None:
-                scorer = self._load_version(version)
-                self._pinned[version] = scorer
-                while len(self._pinned) > self.max_pinned:
-                    self._pinned.popitem(last=False)
-            self._pinned.move_to_end(version)
-            return scorer
+            return self._pinned(version)

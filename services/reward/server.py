@@ -10,11 +10,13 @@ with whatever else arrived → answer the scores and the version that produced t
 from __future__ import annotations
 
 import sys
+import uuid
 
 import grpc
 
 from tuneloop.common.errors import FieldError, abort_invalid
 from tuneloop.common.grpc_server import GrpcServer
+from tuneloop.common.kafka import KafkaSettings
 from tuneloop.common.logs import configure_logging
 from tuneloop.common.registry import NotFoundError, Registry, RegistryError, RegistrySettings
 from tuneloop.common.settings import SettingsError, load_settings
@@ -27,6 +29,9 @@ from tuneloop.reward.settings import RewardSettings
 from tuneloop.v1 import reward_pb2, reward_pb2_grpc
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
+# Each replica follows model events in a group of its own (every replica must see every
+# event); a Kafka user for this service needs Read on this group prefix and the models topic.
+MODEL_WATCH_GROUP_PREFIX = "tuneloop-reward-watch-"
 
 
 class RewardService(reward_pb2_grpc.RewardServicer):
@@ -95,8 +100,9 @@ class RewardServer(GrpcServer):
         self.batcher.close()
 
 
-def build_server(settings: RewardSettings, registry: Registry) -> RewardServer:
-    """A server ready to `.start()` (tests) or `.run_forever()` (the process)."""
+def build_server(settings: RewardSettings, registry: Registry, kafka: KafkaSettings | None = None) -> RewardServer:
+    """A server ready to `.start()` (tests) or `.run_forever()` (the process); with `kafka`
+    (and `watch_events`), model events wake the alias follower at once."""
     if settings.backend == "judge":
         catalog: Catalog = JudgeCatalog(JudgeScorer.from_settings(settings))
     else:
@@ -104,6 +110,7 @@ def build_server(settings: RewardSettings, registry: Registry) -> RewardServer:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
+        events = kafka if settings.watch_events else None
         catalog = ModelCatalog(
             settings.model,
             registry,
@@ -111,6 +118,8 @@ def build_server(settings: RewardSettings, registry: Registry) -> RewardServer:
             max_tokens=settings.max_tokens,
             max_pinned=settings.max_loaded_models,
             poll_s=settings.reload_poll_s,
+            kafka=events,
+            group_id=f"{MODEL_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}" if events is not None else None,
         )
     return RewardServer(settings, catalog)
 
@@ -120,8 +129,10 @@ def main(port: int | None = None, metrics_port: int | None = None, model: str | 
     try:
         settings = load_settings(RewardSettings, port=port, metrics_port=metrics_port, model=model)
         registry = Registry.from_settings(load_settings(RegistrySettings))
+        kafka = load_settings(KafkaSettings)
         configure_logging("reward", settings.log_level)
-        server = build_server(settings, registry)
+        # Kafka is optional here: only brokers named in the environment are followed.
+        server = build_server(settings, registry, kafka if "bootstrap_servers" in kafka.model_fields_set else None)
     except (SettingsError, RegistryError) as err:
         print(err, file=sys.stderr)
         raise SystemExit(2) from None

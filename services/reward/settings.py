@@ -42,6 +42,11 @@ class RewardSettings(BaseSettings):
     reload_poll_s: float = Field(
         2.0, gt=0, description="How often the alias is checked; a move loads the new version and swaps it in."
     )
+    watch_events: bool = Field(
+        True,
+        description="Also consume tuneloop.models.v1 to react to promotions at once (polling stays on); only "
+        "where Kafka is configured (TUNELOOP_KAFKA_BOOTSTRAP_SERVERS set).",
+    )
     max_loaded_models: int = Field(
         2, ge=0, le=16, description="Versions other than the served one kept loaded for calls that pin a version."
     )

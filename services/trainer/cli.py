@@ -187,5 +187,17 @@ def retrain(
             _print(run_retrain(load_config(RetrainConfig, config, set_)))
 
 
+@cli.command("retrain-stage", hidden=True)
+def retrain_stage(run_dir: Annotated[Path, typer.Argument(help="The run folder retrain made.")]) -> None:
+    """The training stage of a retrain run, in each process torchrun starts (retrain starts it).
+
+    Prints nothing: retrain's own outcome stays the one line on stdout; rank 0's stage.json
+    is the result retrain reads."""
+    from tuneloop.trainer.retrain import train_stage
+
+    with _errors():
+        train_stage(run_dir)
+
+
 if __name__ == "__main__":
     sys.exit(cli())

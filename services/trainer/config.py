@@ -47,6 +47,44 @@ class TrainerSettings(BaseSettings):
         description="CPU threads for torch; unset: one per core. On a CPU node shared with other work, fewer "
         "threads avoid OpenMP waits that slowed a tiny model's steps 100-fold in our measurements.",
     )
+    # Where the retrain's training stage runs (distributed.py): retrain itself stays one process
+    # and starts the stage under torchrun on processes_per_node x nodes processes.
+    processes_per_node: int = Field(
+        1, ge=1, description="Training processes per node (one per GPU) for retrain's training stage."
+    )
+    nodes: int = Field(
+        1,
+        ge=1,
+        description="Nodes (pods) retrain's training stage runs on; above 1 every node runs `retrain` and "
+        "they meet at rendezvous_endpoint (torchrun c10d). The chart makes them an Indexed Job.",
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="This node's index (the Indexed Job's completion index): node 0 runs the pipeline "
+        "and hosts the rendezvous; the others join its training stage only.",
+    )
+    rendezvous_endpoint: str | None = Field(
+        None, description="host:port of node 0's c10d rendezvous (needed when nodes > 1)."
+    )
+    rendezvous_id: str | None = Field(
+        None, description="Rendezvous id shared by the nodes of one run; unset: the Job's name."
+    )
+    local_addr: str | None = Field(
+        None, description="Address the other nodes reach this one at (the pod IP); unset: the host's FQDN."
+    )
+
+    @model_validator(mode="after")
+    def _nodes_fit(self) -> TrainerSettings:
+        if self.node_rank >= self.nodes:
+            raise ValueError(f"node_rank {self.node_rank} must be below nodes ({self.nodes})")
+        if self.nodes > 1 and not self.rendezvous_endpoint:
+            raise ValueError("nodes > 1 needs rendezvous_endpoint (host:port of node 0)")
+        return self
+
+    @property
+    def processes(self) -> int:
+        return self.processes_per_node * self.nodes
 
 
 class Strict(BaseModel):

@@ -5,6 +5,9 @@ The TRL stages run data-parallel under a launcher: each process trains a shard o
 global batch and gradients are averaged, so the weights stay identical. Files and registry
 entries are written by the main process only; the others would race it (two renames of
 `model/`, duplicated metric lines, two registry versions).
+
+`retrain` is not one of them: it stays one process and starts its training stage under
+torchrun (`launch_command`), on one node or, through a c10d rendezvous, on several.
 """
 
 from __future__ import annotations
@@ -12,8 +15,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from tuneloop.trainer.config import TrainerSettings
 
 T = TypeVar("T")
 
@@ -27,6 +34,29 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """True in a single process, and in the process of global rank 0 under a launcher."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def launch_command(settings: TrainerSettings, cli_args: list[str], rendezvous_id: str | None = None) -> list[str]:
+    """torchrun running `tuneloop.trainer.cli *cli_args` on this node's share of the processes.
+
+    One node: `--standalone` (a rendezvous on a free local port). Several: every node starts
+    the same command and they meet at node 0's c10d store; node 0 hosts it (is_host) rather
+    than leaving it to whichever agent resolves the endpoint to itself first.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(settings.processes_per_node)]
+    if settings.nodes == 1:
+        command.append("--standalone")
+    else:
+        command += [
+            "--nnodes", str(settings.nodes),
+            "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", str(settings.rendezvous_endpoint),
+            "--rdzv-id", settings.rendezvous_id or rendezvous_id or "tuneloop",
+            "--rdzv-conf", f"is_host={'true' if settings.node_rank == 0 else 'false'}",
+        ]  # fmt: skip
+        if settings.local_addr:
+            command += ["--local-addr", settings.local_addr]
+    return [*command, "-m", "tuneloop.trainer.cli", *cli_args]
 
 
 def barrier() -> None:

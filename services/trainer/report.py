@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 TRAINING_PLOT = "training.png"
 CRITERIA_PLOT = "criteria.png"
+CHECKPOINTS_PLOT = "checkpoints.png"
 ANSWERS_FILE = "answers.json"
 
 
@@ -73,6 +74,59 @@ def plot_criteria(verdict: dict[str, Any], out: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_checkpoints(rows: list[dict[str, Any]], out: Path) -> Path | None:
+    """Each behaviour check's pass rate and the probes' pass rate per evaluated checkpoint; the
+    chosen one marked, failing ones hollow."""
+    if len(rows) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    series = {f"behaviour:{name}": [r["behaviour"].get(name) for r in rows] for name in rows[0]["behaviour"]}
+    if any(r.get("probe_pass_rate") is not None for r in rows):
+        series["probes"] = [r.get("probe_pass_rate") for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, values in series.items():
+        (line,) = ax.plot(steps, values, label=name)
+        for step, value, row in zip(steps, values, rows, strict=True):
+            if value is not None:
+                ax.plot(step, value, "o", color=line.get_color(), fillstyle="full" if row["passed"] else "none")
+    for row in rows:
+        if row.get("chosen"):
+            ax.axvline(row["step"], color="#2f9e44", linestyle="--", label=f"chosen: {row['name']}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("pass rate")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(loc="best", fontsize=8)
+    ax.set_title("criteria per checkpoint (hollow = fails a criterion)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def checkpoints_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    names = list(rows[0]["behaviour"]) if rows else []
+    lines = [
+        "## Checkpoints",
+        "",
+        "Each evaluated on the criteria; the one passing every criterion with the most progress on the behaviour "
+        "is the candidate.",
+        "",
+        "| checkpoint | step | " + " | ".join(f"behaviour:{n}" for n in names) + " | probes | KL | progress | result |",
+        "| --- | --- | " + " | ".join("---" for _ in names) + " | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        result = "**chosen**" if r.get("chosen") else "pass" if r["passed"] else "FAIL: " + _cell("; ".join(r["failures"]))
+        rates = " | ".join(_fmt(r["behaviour"].get(n)) for n in names)
+        lines.append(f"| {r['name']} | {r['step']} | {rates} | {_fmt(r.get('probe_pass_rate'))} | "
+                     f"{_fmt(r.get('kl_to_reference'))} | {_fmt(r['progress'])} | {result} |")
+    return [*lines, ""]
 
 
 def side_by_side(run_dir: Path) -> dict[str, Any] | None:
@@ -185,6 +239,10 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append("")
         if report.get("plots", {}).get("training"):
             lines += [f"![training]({TRAINING_PLOT})", ""]
+    if report.get("checkpoints"):
+        lines += checkpoints_markdown(report["checkpoints"])
+        if report.get("plots", {}).get("checkpoints"):
+            lines += [f"![checkpoints]({CHECKPOINTS_PLOT})", ""]
     verdict = report.get("verdict")
     if verdict:
         lines += [
@@ -218,6 +276,8 @@ def write_report(run_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
             plots["training"] = TRAINING_PLOT
         if report.get("verdict") and plot_criteria(report["verdict"], run_dir / CRITERIA_PLOT):
             plots["criteria"] = CRITERIA_PLOT
+        if report.get("checkpoints") and plot_checkpoints(report["checkpoints"], run_dir / CHECKPOINTS_PLOT):
+            plots["checkpoints"] = CHECKPOINTS_PLOT
     except Exception:  # noqa: BLE001 - the text report matters more than a picture
         log.exception("plotting the report failed")
     report = {**report, "plots": plots}

@@ -18,6 +18,11 @@ last step, so a failed or killed run never changes what is served. A run resumes
 folder: finished steps are skipped, training continues from its last checkpoint, the same
 snapshot and the same criteria (a changed criteria file fails the resume).
 
+The training stage can run on several processes and nodes (TrainerSettings.processes_per_node,
+.nodes): the pipeline stays in this one process and starts the stage under torchrun
+(`retrain-stage RUN_DIR` in every training process), then reads rank 0's stage.json. On
+several nodes, node 0 runs the pipeline; the others only join its training stage (`follow`).
+
 Outcomes: "promoted"; "refused" (a gate or a criterion said no — a normal result, exit code
 0); "failed" (an error — non-zero exit code).
 """
@@ -29,6 +34,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +59,7 @@ from tuneloop.trainer.config import (
     format_errors,
 )
 from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset, unique_prompts
-from tuneloop.trainer.distributed import world_size
+from tuneloop.trainer.distributed import launch_command, world_size
 from tuneloop.trainer.jobs import JOB_NAME_ENV, record_promoted_version
 from tuneloop.trainer.modeling import FINAL_DIR, registry
 from tuneloop.trainer.report import write_report
@@ -64,6 +71,8 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 CRITERIA_FILE = "criteria.yaml"
 TRAIN_DIR = "train"
+# How often a node other than 0 looks at the run's state for a training stage to join.
+FOLLOW_POLL_S = 1.0
 
 # RewardStageConfig fields the pipeline fills in itself.
 _REWARD_OWNED = ("dataset_path", "store_root", "snapshot", "registry_root", "name", "honour_weight")
@@ -378,12 +387,52 @@ def _reward_func(run: Run, reg: Registry) -> Any:
     return reward_function(RewardSource(model=ref), config.registry_root)
 
 
+def _finished_stage(run: Run) -> dict[str, Any] | None:
+    out = run.dir / TRAIN_DIR
+    if (out / STAGE_FILE).is_file() and (out / FINAL_DIR).is_dir():
+        return json.loads((out / STAGE_FILE).read_text())
+    return None
+
+
 def _train(run: Run, reg: Registry, dataset: Any, reward: Any) -> dict[str, Any]:
+    finished = _finished_stage(run)  # finished before a kill hit the state write
+    if finished is not None:
+        return finished
+    settings = TrainerSettings()
+    if settings.processes == 1:
+        return _train_here(run, dataset, reward)
+    # Each launch is numbered so that the other nodes join each one once (`follow`).
+    attempt = run.record("train_launch", int(run.step("train_launch") or 0) + 1)
+    command = launch_command(settings, ["retrain-stage", str(run.dir)], job_run_id() or run.state["run_id"])
+    log.info("training on several processes", extra={"fields": {
+        "processes": settings.processes, "nodes": settings.nodes, "attempt": attempt, "command": command}})
+    code = subprocess.run(command, check=False).returncode
+    finished = _finished_stage(run)
+    if code != 0 or finished is None:
+        raise RuntimeError(f"the training stage on {settings.processes} processes failed (torchrun exit code {code})")
+    return finished
+
+
+def train_stage(run_dir: Path) -> dict[str, Any]:
+    """The training stage of the run in `run_dir`, in one of the processes torchrun started.
+
+    Reads what the pipeline pinned (snapshot, reward model) and writes nothing but the
+    stage's own output (rank 0's); the pipeline records the step.
+    """
+    run = Run.open(run_dir)
+    if run.step("snapshot") is None:
+        raise ConfigError(f"{run_dir}: the run has no pinned snapshot yet; retrain starts its training stage")
+    reg = registry(run.config.registry_root)
+    prefs = run.config.preferences
+    dataset = to_dpo_dataset(_load_data(run), prefs.tie_policy, prefs.both_bad_policy, prefs.honour_weight)
+    reward = None if run.config.algorithm == "dpo" else _reward_func(run, reg)
+    return _train_here(run, dataset, reward)
+
+
+def _train_here(run: Run, dataset: Any, reward: Any) -> dict[str, Any]:
     from tuneloop.trainer import stages
 
     config, out = run.config, run.dir / TRAIN_DIR
-    if (out / STAGE_FILE).is_file() and (out / FINAL_DIR).is_dir():
-        return json.loads((out / STAGE_FILE).read_text())  # finished before a kill hit the state write
     metrics = config.metrics.model_copy(update={"run_label": config.metrics.run_label or run.state["run_id"]})
     parent = run.state["parent"]
     common = {"registry_root": config.registry_root, "metrics": metrics, "resume": True, "criteria": run.dir / CRITERIA_FILE}
@@ -522,6 +571,44 @@ def job_run_id() -> str | None:
     return os.environ.get(JOB_NAME_ENV) or None
 
 
+def _read_state(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / STATE_FILE).read_text())
+    except FileNotFoundError:
+        return None
+
+
+def follow(config: RetrainConfig, settings: TrainerSettings) -> dict[str, Any]:
+    """A node other than 0: joins each training stage node 0 launches, until the run has trained.
+
+    The run folder (on storage every node mounts) says when: node 0 numbers each launch in
+    state.json just before starting torchrun. A refused or finished run needs no training.
+    """
+    job = job_run_id()
+    if job is None:
+        raise ConfigError(f"nodes > 1 needs the Job's name ({JOB_NAME_ENV}): it names the run every node follows")
+    run_dir = runs_dir(config) / job
+    joined: set[int] = set()
+    log.info("following node 0's run", extra={"fields": {"run_dir": str(run_dir), "node_rank": settings.node_rank}})
+    while True:
+        state = _read_state(run_dir)
+        if state is not None:
+            steps = state["steps"]
+            if state["status"] in ("promoted", "refused") or "train" in steps:
+                return {"status": "followed", "node_rank": settings.node_rank, "run_dir": str(run_dir),
+                        "run_status": state["status"], "joined": sorted(joined)}
+            attempt = steps.get("train_launch")
+            if attempt is not None and attempt not in joined:
+                joined.add(attempt)
+                command = launch_command(settings, ["retrain-stage", str(run_dir)], job)
+                code = subprocess.run(command, check=False).returncode
+                if code == 0:
+                    continue  # node 0 records the step next; the loop then returns
+                log.warning("training stage failed on this node; waiting for node 0's next launch",
+                            extra={"fields": {"attempt": attempt, "exit_code": code}})
+        time.sleep(FOLLOW_POLL_S)
+
+
 def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = None) -> dict[str, Any]:
     """Runs (or resumes) one retrain; returns the outcome. Errors are recorded in the run, then raised.
 
@@ -532,8 +619,12 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
         raise ConfigError("give a config for a new run or --resume RUN_DIR, not both")
     if world_size() > 1:
         # Gates, evaluations, registry writes and promotion are one decision, made once; the
-        # training stages themselves can run on several processes (README: Running on N processes).
-        raise ConfigError("retrain runs as one process; launch it without torchrun/accelerate")
+        # training stage is started on several processes by retrain itself.
+        raise ConfigError(
+            "retrain runs as one process and starts its training stage on several itself: launch it without "
+            "torchrun/accelerate and set TUNELOOP_TRAINER_PROCESSES_PER_NODE (and _NODES) instead"
+        )
+    settings = TrainerSettings()
     job_run = job_run_id()
     if config is not None and job_run and (runs_dir(config) / job_run / STATE_FILE).is_file():
         log.info("resuming the Job's run", extra={"fields": {"run": job_run}})
@@ -541,6 +632,13 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
     opened = Run.open(Path(resume)) if resume is not None else None
     run_config = opened.config if opened is not None else config
     assert run_config is not None
+    if settings.processes > 1 and run_config.algorithm == "ppo":
+        raise ConfigError(
+            f"algorithm ppo trains in one process (its loop is not data-parallel); TUNELOOP_TRAINER_PROCESSES_PER_NODE "
+            f"x _NODES is {settings.processes}: use dpo, rloo or grpo, or one process"
+        )
+    if settings.node_rank > 0:
+        return follow(run_config, settings)
     events = None
     if run_config.kafka_bootstrap_servers:
         from tuneloop.common.model_events import KafkaModelEvents

@@ -3,7 +3,16 @@
 {{- $t := .Values.trainer }}
 {{- $ctx := dict "root" . "name" "trainer" }}
 {{- $shm := and $t.shmSize (ne (toString $t.shmSize) "0") }}
-{{- $storeVolume := not (include "tuneloop.storeOnObjectStorage" .) -}}
+{{- $storeVolume := not (include "tuneloop.storeOnObjectStorage" .) }}
+{{- $nodes := int $t.nodes }}
+{{- $perNode := int $t.processesPerNode }}
+{{- if gt $nodes 1 }}
+# One pod per node; pod 0 runs the pipeline and hosts the torchrun rendezvous, found at its
+# stable name <job>-0.<headless service>.
+completionMode: Indexed
+completions: {{ $nodes }}
+parallelism: {{ $nodes }}
+{{- end }}
 backoffLimit: {{ $t.backoffLimit }}
 activeDeadlineSeconds: {{ $t.activeDeadlineSeconds }}
 ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
@@ -28,6 +37,9 @@ template:
       {{- end }}
   spec:
     restartPolicy: Never
+    {{- if gt $nodes 1 }}
+    subdomain: {{ include "tuneloop.componentName" $ctx }}
+    {{- end }}
     serviceAccountName: {{ include "tuneloop.trainerServiceAccountName" . }}
     # The token is only needed to record the promoted version on the run's own Job.
     automountServiceAccountToken: {{ $t.rbac.create }}
@@ -86,11 +98,41 @@ template:
             valueFrom:
               fieldRef:
                 fieldPath: metadata.namespace
+          {{- if gt (mul $nodes $perNode) 1 }}
+          # retrain starts its training stage under torchrun on these processes.
+          - name: TUNELOOP_TRAINER_PROCESSES_PER_NODE
+            value: {{ $perNode | quote }}
+          {{- end }}
+          {{- if gt $nodes 1 }}
+          - name: TUNELOOP_TRAINER_NODES
+            value: {{ $nodes | quote }}
+          - name: TUNELOOP_TRAINER_NODE_RANK
+            valueFrom:
+              fieldRef:
+                fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+          - name: TUNELOOP_TRAINER_RENDEZVOUS_ENDPOINT
+            value: {{ printf "$(TUNELOOP_TRAINER_JOB_NAME)-0.%s:%d" (include "tuneloop.componentName" $ctx) (int $t.rendezvousPort) | quote }}
+          # Unique per Job, also when a Job of the same name is made again.
+          - name: TUNELOOP_TRAINER_RENDEZVOUS_ID
+            valueFrom:
+              fieldRef:
+                fieldPath: metadata.labels['batch.kubernetes.io/controller-uid']
+          - name: TUNELOOP_TRAINER_LOCAL_ADDR
+            valueFrom:
+              fieldRef:
+                fieldPath: status.podIP
+          {{- end }}
           {{- with $t.extraEnv }}
           {{- toYaml . | nindent 10 }}
           {{- end }}
+        {{- if gt $nodes 1 }}
+        ports:
+          - name: rendezvous
+            containerPort: {{ $t.rendezvousPort }}
+            protocol: TCP
+        {{- end }}
         resources:
-          {{- toYaml $t.resources | nindent 10 }}
+          {{- include "tuneloop.trainer.resources" . | nindent 10 }}
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         volumeMounts:
@@ -137,4 +179,27 @@ template:
       - name: runs
         persistentVolumeClaim:
           claimName: {{ include "tuneloop.runsClaimName" . }}
+{{- end }}
+
+{{/* trainer.resources, with its nvidia.com/gpu (per process) times processesPerNode. */}}
+{{- define "tuneloop.trainer.resources" -}}
+{{- $t := .Values.trainer }}
+{{- $perNode := int $t.processesPerNode }}
+{{- if eq $perNode 1 }}
+{{- toYaml $t.resources }}
+{{- else }}
+{{- $out := dict }}
+{{- range $kind, $amounts := $t.resources }}
+{{- $scaled := dict }}
+{{- range $name, $amount := $amounts }}
+{{- if eq $name "nvidia.com/gpu" }}
+{{- $_ := set $scaled $name (mul (int $amount) $perNode) }}
+{{- else }}
+{{- $_ := set $scaled $name $amount }}
+{{- end }}
+{{- end }}
+{{- $_ := set $out $kind $scaled }}
+{{- end }}
+{{- toYaml $out }}
+{{- end }}
 {{- end }}
