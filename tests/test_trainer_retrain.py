@@ -467,3 +467,39 @@ def test_smollm2_dpo_moves_a_declared_behaviour_to_90_percent_and_promotes(tmp_p
     assert verdict["passed"], verdict
     assert outcome["status"] == "promoted", outcome["reason"]
     assert registry.current("policy") == "v0002"
+
+
+def test_checkpoints_are_evaluated_and_the_chosen_one_is_registered(world: World) -> None:
+    """With select_checkpoints, every kept checkpoint and the final model meet the criteria; the
+    run registers the one `selection.choose` picks from the evaluations on record, and the report
+    shows each one's figures."""
+    from tuneloop.trainer import criteria as cr
+    from tuneloop.trainer import selection
+
+    criteria_file = world.criteria()
+    outcome = run_retrain(world.config(criteria_file, "dpo.learning_rate=1e-3", "dpo.max_steps=20",
+                                       "dpo.per_device_train_batch_size=4", "dpo.save_steps=5",
+                                       "dpo.save_total_limit=4", "select_checkpoints=3"))
+    run_dir = Path(outcome["run_dir"])
+    state = json.loads((run_dir / "state.json").read_text())
+    rows = state["steps"]["checkpoints"]
+    assert [(r["name"], r["step"]) for r in rows] == [("checkpoint-10", 10), ("checkpoint-15", 15), ("final", 20)]
+    spec = cr.load_criteria(run_dir / "criteria.yaml")
+    before = json.loads((run_dir / "eval_before.json").read_text())
+    evaluated = [(selection.Candidate(r["name"], r["step"], Path(".")), json.loads((run_dir / f"eval_{r['name']}.json").read_text()))
+                 for r in rows]
+    chosen, expected = selection.choose(before, evaluated, spec)
+    assert [(r["name"], r["passed"], r["chosen"]) for r in rows] == [(r["name"], r["passed"], r["chosen"]) for r in expected]
+    pick = chosen.name if chosen else "final"
+    assert state["steps"]["chosen_checkpoint"] == pick
+    assert json.loads((run_dir / "eval_after.json").read_text()) == dict((c.name, e) for c, e in evaluated)[pick]
+    card = world.registry.card(state["candidate"])
+    assert card.training_config["checkpoint"] == pick
+    registered = world.registry.resolve(state["candidate"])
+    assert not list(registered.glob("optimizer*")) and not (registered / "trainer_state.json").exists()
+    assert outcome["status"] == ("promoted" if chosen else "refused")
+    if chosen is None:
+        assert "no checkpoint passes the criteria" in outcome["reason"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Checkpoints" in report and "| checkpoint-10 | 10 |" in report
+    assert (run_dir / "checkpoints.png").stat().st_size > 0

@@ -29,7 +29,7 @@ from tuneloop.gateway.errors import ApiError
 from tuneloop.gateway.live import served_versions
 
 STATUSES = ("running", "promoted", "refused", "failed")
-PLOTS = {"training": "training.png", "criteria": "criteria.png"}
+PLOTS = {"training": "training.png", "criteria": "criteria.png", "checkpoints": "checkpoints.png"}
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
@@ -123,6 +123,8 @@ class Runs:
                 for c in verdict.get("criteria") or []
             ],
             "criteria_passed": verdict.get("passed"),
+            "checkpoints": [{k: c.get(k) for k in ("name", "step", "passed", "chosen", "progress", "failures")}
+                            for c in steps.get("checkpoints") or []],
             "train": {k: train.get(k) for k in ("stage", "steps", "seconds", "train_loss", "watch_flags")} if train else None,
             "plots": [name for name, file in PLOTS.items() if (run_dir / file).is_file()],
             "answers": self.answers(run_dir),

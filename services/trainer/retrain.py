@@ -127,6 +127,14 @@ class RetrainConfig(Strict):
         "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS; unset: no events (services still poll the registry).",
     )
     metrics: MetricsParams = Field(default_factory=MetricsParams, description="Where training gauges go.")
+    select_checkpoints: int = Field(
+        1,
+        ge=1,
+        description="Candidates evaluated on the criteria: the final model and the newest kept checkpoints "
+        "before it (1: the final model only). The one passing every criterion with the most progress on the "
+        "behaviour is registered; with none passing the run is refused, listing each one's failures. The "
+        "stage keeps save_total_limit checkpoints, written every save_steps.",
+    )
 
     @model_validator(mode="after")
     def _reward_stage_valid(self) -> RetrainConfig:
@@ -243,6 +251,7 @@ class Run:
             "reward_model": steps.get("reward_model"),
             "train": steps.get("train"),
             "verdict": steps.get("verdict"),
+            "checkpoints": steps.get("checkpoints"),
             "run_dir": str(self.dir),
         }
         write_report(self.dir, report)
@@ -452,6 +461,35 @@ def _train_here(run: Run, dataset: Any, reward: Any) -> dict[str, Any]:
     return result.__dict__
 
 
+def _evaluate_candidates(run: Run, criteria: cr.Criteria, reward: Any, parent_dir: Path) -> Path:
+    """Evaluates the final model and the kept checkpoints before it, records one row each, and
+    writes the chosen one's evaluation as eval_after.json (the final model's when none passes);
+    returns the chosen model folder. Each evaluation is kept, so a resumed run does not repeat it."""
+    from tuneloop.trainer import selection
+    from tuneloop.trainer.evaluate import evaluate
+
+    found = selection.candidates(run.dir / TRAIN_DIR, int(run.step("train")["steps"]), run.config.select_checkpoints)
+    evaluated = []
+    for candidate in found:
+        name = f"eval_{candidate.name}.json"
+        if not (run.dir / name).is_file():
+            model_dir = selection.materialise(candidate, parent_dir, run.dir / "candidates")
+            run.write_json(name, evaluate(model_dir, criteria, reward_func=reward, reference_dir=parent_dir))
+        evaluated.append((candidate, json.loads((run.dir / name).read_text())))
+    before = json.loads((run.dir / "eval_before.json").read_text())
+    chosen, rows = selection.choose(before, evaluated, criteria)
+    pick = chosen or found[-1]
+    run.record("checkpoints", rows)
+    run.record("chosen_checkpoint", pick.name)
+    run.write_json("eval_after.json", dict(evaluated)[pick])
+    return selection.materialise(pick, parent_dir, run.dir / "candidates")
+
+
+def _candidate_dir(run: Run) -> Path:
+    chosen = run.step("chosen_checkpoint")
+    return run.dir / TRAIN_DIR / FINAL_DIR if chosen in (None, "final") else run.dir / "candidates" / chosen
+
+
 def _register(run: Run, reg: Registry, parent_card: Any, data: PreferenceData, verdict: cr.Verdict) -> str:
     """Registers the candidate once per run, even if a kill hit between registering and recording it."""
     config = run.config
@@ -462,12 +500,13 @@ def _register(run: Run, reg: Registry, parent_card: Any, data: PreferenceData, v
     after = json.loads((run.dir / "eval_after.json").read_text())
     card = reg.register(
         config.policy_name,
-        run.dir / TRAIN_DIR / FINAL_DIR,
+        _candidate_dir(run),
         kind="policy",
         parent=parent_card.ref,
         dataset_snapshot=data.offsets,
         training_config={
             "run_id": run_id,
+            "checkpoint": run.step("chosen_checkpoint") or "final",
             "algorithm": config.algorithm,
             "params": config.params().model_dump(mode="json"),
             "data": data.lineage(),
@@ -528,10 +567,12 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
 
     if run.step("train") is None:
         run.record("train", _train(run, reg, dataset, reward))
-    candidate_dir = run.dir / TRAIN_DIR / FINAL_DIR
-
     if run.step("eval_after") is None:
-        run.write_json("eval_after.json", evaluate(candidate_dir, criteria, reward_func=reward, reference_dir=parent_dir))
+        if config.select_checkpoints > 1:
+            _evaluate_candidates(run, criteria, reward, parent_dir)
+        else:
+            candidate_dir = run.dir / TRAIN_DIR / FINAL_DIR
+            run.write_json("eval_after.json", evaluate(candidate_dir, criteria, reward_func=reward, reference_dir=parent_dir))
         run.record("eval_after", "eval_after.json")
 
     before = json.loads((run.dir / "eval_before.json").read_text())
@@ -543,6 +584,11 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
     candidate = run.step("register") or run.record("register", _register(run, reg, parent_card, data, verdict))
     run.state["candidate"] = candidate
     if not verdict.passed:
+        rows = run.step("checkpoints")
+        if rows and len(rows) > 1:
+            from tuneloop.trainer.selection import refusal
+
+            return run.finish("refused", f"criteria: {refusal(rows)}")
         return run.finish("refused", f"criteria: {verdict.summary()}")
     current = reg.current(config.policy_name, "production")
     if f"{config.policy_name}@{current}" != parent:
