@@ -225,10 +225,15 @@ def test_rate_limit_is_429_with_retry_after(stack, tmp_path: Path) -> None:
            "TUNELOOP_GATEWAY_GENERATION_TARGET": "127.0.0.1:9"}
     with ServiceProcess("gateway", [], env, tmp_path, http=True) as gw:
         codes = [httpx.get(f"http://{gw.target}/v1/models", headers={"Authorization": "Bearer k"}, timeout=10)
-                 for _ in range(3)]
-    assert [r.status_code for r in codes[:2]] != [429, 429]
-    assert codes[2].status_code == 429 and int(codes[2].headers["Retry-After"]) >= 1
-    assert codes[2].json()["error"]["code"] == "requests_limit"
+                 for _ in range(4)]
+    statuses = [r.status_code for r in codes]
+    assert 429 not in statuses[:2], statuses
+    # The sliding-window counter weighs the previous minute by the share of it still in the
+    # window, so requests that straddle a minute boundary may admit one more (2 x 0.99 + 0 < 2);
+    # by the fourth the limit holds whenever the requests were sent.
+    refused = next((r for r in codes[2:] if r.status_code == 429), None)
+    assert refused is not None, statuses
+    assert int(refused.headers["Retry-After"]) >= 1 and refused.json()["error"]["code"] == "requests_limit"
 
 
 def test_a_failed_backend_reaches_clients_as_a_stable_message_without_internals(tmp_path: Path) -> None:
