@@ -16,6 +16,7 @@ import httpx
 import pytest
 import yaml
 
+from tuneloop.common.durable import file_sha256
 from tuneloop.common.models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
@@ -76,7 +77,7 @@ def make_run(runs: Path, run_id: str, tenants: list[str], started: str, before: 
         *[{"name": "agreement", "value": v, "bar": 0.65, "passed": True, "reason": "", "tenant": t}
           for t, v in zip(tenants, (0.81, 0.99), strict=False)]]}
     state = {"run_id": run_id, "status": "running", "started_at": started, "algorithm": "dpo", "parent": parent,
-             "criteria_name": spec.name, "criteria_sha256": cr.file_sha256(run_dir / "criteria.yaml"),
+             "criteria_name": spec.name, "criteria_sha256": file_sha256(run_dir / "criteria.yaml"),
              "candidate": candidate,
              "steps": {"snapshot": {"source": "pairs@7", "rows": 120, "version": 7}, "gates": gates,
                        "train": {"stage": "dpo", "steps": 4, "seconds": 3.5, "train_loss": 0.61},

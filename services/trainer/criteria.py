@@ -18,7 +18,6 @@ model side (generation, scoring, KL) is in `evaluate.py`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -165,10 +164,6 @@ def load_criteria(path: Path) -> Criteria:
         return Criteria.model_validate(data)
     except ValidationError as err:
         raise ConfigError(f"invalid criteria file {path}: {format_errors(err)}") from None
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---- checks on text ----------------------------------------------------------------------

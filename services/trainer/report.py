@@ -22,16 +22,30 @@ CHECKPOINTS_PLOT = "checkpoints.png"
 ANSWERS_FILE = "answers.json"
 
 
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display in a Job's pod
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 def plot_training(rows: list[dict[str, Any]], out: Path) -> Path | None:
     """Reward, KL and response length per step (whichever the stage logged)."""
     series = [k for k in ("reward", "eval_metric", "kl", "response_length", "loss") if any(k in r for r in rows)]
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.2 * len(series)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], series, strict=True):
         points = [(r["step"], r[key]) for r in rows if key in r]
@@ -40,10 +54,7 @@ def plot_training(rows: list[dict[str, Any]], out: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step")
     fig.suptitle("training per step")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_criteria(verdict: dict[str, Any], out: Path) -> Path | None:
@@ -51,11 +62,7 @@ def plot_criteria(verdict: dict[str, Any], out: Path) -> Path | None:
     rows = [c for c in verdict["criteria"] if c.get("after") is not None and not c.get("skipped")]
     if not rows:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5))
     ys = list(range(len(rows)))
     ax.barh([y + 0.2 for y in ys], [c["before"] or 0 for c in rows], height=0.4, color="#9aa5b1", label="parent")
@@ -70,10 +77,7 @@ def plot_criteria(verdict: dict[str, Any], out: Path) -> Path | None:
     ax.invert_yaxis()
     ax.legend(loc="best", fontsize=8)
     ax.set_title("criteria: parent vs candidate (red = fails)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def plot_checkpoints(rows: list[dict[str, Any]], out: Path) -> Path | None:
@@ -81,11 +85,7 @@ def plot_checkpoints(rows: list[dict[str, Any]], out: Path) -> Path | None:
     chosen one marked, failing ones hollow."""
     if len(rows) < 2:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     steps = [r["step"] for r in rows]
     series = {f"behaviour:{name}": [r["behaviour"].get(name) for r in rows] for name in rows[0]["behaviour"]}
     if any(r.get("probe_pass_rate") is not None for r in rows):
@@ -104,10 +104,7 @@ def plot_checkpoints(rows: list[dict[str, Any]], out: Path) -> Path | None:
     ax.set_ylim(-0.05, 1.05)
     ax.legend(loc="best", fontsize=8)
     ax.set_title("criteria per checkpoint (hollow = fails a criterion)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, out)
 
 
 def checkpoints_markdown(rows: list[dict[str, Any]]) -> list[str]:

@@ -44,8 +44,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from tuneloop.common.durable import file_sha256
 from tuneloop.common.registry import Registry
 from tuneloop.trainer import criteria as cr
+from tuneloop.trainer import selection
 from tuneloop.trainer.config import (
     ConfigError,
     DPOParams,
@@ -71,6 +73,7 @@ STATE_FILE = "state.json"
 CONFIG_FILE = "config.yaml"
 CRITERIA_FILE = "criteria.yaml"
 TRAIN_DIR = "train"
+CANDIDATES_DIR = "candidates"  # checkpoints made plain model folders (selection.materialise)
 # How often a node other than 0 looks at the run's state for a training stage to join.
 FOLLOW_POLL_S = 1.0
 
@@ -206,7 +209,7 @@ class Run:
                 # The concrete version: a resumed run continues from the same parent.
                 "parent": f"{config.policy_name}@{parent_version}",
                 "criteria_name": criteria.name,
-                "criteria_sha256": cr.file_sha256(run_dir / CRITERIA_FILE),
+                "criteria_sha256": file_sha256(run_dir / CRITERIA_FILE),
                 "steps": {},
             },
         )
@@ -220,7 +223,7 @@ class Run:
             raise ConfigError(f"--resume {run_dir}: not a run folder (no {STATE_FILE})")
         state = json.loads(state_path.read_text())
         config = build(RetrainConfig, yaml.safe_load((run_dir / CONFIG_FILE).read_text()))
-        if cr.file_sha256(run_dir / CRITERIA_FILE) != state["criteria_sha256"]:
+        if file_sha256(run_dir / CRITERIA_FILE) != state["criteria_sha256"]:
             raise ConfigError(f"{run_dir / CRITERIA_FILE} changed since the run started; criteria are declared once")
         return cls(run_dir, config, state)
 
@@ -461,11 +464,10 @@ def _train_here(run: Run, dataset: Any, reward: Any) -> dict[str, Any]:
     return result.__dict__
 
 
-def _evaluate_candidates(run: Run, criteria: cr.Criteria, reward: Any, parent_dir: Path) -> Path:
+def _evaluate_candidates(run: Run, criteria: cr.Criteria, reward: Any, parent_dir: Path) -> None:
     """Evaluates the final model and the kept checkpoints before it, records one row each, and
-    writes the chosen one's evaluation as eval_after.json (the final model's when none passes);
-    returns the chosen model folder. Each evaluation is kept, so a resumed run does not repeat it."""
-    from tuneloop.trainer import selection
+    writes the chosen one's evaluation as eval_after.json (the final model's when none passes).
+    Each evaluation is kept, so a resumed run does not repeat it."""
     from tuneloop.trainer.evaluate import evaluate
 
     found = selection.candidates(run.dir / TRAIN_DIR, int(run.step("train")["steps"]), run.config.select_checkpoints)
@@ -473,7 +475,7 @@ def _evaluate_candidates(run: Run, criteria: cr.Criteria, reward: Any, parent_di
     for candidate in found:
         name = f"eval_{candidate.name}.json"
         if not (run.dir / name).is_file():
-            model_dir = selection.materialise(candidate, parent_dir, run.dir / "candidates")
+            model_dir = selection.materialise(candidate, parent_dir, run.dir / CANDIDATES_DIR)
             run.write_json(name, evaluate(model_dir, criteria, reward_func=reward, reference_dir=parent_dir))
         evaluated.append((candidate, json.loads((run.dir / name).read_text())))
     before = json.loads((run.dir / "eval_before.json").read_text())
@@ -482,12 +484,12 @@ def _evaluate_candidates(run: Run, criteria: cr.Criteria, reward: Any, parent_di
     run.record("checkpoints", rows)
     run.record("chosen_checkpoint", pick.name)
     run.write_json("eval_after.json", dict(evaluated)[pick])
-    return selection.materialise(pick, parent_dir, run.dir / "candidates")
 
 
 def _candidate_dir(run: Run) -> Path:
+    """The folder to register: the final model, or the chosen checkpoint as `materialise` wrote it."""
     chosen = run.step("chosen_checkpoint")
-    return run.dir / TRAIN_DIR / FINAL_DIR if chosen in (None, "final") else run.dir / "candidates" / chosen
+    return run.dir / TRAIN_DIR / FINAL_DIR if chosen in (None, selection.FINAL) else run.dir / CANDIDATES_DIR / chosen
 
 
 def _register(run: Run, reg: Registry, parent_card: Any, data: PreferenceData, verdict: cr.Verdict) -> str:
@@ -506,7 +508,7 @@ def _register(run: Run, reg: Registry, parent_card: Any, data: PreferenceData, v
         dataset_snapshot=data.offsets,
         training_config={
             "run_id": run_id,
-            "checkpoint": run.step("chosen_checkpoint") or "final",
+            "checkpoint": run.step("chosen_checkpoint") or selection.FINAL,
             "algorithm": config.algorithm,
             "params": config.params().model_dump(mode="json"),
             "data": data.lineage(),
@@ -586,9 +588,7 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
     if not verdict.passed:
         rows = run.step("checkpoints")
         if rows and len(rows) > 1:
-            from tuneloop.trainer.selection import refusal
-
-            return run.finish("refused", f"criteria: {refusal(rows)}")
+            return run.finish("refused", f"criteria: {selection.refusal(rows)}")
         return run.finish("refused", f"criteria: {verdict.summary()}")
     current = reg.current(config.policy_name, "production")
     if f"{config.policy_name}@{current}" != parent:
