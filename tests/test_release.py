@@ -139,7 +139,9 @@ def journey_values(broker: LocalBroker, redis: RedisServer, path: Path, pushgate
                                           "sha256": hash_key(KEY)}]},
                     # The replicas count their limits together in a real Redis on the node.
                     "limits": {"storageUrl": redis.url},
-                    "workbench": {"enabled": True, "projects": {f"{project}.yaml": {**PROJECT, "project": project}}}},
+                    "workbench": {"enabled": True, "projects": {f"{project}.yaml": {**PROJECT, "project": project}},
+                                  # The versions page: the registry is mounted read-write into the gateway.
+                                  "models": {"acme": ["policy"]}}},
         "trainer": {
             "retrainConfig": {
                 "preferences": {"tenants": ["acme"]},
@@ -269,6 +271,12 @@ def run_journey(release: Release, tiny: tuple[Path, Path], start_job: Any, proje
     review = httpx.get(url + "/workbench/api/review", params={"run": job.name}, headers=auth, timeout=30)
     assert review.status_code == 200, review.text
     assert review.json()["status"] == "promoted" and len(review.json()["samples"]) == len(HELD_OUT)
+    # The operations views, from the runs and registry volumes the chart mounts into the gateway.
+    run_page = httpx.get(url + f"/workbench/api/runs/{job.name}", headers=auth, timeout=30)
+    assert run_page.status_code == 200 and run_page.json()["status"] == "promoted", run_page.text
+    (policy,) = httpx.get(url + "/workbench/api/models", headers=auth, timeout=30).json()["models"]
+    assert policy["aliases"]["production"]["version"] == "v0002"
+    assert [v["parent"] for v in policy["versions"] if v["version"] == "v0002"] == ["policy@v0001"]
 
     # The generation pods hot-swap to it.
     def serves_new() -> bool:
