@@ -29,7 +29,7 @@ test-heavy: setup
 	$(PY) -m pytest -q -m heavy
 
 drill: setup
-	$(PY) -m pytest -q -m heavy tests/test_drills.py
+	$(PY) -m pytest -q -m heavy tests/release/test_drills.py
 
 demo: setup
 	.venv/bin/tuneloop demo

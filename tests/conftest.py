@@ -1,4 +1,6 @@
-"""Shared fixtures: one real Kafka broker per test session, on free loopback ports."""
+"""Shared fixtures: one real Kafka broker per test session on free loopback ports, a Kubernetes
+control plane, an S3 server, and two tiny policies,
+a preference store on its own topics and a producer to them."""
 
 from __future__ import annotations
 
@@ -6,15 +8,18 @@ import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from tuneloop.common.broker import LocalBroker, free_port, install
+from tuneloop.common.broker import LocalBroker, install
 from tuneloop.common.kafka import KafkaSettings
+from tuneloop.common.models import make_tiny
+from tuneloop.store.consumer import PreferenceStore
+from tuneloop.store.settings import StoreSettings
 
-from tests import kube as _kube
-from tests.s3server import s3  # noqa: F401 - the session's S3-compatible server
-
-__all__ = ["free_port"]
+from tests.support import kube as _kube
+from tests.support.s3server import s3  # noqa: F401 - the session's S3-compatible server
+from tests.support.store import Sender
 
 
 @pytest.fixture(scope="session")
@@ -71,3 +76,39 @@ def kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_kube.KubeControl
         yield plane
     finally:
         plane.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_policies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Two tiny policies with the same shape and tokenizer and different weights."""
+    root = tmp_path_factory.mktemp("tiny")
+    first, _ = make_tiny(root / "a", seed=0)
+    second, _ = make_tiny(root / "b", seed=1)
+    return first, second
+
+
+@pytest.fixture
+def store_settings(tmp_path: Path) -> StoreSettings:
+    tag = uuid.uuid4().hex[:8]
+    return StoreSettings(
+        root=tmp_path / "store",
+        feedback_topic=f"test.feedback.{tag}",
+        completions_topic=f"test.completions.{tag}",
+        dlq_topic=f"test.dlq.{tag}",
+        group_id=f"test-store-{tag}",
+        batch_linger_s=0.1,
+        end_user_weight=0.5,
+    )
+
+
+@pytest.fixture
+def store(store_settings: StoreSettings, kafka_settings: KafkaSettings) -> Iterator[PreferenceStore]:
+    with PreferenceStore(store_settings, kafka_settings) as s:
+        yield s
+
+
+@pytest.fixture
+def send(kafka_settings: KafkaSettings, store_settings: StoreSettings) -> Iterator[Sender]:
+    sender = Sender(kafka_settings, store_settings)
+    yield sender
+    sender.producer.close()
