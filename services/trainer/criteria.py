@@ -291,6 +291,10 @@ class CriterionResult(BaseModel):
     reason: str = Field("", description="Why it passed or failed.")
 
 
+def _measured(name: str, ok: bool, before: float | None, after: float, threshold: str, reason: str) -> CriterionResult:
+    return CriterionResult(name=name, passed=ok, before=before, after=after, threshold=threshold, reason=reason)
+
+
 class Verdict(BaseModel):
     passed: bool = Field(description="Every criterion holds (skipped ones aside).")
     criteria: list[CriterionResult]
@@ -310,13 +314,8 @@ def _bound(name: str, value: float, limit: float | None, *, upper: bool, before:
         return None
     ok = value <= limit if upper else value >= limit
     op = "<=" if upper else ">="
-    return CriterionResult(
-        name=name,
-        passed=ok,
-        before=before,
-        after=value,
-        threshold=f"{op} {limit}{unit}",
-        reason=f"{value:.4g}{unit} {'within' if ok else 'breaks'} bound {op} {limit}{unit}",
+    return _measured(
+        name, ok, before, value, f"{op} {limit}{unit}", f"{value:.4g}{unit} {'within' if ok else 'breaks'} bound {op} {limit}{unit}"
     )
 
 
@@ -331,14 +330,13 @@ def compare(before: dict[str, Any], after: dict[str, Any], criteria: Criteria) -
         rate_before = before["behaviour"].get(check.name)
         ok = rate_after >= check.min_pass_rate
         out.append(
-            CriterionResult(
-                name=f"behaviour:{check.name}",
-                passed=ok,
-                before=rate_before,
-                after=rate_after,
-                threshold=f"pass rate >= {check.min_pass_rate}",
-                reason=f"pass rate {rate_after:.3f} (parent {rate_before:.3f}) "
-                f"{'meets' if ok else 'is below'} {check.min_pass_rate}",
+            _measured(
+                f"behaviour:{check.name}",
+                ok,
+                rate_before,
+                rate_after,
+                f"pass rate >= {check.min_pass_rate}",
+                f"pass rate {rate_after:.3f} (parent {rate_before:.3f}) {'meets' if ok else 'is below'} {check.min_pass_rate}",
             )
         )
 
@@ -392,13 +390,13 @@ def compare(before: dict[str, Any], after: dict[str, Any], criteria: Criteria) -
         ratio = after["mean_length_tokens"] / base if base > 0 else float("inf")
         ok = ld.min_ratio <= ratio <= ld.max_ratio
         out.append(
-            CriterionResult(
-                name="length_drift",
-                passed=ok,
-                before=1.0,
-                after=ratio,
-                threshold=f"{ld.min_ratio} <= ratio <= {ld.max_ratio}",
-                reason=f"mean length {after['mean_length_tokens']:.1f} vs parent {base:.1f} tokens "
+            _measured(
+                "length_drift",
+                ok,
+                1.0,
+                ratio,
+                f"{ld.min_ratio} <= ratio <= {ld.max_ratio}",
+                f"mean length {after['mean_length_tokens']:.1f} vs parent {base:.1f} tokens "
                 f"(ratio {ratio:.3f}) {'within' if ok else 'outside'} [{ld.min_ratio}, {ld.max_ratio}]",
             )
         )
@@ -413,12 +411,11 @@ def _win_rate(before: dict[str, Any], after: dict[str, Any], spec: RewardCriteri
     wins = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b, strict=True))
     rate = wins / len(a)
     ok = rate >= spec.min_win_rate
-    return CriterionResult(
-        name="reward_win_rate",
-        passed=ok,
-        before=0.5,
-        after=rate,
-        threshold=f">= {spec.min_win_rate}",
-        reason=f"candidate wins {rate:.3f} of held-out prompts against the parent "
-        f"({'meets' if ok else 'below'} {spec.min_win_rate})",
+    return _measured(
+        "reward_win_rate",
+        ok,
+        0.5,
+        rate,
+        f">= {spec.min_win_rate}",
+        f"candidate wins {rate:.3f} of held-out prompts against the parent ({'meets' if ok else 'below'} {spec.min_win_rate})",
     )

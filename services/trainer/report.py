@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +111,6 @@ def plot_checkpoints(rows: list[dict[str, Any]], out: Path) -> Path | None:
 def checkpoints_markdown(rows: list[dict[str, Any]]) -> list[str]:
     names = list(rows[0]["behaviour"]) if rows else []
     lines = [
-        "## Checkpoints",
-        "",
         "Each evaluated on the criteria; the one passing every criterion with the most progress on the behaviour "
         "is the candidate.",
         "",
@@ -123,7 +122,7 @@ def checkpoints_markdown(rows: list[dict[str, Any]]) -> list[str]:
         rates = " | ".join(_fmt(r["behaviour"].get(n)) for n in names)
         lines.append(f"| {r['name']} | {r['step']} | {rates} | {_fmt(r.get('probe_pass_rate'))} | "
                      f"{_fmt(r.get('kl_to_reference'))} | {_fmt(r['progress'])} | {result} |")
-    return [*lines, ""]
+    return _section("Checkpoints", *lines)
 
 
 def side_by_side(run_dir: Path) -> dict[str, Any] | None:
@@ -160,29 +159,66 @@ def side_by_side(run_dir: Path) -> dict[str, Any] | None:
     return {"held_out": held_out, "probes": probes}
 
 
+# Answers are shown as the model wrote them: HTML in an answer must not render, and a pipe, a
+# backtick or a backslash must not end the cell, open a code span that swallows the line
+# breaks, or vanish as an escape.
+_LITERAL = str.maketrans({"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "|": "\\|", "`": "\\`"})
+_INDENT = re.compile(r"^ +", re.MULTILINE)
+
+
 def _cell(text: str) -> str:
-    """One answer as a Markdown table cell: pipes escaped, line breaks kept visible."""
-    return (text.strip() or "(empty)").replace("|", "\\|").replace("\n", "<br>")
+    """Text as one Markdown table cell, whole: line breaks and indentation kept visible."""
+    text = text.replace("\r\n", "\n").strip() or "(empty)"
+    text = _INDENT.sub(lambda m: "&nbsp;" * len(m.group()), text.translate(_LITERAL))
+    return text.replace("\n", "<br>")
 
 
 def _marks(answer: dict[str, Any]) -> str:
-    return ", ".join(("✓ " if c["passed"] else "✗ ") + c["name"] for c in answer["checks"]) or "-"
+    marks = [("✓ " if c["passed"] else "✗ ") + c["name"] for c in answer["checks"]]
+    if answer.get("reward") is not None:
+        marks.append(f"reward {_fmt(answer['reward'])}")
+    return ", ".join(marks) or "-"
+
+
+def _tally(rows: list[dict[str, Any]], side: str) -> str:
+    return f"{sum(all(c['passed'] for c in r[side]['checks']) for r in rows)} of {len(rows)}"
 
 
 def answers_markdown(answers: dict[str, Any]) -> list[str]:
+    """The held-out answers and the probes, parent and candidate in one row per prompt, each
+    answer followed by the checks it passed (✓) or failed (✗)."""
     lines: list[str] = []
-    for title, rows in (("Held-out answers", answers["held_out"]), ("Probes", answers["probes"])):
+    for title, rows, what in (
+        ("Held-out answers", answers["held_out"], "Passing every behaviour check"),
+        ("Probes", answers["probes"], "Right"),
+    ):
         if not rows:
             continue
-        lines += [f"## {title}: parent vs candidate", "", "| prompt | parent | candidate |", "| --- | --- | --- |"]
+        body = [
+            f"{what}: parent {_tally(rows, 'before')}, candidate {_tally(rows, 'after')}. Greedy answers, in full.",
+            "",
+            *_table("prompt", "parent", "candidate"),
+        ]
         for r in rows:
             prompt = _cell(r["prompt"]) + (f"<br>expects: {_cell(r['expect'])}" if "expect" in r else "")
-            lines.append(
+            body.append(
                 f"| {prompt} | {_cell(r['before']['output'])}<br>{_marks(r['before'])} "
                 f"| {_cell(r['after']['output'])}<br>{_marks(r['after'])} |"
             )
-        lines.append("")
+        lines += _section(f"{title}: parent vs candidate", *body)
     return lines
+
+
+def _section(title: str, *body: str) -> list[str]:
+    return [f"## {title}", "", *body, ""]
+
+
+def _table(*columns: str) -> list[str]:
+    return ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+
+
+def _outcome(check: dict[str, Any]) -> str:
+    return "skipped" if check.get("skipped") else "pass" if check["passed"] else "FAIL"
 
 
 def _fmt(value: Any) -> str:
@@ -207,33 +243,27 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     gates = report.get("gates")
     if gates:
-        lines += ["## Gates", "", "| gate | value | bar | result |", "| --- | --- | --- | --- |"]
-        for g in gates["checks"]:
-            result = "skipped" if g.get("skipped") else "pass" if g["passed"] else "FAIL"
-            lines.append(f"| {g['name']} | {_fmt(g.get('value'))} | {_fmt(g.get('bar'))} | {result} |")
-        lines.append("")
-    if report.get("reward_model"):
-        rm = report["reward_model"]
-        lines += [
-            "## Reward model",
-            "",
+        lines += _section(
+            "Gates",
+            *_table("gate", "value", "bar", "result"),
+            *(f"| {g['name']} | {_fmt(g.get('value'))} | {_fmt(g.get('bar'))} | {_outcome(g)} |" for g in gates["checks"]),
+        )
+    rm = report.get("reward_model")
+    if rm:
+        lines += _section(
+            "Reward model",
             f"{rm.get('ref')}: promoted={rm.get('promoted')}"
             + (f", refused: {rm['refused_reason']}" if rm.get("refused_reason") else ""),
-            "",
-        ]
+        )
     train = report.get("train")
     if train:
-        lines += [
-            "## Training",
-            "",
+        flags = [f"- watch flag at step {f['step']}: **{f['flag']}** — {f['detail']}" for f in train.get("watch_flags") or []]
+        lines += _section(
+            "Training",
             f"{train['stage']}: {train['steps']} steps in {train['seconds']} s, mean loss {_fmt(train.get('train_loss'))}"
             + (f" (resumed from {Path(train['resumed_from']).name})" if train.get("resumed_from") else ""),
-            "",
-        ]
-        for f in train.get("watch_flags") or []:
-            lines.append(f"- watch flag at step {f['step']}: **{f['flag']}** — {f['detail']}")
-        if train.get("watch_flags"):
-            lines.append("")
+            *(["", *flags] if flags else []),
+        )
         if report.get("plots", {}).get("training"):
             lines += [f"![training]({TRAINING_PLOT})", ""]
     if report.get("checkpoints"):
@@ -242,25 +272,21 @@ def markdown(report: dict[str, Any]) -> str:
             lines += [f"![checkpoints]({CHECKPOINTS_PLOT})", ""]
     verdict = report.get("verdict")
     if verdict:
-        lines += [
-            "## Criteria",
-            "",
-            "| criterion | parent | candidate | required | result | reason |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for c in verdict["criteria"]:
-            result = "skipped" if c.get("skipped") else "pass" if c["passed"] else "FAIL"
-            reason = str(c.get("reason", "")).replace("|", "\\|")
-            lines.append(
-                f"| {c['name']} | {_fmt(c.get('before'))} | {_fmt(c.get('after'))} | {c.get('threshold', '')} | {result} | {reason} |"
-            )
-        lines.append("")
+        lines += _section(
+            "Criteria",
+            *_table("criterion", "parent", "candidate", "required", "result", "reason"),
+            *(
+                f"| {c['name']} | {_fmt(c.get('before'))} | {_fmt(c.get('after'))} | {c.get('threshold', '')} | "
+                f"{_outcome(c)} | {_cell(str(c.get('reason', '')))} |"
+                for c in verdict["criteria"]
+            ),
+        )
         if report.get("plots", {}).get("criteria"):
             lines += [f"![criteria]({CRITERIA_PLOT})", ""]
     if report.get("answers"):
         lines += answers_markdown(report["answers"])
     if report.get("error"):
-        lines += ["## Error", "", "```", str(report["error"]), "```", ""]
+        lines += _section("Error", "```", str(report["error"]), "```")
     return "\n".join(lines)
 
 
