@@ -1,4 +1,5 @@
-"""`tuneloop train`: one command per stage, each `--config FILE.yaml` plus `--set key=value`.
+"""`tuneloop train`: one command per stage (algorithms.py), each `--config FILE.yaml` plus
+`--set key=value`; `retrain` runs the scheduled pipeline.
 
 Exit codes: 0 done (for `retrain`: promoted, or refused by a gate or a criterion — the
 printed outcome's `status` says which), 1 an error during the run, 2 an invalid config.
@@ -9,22 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from pydantic import BaseModel
 
-from tuneloop.trainer.config import (
-    ConfigError,
-    DPOStageConfig,
-    OnlineRLStageConfig,
-    PPOStageConfig,
-    SFTStageConfig,
-    load_config,
-)
+from tuneloop.trainer import algorithms
+from tuneloop.trainer.config import ConfigError, load_config
 
 cli = typer.Typer(help="Training stages and the scheduled retrain pipeline.", no_args_is_help=True)
 log = logging.getLogger(__name__)
@@ -34,8 +28,6 @@ Sets = Annotated[
     list[str] | None, typer.Option("--set", "-s", help="Override a field: key=value (dotted keys for nested fields).")
 ]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in output_dir.")]
-
-C = TypeVar("C", bound=BaseModel)
 
 
 @contextmanager
@@ -82,64 +74,35 @@ def _apply_settings() -> None:
 
 
 def _print(result: Any) -> None:
-    typer.echo(json.dumps(result if isinstance(result, dict) else result.__dict__, default=str))
+    typer.echo(json.dumps(result if isinstance(result, dict) else result.to_json(), default=str))
 
 
-def _stage(cls: type[C], config: Path | None, sets: list[str] | None, run: Callable[[C], Any]) -> None:
+def _run_stage(algorithm: algorithms.Algorithm, config: Path | None, sets: list[str] | None, resume: bool) -> None:
     from tuneloop.trainer.distributed import is_main_process
 
     with _errors():
-        result = run(load_config(cls, config, sets))
+        result = algorithm.run_stage(load_config(algorithm.config, config, sets), resume)
         if is_main_process():  # one outcome line, not one per training process
             _print(result)
 
 
-@cli.command("sft")
-def sft(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
-    """Supervised fine-tuning on (prompt, ideal reply) conversations."""
-    from tuneloop.trainer.stages import run_sft
+def _stage_command(algorithm: algorithms.Algorithm) -> None:
+    if algorithm.resumable:
 
-    _stage(SFTStageConfig, config, set_, lambda c: run_sft(c, resume=resume))
+        def command(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
+            _run_stage(algorithm, config, set_, resume)
 
+    else:
 
-@cli.command("dpo")
-def dpo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
-    """Direct preference optimisation on a preference-store snapshot (or a file)."""
-    from tuneloop.trainer.stages import run_dpo
+        def command(config: ConfigFile = None, set_: Sets = None) -> None:  # type: ignore[misc]
+            _run_stage(algorithm, config, set_, False)
 
-    _stage(DPOStageConfig, config, set_, lambda c: run_dpo(c, resume=resume))
-
-
-@cli.command("ppo")
-def ppo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
-    """Classic PPO: value head, per-token KL penalty, GAE, clipped losses."""
-    from tuneloop.trainer.ppo import run_ppo
-
-    _stage(PPOStageConfig, config, set_, lambda c: run_ppo(c, resume=resume))
+    command.__doc__ = algorithm.help
+    cli.command(algorithm.name, help=algorithm.help)(command)
 
 
-@cli.command("rloo")
-def rloo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
-    """RLOO (TRL): group samples per prompt, leave-one-out baseline, KL to the reference."""
-    from tuneloop.trainer.stages import run_online_rl
-
-    _stage(OnlineRLStageConfig, config, set_, lambda c: run_online_rl("rloo", c, resume=resume))
-
-
-@cli.command("grpo")
-def grpo(config: ConfigFile = None, set_: Sets = None, resume: Resume = False) -> None:
-    """GRPO (TRL): group samples per prompt, group-normalised advantages."""
-    from tuneloop.trainer.stages import run_online_rl
-
-    _stage(OnlineRLStageConfig, config, set_, lambda c: run_online_rl("grpo", c, resume=resume))
-
-
-@cli.command("reward")
-def reward(config: ConfigFile = None, set_: Sets = None) -> None:
-    """Reward model (Bradley–Terry) with its held-out gate; registered, promoted if it passes."""
-    from tuneloop.trainer.reward_stage import RewardStageConfig, run
-
-    _stage(RewardStageConfig, config, set_, run)
+for _algorithm in algorithms.ALGORITHMS.values():
+    _stage_command(_algorithm)
 
 
 @cli.command("evaluate")

@@ -6,8 +6,10 @@ field named. Fields left unset that depend on the hardware (`bf16`, `gradient_ch
 `optim`) are filled from the device: TRL's own defaults (bf16, checkpointing, a fused
 optimizer) fail on a CPU.
 
-The `*Params` classes hold what a stage needs to train; the `*StageConfig` classes add
-where the model and data come from. `retrain` embeds the `*Params` and supplies the rest.
+The `*Params` classes hold what a stage needs to train (`DeviceParams`, what every trained
+stage shares, under them all); the `*StageConfig` classes add where the model and data come
+from. `retrain` embeds the `*Params` and supplies the rest. The reward stage's classes are
+beside it (reward_stage.py); `algorithms.py` names each stage's config class.
 """
 
 from __future__ import annotations
@@ -120,8 +122,36 @@ class WatchParams(Strict):
     stop: bool = Field(False, description="Stop the stage at the first flag (its model is then judged as usual).")
 
 
-class TrainParams(Strict):
-    """What every stage shares: optimisation, checkpoints, LoRA, hardware."""
+class DeviceParams(Strict):
+    """How any trained stage uses its device: LoRA, precision, activation checkpointing, the
+    optimizer, and TRL fields passed through (modeling.trl_args)."""
+
+    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapters (peft).")
+    bf16: bool | None = Field(None, description="bf16 mixed precision; unset: on for a bf16-capable GPU, off on CPU.")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations to save memory; unset: on for GPU, off on CPU."
+    )
+    optim: str | None = Field(None, description="Optimizer name; unset: adamw_torch_fused on GPU, adamw_torch on CPU.")
+    trl_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further TRL/transformers config fields, passed through as given."
+    )
+
+    @model_validator(mode="after")
+    def _device_defaults(self) -> DeviceParams:
+        import torch
+
+        gpu = torch.cuda.is_available()
+        if self.bf16 is None:
+            self.bf16 = gpu and torch.cuda.is_bf16_supported()
+        if self.gradient_checkpointing is None:
+            self.gradient_checkpointing = gpu
+        if self.optim is None:
+            self.optim = "adamw_torch_fused" if gpu else "adamw_torch"
+        return self
+
+
+class TrainParams(DeviceParams):
+    """What every policy stage shares: optimisation, checkpoints, the hacking watch."""
 
     seed: int = Field(0, description="Seed for data order, sampling and new weights.")
     max_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
@@ -135,29 +165,7 @@ class TrainParams(Strict):
     logging_steps: int = Field(1, ge=1, description="Log metrics every this many steps.")
     save_steps: int = Field(50, ge=1, description="Write a resumable checkpoint every this many steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
-    lora: LoraParams = Field(default_factory=LoraParams, description="LoRA adapters (peft).")
     watch: WatchParams = Field(default_factory=WatchParams, description="Reward-hacking watch while training.")
-    bf16: bool | None = Field(None, description="bf16 mixed precision; unset: on for a bf16-capable GPU, off on CPU.")
-    gradient_checkpointing: bool | None = Field(
-        None, description="Recompute activations to save memory; unset: on for GPU, off on CPU."
-    )
-    optim: str | None = Field(None, description="Optimizer name; unset: adamw_torch_fused on GPU, adamw_torch on CPU.")
-    trl_args: dict[str, Any] = Field(
-        default_factory=dict, description="Further TRL/transformers config fields, passed through as given."
-    )
-
-    @model_validator(mode="after")
-    def _device_defaults(self) -> TrainParams:
-        import torch
-
-        gpu = torch.cuda.is_available()
-        if self.bf16 is None:
-            self.bf16 = gpu and torch.cuda.is_bf16_supported()
-        if self.gradient_checkpointing is None:
-            self.gradient_checkpointing = gpu
-        if self.optim is None:
-            self.optim = "adamw_torch_fused" if gpu else "adamw_torch"
-        return self
 
 
 class SFTParams(TrainParams):
@@ -323,7 +331,9 @@ class PreferenceSource(Strict):
         "latest", pattern=r"^(latest|pairs@\d+)$", description="Store snapshot to train on: pairs@<version>, or 'latest'."
     )
     path: Path | None = Field(
-        None, description="JSONL file or saved HF dataset with prompt/chosen/rejected (strings or chat messages)."
+        None,
+        description="Preference rows with prompt/chosen/rejected (strings or chat messages): JSON lines, Parquet "
+        "(.parquet), CSV (.csv) or a saved HF dataset folder.",
     )
     tenants: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list,
@@ -338,8 +348,15 @@ class PreferenceSource(Strict):
         "keeps its latest rows up to the level where no tenant exceeds the share; with one tenant it has "
         "no effect.",
     )
-    tie_policy: str = Field("drop", description="How ties enter training (see tuneloop.store.read).")
-    both_bad_policy: str = Field("drop", description="How 'both bad' judgements enter training.")
+    tie_policy: Literal["drop"] = Field(
+        "drop",
+        description="Ties in policy training: 'drop', the only rule. A tie names no better answer, and DPO's loss "
+        "(like the prompt set online RL takes from the pairs) reads only pairs that do. The reward model can "
+        "learn from ties: its `ties: symmetric`.",
+    )
+    both_bad_policy: Literal["drop"] = Field(
+        "drop", description="'Both bad' judgements in policy training: 'drop', the only rule (as tie_policy)."
+    )
     honour_weight: bool = Field(
         True,
         description="Draw rows in proportion to their `weight` column (the store's end_user_weight for end "
@@ -352,6 +369,18 @@ class PreferenceSource(Strict):
     @classmethod
     def _root_as_text(cls, value: object) -> object:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("tie_policy", "both_bad_policy", mode="before")
+    @classmethod
+    def _only_drop(cls, value: object) -> object:
+        # The store's export can keep these rows (label tie/both_bad), but a trainer that
+        # cannot read the label would treat the order shown as a preference.
+        if value != "drop":
+            raise ValueError(
+                f"{value!r} is not supported: DPO and online RL train on preference pairs only, so kept rows would "
+                "be dropped anyway; use 'drop' (the reward model's `ties`/`both_bad: symmetric` learn from them)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one(self) -> PreferenceSource:

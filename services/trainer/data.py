@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop.common.durable import file_sha256
 from tuneloop.trainer.config import ConfigError, PreferenceSource
 from tuneloop.trainer.weighting import check_weights
 
@@ -114,12 +115,16 @@ class PreferenceData:
         return {"source": self.source, "sha256": self.sha256, "version": self.version, "rows": len(self.rows)}
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for f in files:
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
+def source_sha256(path: Path) -> str:
+    """A file's SHA-256; for a folder (a saved dataset), that of each file's name and digest."""
+    if not path.is_dir():
+        return file_sha256(path)
+    lines = [f"{f.relative_to(path).as_posix()} {file_sha256(f)}\n" for f in sorted(path.rglob("*")) if f.is_file()]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+# Preference files besides a saved dataset folder: JSON lines, and the tabular exports.
+_TABLE_READERS = {".parquet": "read_parquet", ".csv": "read_csv"}
 
 
 def load_preferences(source: PreferenceSource) -> PreferenceData:
@@ -145,25 +150,27 @@ def load_preferences(source: PreferenceSource) -> PreferenceData:
         from datasets import load_from_disk
 
         rows = load_from_disk(str(path)).to_pandas()
-    elif path.is_file():
-        rows = pd.DataFrame(read_jsonl(path))
-    else:
+    elif not path.is_file():
         raise ConfigError(f"preferences.path: {path} does not exist")
+    elif path.suffix in _TABLE_READERS:
+        rows = getattr(pd, _TABLE_READERS[path.suffix])(path)
+    else:
+        rows = pd.DataFrame(read_jsonl(path))
     missing = {"prompt", "chosen", "rejected"} - set(rows.columns)
     if missing:
         raise ConfigError(f"preferences.path: {path} lacks column(s) {sorted(missing)}")
-    return PreferenceData(rows=rows, source=str(path), sha256=_file_sha256(path))
+    return PreferenceData(rows=rows, source=str(path), sha256=source_sha256(path))
 
 
-def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str, honour_weight: bool = True) -> Dataset:
-    """Preference pairs in TRL's format.
+def to_dpo_dataset(data: PreferenceData, honour_weight: bool = True) -> Dataset:
+    """Preference pairs in TRL's format: strict preferences only (ties and both-bad name no
+    better answer; `PreferenceSource.tie_policy`).
 
     Store rows go through the store's own exporter (chat prompts: conversational format;
-    raw prompts: plain strings, as served). Its kept ties and both-bad rows carry a `label`
-    that DPO's loss cannot read, so only preferences are trained on. File rows are
-    conversational: a string prompt is one user message, a string response one assistant
-    message. With `honour_weight`, the rows' `weight` column (a file row without one
-    weighs 1) comes along for the trainer to draw by (weighting.py).
+    raw prompts: plain strings, as served). File rows are conversational: a string prompt is
+    one user message, a string response one assistant message; a file row with a `label`
+    other than "preference" is left out. With `honour_weight`, the rows' `weight` column (a
+    file row without one weighs 1) comes along for the trainer to draw by (weighting.py).
     """
     from datasets import Dataset
 
@@ -174,10 +181,9 @@ def to_dpo_dataset(data: PreferenceData, tie_policy: str, both_bad_policy: str, 
         from tuneloop.store.read import to_trl_dataset
 
         try:
-            dataset = to_trl_dataset(rows, tie_policy, both_bad_policy)  # type: ignore[arg-type]
+            dataset = to_trl_dataset(rows, "drop", "drop")
         except ValueError as err:
             raise ConfigError(f"preferences: {err}") from None
-        dataset = dataset.filter(lambda r: r["label"] == "preference")
         dataset = dataset.select_columns(["prompt", "chosen", "rejected"] + (["weight"] if honour_weight else []))
     else:
         records = rows.to_dict("records")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tuneloop.common.registry import Registry, RegistrySettings
-from tuneloop.trainer.config import ConfigError, LoraParams, TrainParams
+from tuneloop.trainer.config import ConfigError, DeviceParams, LoraParams
 from tuneloop.trainer.distributed import ddp_backend, world_size
 
 if TYPE_CHECKING:
@@ -123,19 +123,21 @@ _SHARED = (
 )
 
 
-def trl_args(cls: type, params: TrainParams, output_dir: Path, **specific: Any) -> Any:
-    """A TRL config (`cls`) from our params, the stage's own fields, then `trl_args` on top."""
+def trl_args(cls: type, params: DeviceParams, output_dir: Path, **specific: Any) -> Any:
+    """A TRL config (`cls`) from our params (those of `_SHARED` the params have), the stage's
+    own fields, then `trl_args` on top."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params.trl_args) - known)
     if unknown:
         raise ConfigError(f"trl_args: {cls.__name__} has no field(s) {unknown}")
-    kwargs: dict[str, Any] = {name: getattr(params, name) for name in _SHARED}
+    fields = type(params).model_fields
+    kwargs: dict[str, Any] = {name: getattr(params, name) for name in _SHARED if name in fields}
     kwargs.update(
         output_dir=str(output_dir / CHECKPOINTS_DIR),
         save_strategy="steps",
         report_to=[],
         disable_tqdm=True,
-        data_seed=params.seed,
+        data_seed=kwargs.get("seed"),
         dataloader_num_workers=0,
         use_cpu=not _has_gpu(),
     )

@@ -41,18 +41,24 @@ from transformers import GenerationConfig
 from tuneloop.trainer import ppo_math as pm
 from tuneloop.trainer.config import ConfigError, MetricsParams, PPOParams, PPOStageConfig
 from tuneloop.trainer.distributed import world_size
-from tuneloop.trainer.data import prompt_rows
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
-    FINAL_DIR,
     load_policy,
     load_tokenizer,
     lora_config,
     resolve,
     save_final,
 )
-from tuneloop.trainer.rewards import RewardFunc, reward_function
-from tuneloop.trainer.stages import Observers, StageResult, checkpoint_to_resume
+from tuneloop.trainer.rewards import RewardFunc
+from tuneloop.trainer.stages import (
+    Observers,
+    StageData,
+    StageResult,
+    StageRun,
+    checkpoint_to_resume,
+    conclude,
+    online_rl_data,
+)
 
 log = logging.getLogger(__name__)
 
@@ -560,49 +566,38 @@ class PPOTrainer:
                 break
             if self.step % self.params.save_steps == 0 and self.step < self.params.max_steps:
                 self.save_checkpoint()
-        model_dir = save_final(self.policy, self.tokenizer, self.output_dir / FINAL_DIR)
-        # The critic is kept beside the policy so a later PPO run can start from it.
-        torch.save(self.value_head.state_dict(), self.output_dir / VALUE_HEAD_FILE)
-        result = StageResult(
-            stage="ppo",
-            model_dir=str(model_dir),
+
+        def save(model_dir: Path) -> None:
+            save_final(self.policy, self.tokenizer, model_dir)
+            # The critic is kept beside the policy so a later PPO run can start from it.
+            torch.save(self.value_head.state_dict(), self.output_dir / VALUE_HEAD_FILE)
+
+        return conclude(
+            "ppo",
+            self.output_dir,
+            self.observers,
+            save,
             steps=self.step,
             train_loss=sum(losses) / len(losses) if losses else None,
-            seconds=round(time.monotonic() - started, 2),
-            resumed_from=str(checkpoint) if checkpoint else None,
-            watch_flags=watch.flags,
+            started=started,
+            checkpoint=checkpoint,
         )
-        result.write(self.output_dir)
-        self.sink.finished()
-        return result
 
 
-def run_ppo_on(
-    params: PPOParams,
-    model_ref: str,
-    prompts: list[Any],
-    reward: RewardFunc,
-    output_dir: Path,
-    *,
-    registry_root: Path | None = None,
-    metrics: MetricsParams | None = None,
-    resume: bool = False,
-    criteria: Path | None = None,
-) -> StageResult:
-    trainer = PPOTrainer(params, model_ref, prompts, reward, output_dir, registry_root=registry_root, metrics=metrics,
-                         criteria=criteria)
-    return trainer.train(resume=resume)
+def run_ppo_on(params: PPOParams, data: StageData, run: StageRun) -> StageResult:
+    """PPO of `run.model` on `data`'s prompts, rewarded by `data.reward`."""
+    trainer = PPOTrainer(
+        params,
+        run.model,
+        data.prompt_set("ppo"),
+        data.reward_func("ppo"),
+        run.output_dir,
+        registry_root=run.registry_root,
+        metrics=run.metrics,
+        criteria=run.criteria,
+    )
+    return trainer.train(resume=run.resume)
 
 
 def run_ppo(config: PPOStageConfig, *, resume: bool = False) -> StageResult:
-    return run_ppo_on(
-        config,
-        config.model,
-        prompt_rows(config.prompts),
-        reward_function(config.reward, config.registry_root),
-        config.output_dir,
-        registry_root=config.registry_root,
-        metrics=config.metrics,
-        resume=resume,
-    )
-
+    return run_ppo_on(config, online_rl_data(config), StageRun.of(config, resume))

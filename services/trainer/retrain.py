@@ -37,17 +37,20 @@ import shutil
 import subprocess
 import time
 import uuid
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, WithJsonSchema
 
-from tuneloop.common.durable import file_sha256
+from tuneloop.common.durable import file_sha256, write_atomic
 from tuneloop.common.registry import Registry
+from tuneloop.trainer import algorithms
 from tuneloop.trainer import criteria as cr
 from tuneloop.trainer import selection
+from tuneloop.trainer.algorithms import PolicyAlgorithm
 from tuneloop.trainer.config import (
     ConfigError,
     DPOParams,
@@ -58,14 +61,14 @@ from tuneloop.trainer.config import (
     Strict,
     TrainerSettings,
     build,
-    format_errors,
 )
-from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset, unique_prompts
+from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset
 from tuneloop.trainer.distributed import launch_command, world_size
 from tuneloop.trainer.jobs import JOB_NAME_ENV, record_promoted_version
 from tuneloop.trainer.modeling import FINAL_DIR, registry
 from tuneloop.trainer.report import write_report
-from tuneloop.trainer.stages import STAGE_FILE, StageResult
+from tuneloop.trainer.reward_stage import RewardModelParams, RewardStageConfig
+from tuneloop.trainer.stages import STAGE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +80,9 @@ CANDIDATES_DIR = "candidates"  # checkpoints made plain model folders (selection
 # How often a node other than 0 looks at the run's state for a training stage to join.
 FOLLOW_POLL_S = 1.0
 
-# RewardStageConfig fields the pipeline fills in itself.
-_REWARD_OWNED = ("dataset_path", "store_root", "snapshot", "registry_root", "name", "honour_weight")
+# RewardStageConfig fields the pipeline fills in itself: its data (the run's pinned snapshot),
+# the registry and name, honour_weight (preferences'). `reward_model` cannot hold them.
+_REWARD_OWNED = tuple(f for f in RewardStageConfig.model_fields if f not in RewardModelParams.model_fields)
 
 Status = Literal["running", "promoted", "refused", "failed"]
 
@@ -108,13 +112,15 @@ class RetrainConfig(Strict):
     runs_dir: Path | None = Field(None, description="Where run folders go; default TUNELOOP_TRAINER_RUNS_DIR.")
     preferences: PreferenceSource = Field(description="Preference store (or file) to snapshot and train on.")
     criteria: Path = Field(description="Success criteria file, declared for this run (copied and hashed at start).")
-    algorithm: Literal["dpo", "ppo", "rloo", "grpo"] = Field("dpo", description="Policy training algorithm.")
+    algorithm: PolicyAlgorithm = Field("dpo", description="Policy training algorithm (its section holds its params).")
     dpo: DPOParams = Field(default_factory=DPOParams, description="DPO parameters (algorithm: dpo).")
     ppo: PPOParams = Field(default_factory=PPOParams, description="PPO parameters (algorithm: ppo).")
     rloo: OnlineRLParams = Field(default_factory=OnlineRLParams, description="RLOO parameters (algorithm: rloo).")
     grpo: OnlineRLParams = Field(default_factory=OnlineRLParams, description="GRPO parameters (algorithm: grpo).")
     gates: GateParams = Field(default_factory=GateParams, description="Data and annotation-quality gates.")
-    reward_model: dict[str, Any] | None = Field(
+    # The chart's schema spells this out from RewardStageConfig less _REWARD_OWNED
+    # (scripts/gen_chart_schema.py), so here it is an object.
+    reward_model: Annotated[RewardModelParams, WithJsonSchema({"type": "object"})] | None = Field(
         None,
         description="Retrain the reward model first: RewardStageConfig fields (base_model defaults to "
         "<reward_name>@production); data, snapshot and registry come from this config. Unset: skip.",
@@ -139,22 +145,11 @@ class RetrainConfig(Strict):
         "stage keeps save_total_limit checkpoints, written every save_steps.",
     )
 
-    @model_validator(mode="after")
-    def _reward_stage_valid(self) -> RetrainConfig:
-        if self.reward_model is None:
-            return self
-        owned = sorted(set(self.reward_model) & set(_REWARD_OWNED))
-        if owned:
-            raise ValueError(f"reward_model: {owned} are set by the pipeline")
-        from tuneloop.trainer.reward_stage import RewardStageConfig
-
-        try:
-            RewardStageConfig.model_validate(self._reward_stage_fields(Path("."), "pairs@0"))
-        except ValidationError as err:
-            raise ValueError(format_errors(err, prefix="reward_model.")) from None
-        return self
-
-    def _reward_stage_fields(self, run_dir: Path, snapshot: str) -> dict[str, Any]:
+    def reward_stage_config(self, snapshot: str, work_dir: Path) -> RewardStageConfig:
+        """The reward stage's config: `reward_model` plus what the pipeline owns."""
+        params = self.reward_model
+        if params is None:
+            raise ConfigError("reward_model is not set")
         source = self.preferences
         data: dict[str, Any] = (
             {"store_root": source.store_root, "snapshot": snapshot, "tenants": source.tenants,
@@ -162,15 +157,15 @@ class RetrainConfig(Strict):
             if source.store_root is not None
             else {"dataset_path": source.path}
         )
-        return {
-            "base_model": f"{self.reward_name}@production",
+        return build(RewardStageConfig, {
+            **params.model_dump(exclude={"base_model", "work_dir"}),
+            "base_model": params.base_model or f"{self.reward_name}@production",
+            "work_dir": params.work_dir or work_dir,
             "registry_root": self.registry_root,
             "name": self.reward_name,
             "honour_weight": source.honour_weight,
-            "work_dir": run_dir,
             **data,
-            **(self.reward_model or {}),
-        }
+        })
 
     def params(self) -> DPOParams | PPOParams | OnlineRLParams:
         return getattr(self, self.algorithm)
@@ -197,7 +192,7 @@ class Run:
         run_dir = runs_dir(config) / run_id
         run_dir.mkdir(parents=True)
         shutil.copyfile(config.criteria, run_dir / CRITERIA_FILE)
-        (run_dir / CONFIG_FILE).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        write_atomic(run_dir / CONFIG_FILE, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).encode())
         run = cls(
             run_dir,
             config,
@@ -228,9 +223,7 @@ class Run:
         return cls(run_dir, config, state)
 
     def save(self) -> None:
-        tmp = self.dir / f".{STATE_FILE}.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps(self.state, indent=2, default=str))
-        os.replace(tmp, self.dir / STATE_FILE)
+        self.write_json(STATE_FILE, self.state)
 
     def step(self, name: str) -> Any:
         return self.state["steps"].get(name)
@@ -241,7 +234,8 @@ class Run:
         return value
 
     def write_json(self, name: str, value: Any) -> None:
-        (self.dir / name).write_text(json.dumps(value, indent=2, default=str))
+        # A resumed run trusts what it finds: a kill mid-write must leave the old file or the new.
+        write_atomic(self.dir / name, json.dumps(value, indent=2, default=str).encode())
 
     def finish(self, status: Status, reason: str = "", **extra: Any) -> dict[str, Any]:
         self.state.update(status=status, reason=reason, finished_at=datetime.now(UTC).isoformat(), **extra)
@@ -406,13 +400,13 @@ def _finished_stage(run: Run) -> dict[str, Any] | None:
     return None
 
 
-def _train(run: Run, reg: Registry, dataset: Any, reward: Any) -> dict[str, Any]:
+def _train(run: Run, reg: Registry, pairs: Any, reward: Any) -> dict[str, Any]:
     finished = _finished_stage(run)  # finished before a kill hit the state write
     if finished is not None:
         return finished
     settings = TrainerSettings()
     if settings.processes == 1:
-        return _train_here(run, dataset, reward)
+        return _train_here(run, pairs, reward)
     # Each launch is numbered so that the other nodes join each one once (`follow`).
     attempt = run.record("train_launch", int(run.step("train_launch") or 0) + 1)
     command = launch_command(settings, ["retrain-stage", str(run.dir)], job_run_id() or run.state["run_id"])
@@ -434,34 +428,33 @@ def train_stage(run_dir: Path) -> dict[str, Any]:
     run = Run.open(run_dir)
     if run.step("snapshot") is None:
         raise ConfigError(f"{run_dir}: the run has no pinned snapshot yet; retrain starts its training stage")
-    reg = registry(run.config.registry_root)
-    prefs = run.config.preferences
-    dataset = to_dpo_dataset(_load_data(run), prefs.tie_policy, prefs.both_bad_policy, prefs.honour_weight)
-    reward = None if run.config.algorithm == "dpo" else _reward_func(run, reg)
-    return _train_here(run, dataset, reward)
+    needs_reward = algorithms.get(run.config.algorithm).needs_reward
+    reward = _reward_func(run, registry(run.config.registry_root)) if needs_reward else None
+    return _train_here(run, _preference_pairs(run, _load_data(run)), reward)
 
 
-def _train_here(run: Run, dataset: Any, reward: Any) -> dict[str, Any]:
-    from tuneloop.trainer import stages
+def _preference_pairs(run: Run, data: PreferenceData) -> Any:
+    return to_dpo_dataset(data, run.config.preferences.honour_weight)
 
-    config, out = run.config, run.dir / TRAIN_DIR
+
+def _train_here(run: Run, pairs: Any, reward: Any) -> dict[str, Any]:
+    from tuneloop.trainer.stages import StageData, StageRun
+
+    config = run.config
+    algorithm = algorithms.get(config.algorithm)
+    if algorithm.needs_reward and reward is None:
+        raise ConfigError(f"{config.algorithm} needs rewards: set reward_target or register {config.reward_name}@production")
     metrics = config.metrics.model_copy(update={"run_label": config.metrics.run_label or run.state["run_id"]})
-    parent = run.state["parent"]
-    common = {"registry_root": config.registry_root, "metrics": metrics, "resume": True, "criteria": run.dir / CRITERIA_FILE}
-    result: StageResult
-    if config.algorithm == "dpo":
-        result = stages.run_dpo_on(config.dpo, parent, dataset, out, **common)
-    else:
-        if reward is None:
-            raise ConfigError(f"{config.algorithm} needs rewards: set reward_target or register {config.reward_name}@production")
-        prompts = unique_prompts(dataset)
-        if config.algorithm == "ppo":
-            from tuneloop.trainer.ppo import run_ppo_on
-
-            result = run_ppo_on(config.ppo, parent, prompts, reward, out, **common)
-        else:
-            result = stages.run_online_rl_on(config.algorithm, config.params(), parent, prompts, reward, out, **common)  # type: ignore[arg-type]
-    return result.__dict__
+    where = StageRun(
+        model=run.state["parent"],
+        output_dir=run.dir / TRAIN_DIR,
+        registry_root=config.registry_root,
+        metrics=metrics,
+        resume=True,
+        criteria=run.dir / CRITERIA_FILE,
+    )
+    assert algorithm.train is not None  # RetrainConfig.algorithm names policy algorithms only
+    return algorithm.train(config.params(), StageData(preferences=pairs, reward=reward), where).to_json()
 
 
 def _evaluate_candidates(run: Run, criteria: cr.Criteria, reward: Any, parent_dir: Path) -> None:
@@ -540,26 +533,16 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
     gates = run.step("gates") or run.record("gates", check_gates(config, data, parent_card))
     if not gates["passed"]:
         return run.finish("refused", f"gates: {gates['reason']}")
-    prefs = config.preferences
-    dataset = to_dpo_dataset(data, prefs.tie_policy, prefs.both_bad_policy, prefs.honour_weight)
+    pairs = _preference_pairs(run, data)
 
     if config.reward_model is not None and run.step("reward_model") is None:
-        from tuneloop.trainer.reward_stage import RewardStageConfig, run as run_reward_stage
-
-        fields = config._reward_stage_fields(run.dir / "reward", data.source)
-        (run.dir / "reward").mkdir(exist_ok=True)
-        previous = reg.current(config.reward_name) if config.reward_name in reg.names() else None
-        result = run_reward_stage(build(RewardStageConfig, fields))
-        run.record("reward_model", {k: result[k] for k in ("ref", "version", "promoted", "refused_reason")} | {"metrics": result["metrics"]})
-        if result["promoted"] and reg.on_event is not None:
-            # The stage moves the alias through a registry of its own, without our listener:
-            # announce it here so the Reward service swaps on the event, not the next poll.
-            try:
-                reg.on_event("promoted", config.reward_name, result["version"], "production", previous)
-            except Exception:  # noqa: BLE001 - as the registry does: a lost event delays a swap, never fails a run
-                log.exception("publishing the reward model's promotion failed")
+        # Trained on the data read above, and registered (and promoted) through `reg`, whose
+        # listener publishes the model events the Reward service follows (alias_follower).
+        stage = config.reward_stage_config(data.source, run.dir / "reward")
+        result = algorithms.get("reward").run(stage, data=data, registry=reg)
+        run.record("reward_model", asdict(result.registered))
     reward_stage = run.step("reward_model")
-    if reward_stage and not reward_stage["promoted"] and config.algorithm != "dpo":
+    if reward_stage and not reward_stage["promoted"] and algorithms.get(config.algorithm).needs_reward:
         return run.finish("refused", f"reward model {reward_stage['ref']} failed its gate: {reward_stage['refused_reason']}")
 
     reward = _reward_func(run, reg)
@@ -568,7 +551,7 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
         run.record("eval_before", "eval_before.json")
 
     if run.step("train") is None:
-        run.record("train", _train(run, reg, dataset, reward))
+        run.record("train", _train(run, reg, pairs, reward))
     if run.step("eval_after") is None:
         if config.select_checkpoints > 1:
             _evaluate_candidates(run, criteria, reward, parent_dir)
@@ -678,10 +661,11 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
     opened = Run.open(Path(resume)) if resume is not None else None
     run_config = opened.config if opened is not None else config
     assert run_config is not None
-    if settings.processes > 1 and run_config.algorithm == "ppo":
+    if settings.processes > 1 and not algorithms.get(run_config.algorithm).data_parallel:
+        parallel = ", ".join(a.name for a in algorithms.policy_algorithms() if a.data_parallel)
         raise ConfigError(
-            f"algorithm ppo trains in one process (its loop is not data-parallel); TUNELOOP_TRAINER_PROCESSES_PER_NODE "
-            f"x _NODES is {settings.processes}: use dpo, rloo or grpo, or one process"
+            f"algorithm {run_config.algorithm} trains in one process (its loop is not data-parallel); "
+            f"TUNELOOP_TRAINER_PROCESSES_PER_NODE x _NODES is {settings.processes}: use {parallel}, or one process"
         )
     if settings.node_rank > 0:
         return follow(run_config, settings)

@@ -18,6 +18,13 @@ special tokens) never applies.
 
 A `weight` column (the store's per-row weight) sets how often each pair is drawn
 (`honour_weight`, weighting.py); both orders of a symmetric tie take their row's weight.
+
+Rows are read by `data.load_preferences`, as every stage reads them (retrain hands over the
+snapshot it pinned instead). Training takes the other stages' device choices (`DeviceParams`:
+bf16, activation checkpointing, optimizer, `trl_args`) and LoRA: with `lora.enabled` the
+adapters train and the new scalar head trains in full (peft keeps a sequence classifier's
+head trainable), and the adapters are merged before the model is registered, so the
+Reward service loads a plain model.
 """
 
 from __future__ import annotations
@@ -31,25 +38,58 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tuneloop.common import reward_format as rf
-from tuneloop.common.registry import Registry, RegistrySettings
-from tuneloop.trainer.distributed import on_main
+from tuneloop.trainer.config import DeviceParams, PreferenceSource
+from tuneloop.trainer.distributed import check_ranks_agree, on_main, world_size
 from tuneloop.trainer.weighting import check_weights, weighted
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from tuneloop.common.registry import Registry
+    from tuneloop.trainer.data import PreferenceData
+    from tuneloop.trainer.stages import StageResult
 
 log = logging.getLogger(__name__)
 
 Rule = Literal["drop", "symmetric"]
 
 
-class RewardStageConfig(BaseModel):
-    """Configuration of one reward-model training run (YAML keys are the field names)."""
+class RewardParams(DeviceParams):
+    """How the reward model trains and is judged: the `reward` stage's fields but its data,
+    backbone and registry name."""
 
-    model_config = ConfigDict(extra="forbid")
+    alias: str = Field("production", description="Alias moved to the new version when the gate passes.")
+    promote: bool = Field(True, description="Move the alias when the gate passes (False: register only).")
+    work_dir: Path | None = Field(None, description="Scratch folder for the trainer; default a temporary one.")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts held out for the gate.")
+    seed: int = Field(0, ge=0, description="Seed of the prompt split, the head's init and data order.")
+    ties: Rule = Field("drop", description="How ties enter training: 'drop' or 'symmetric' (both orders).")
+    both_bad: Rule = Field("drop", description="How both-bad pairs enter training: 'drop' or 'symmetric'.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means use epochs.")
+    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
+    batch_size: int = Field(8, ge=1, le=1024, description="Preference pairs per optimizer step (per process).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    max_length: int = Field(512, ge=8, description="Longest encoded pair trained on; longer pairs are dropped.")
+    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring held-out rows.")
+    min_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy needed to promote.")
+    min_eval_pairs: int = Field(20, ge=1, description="Fewest held-out preference pairs the gate will judge on.")
+
+
+class RewardModelParams(RewardParams):
+    """retrain's `reward_model`: the reward stage's fields but those the pipeline sets itself
+    (its data, the registry and name, honour_weight); an unknown one fails the config."""
+
+    base_model: str | None = Field(
+        None, description="Backbone (registry ref or folder); unset: <reward_name>@production, the one served."
+    )
+
+
+class RewardStageConfig(RewardParams):
+    """Configuration of one reward-model training run (YAML keys are the field names)."""
 
     base_model: str = Field(
         description="Backbone: a registry ref (reward@production, policy@v0002) or a model folder. "
@@ -76,27 +116,11 @@ class RewardStageConfig(BaseModel):
         None, description="Registry root; default from TUNELOOP_REGISTRY_ROOT (RegistrySettings)."
     )
     name: str = Field("reward", description="Registry name the trained model is registered under.")
-    alias: str = Field("production", description="Alias moved to the new version when the gate passes.")
-    promote: bool = Field(True, description="Move the alias when the gate passes (False: register only).")
-    work_dir: Path | None = Field(None, description="Scratch folder for the trainer; default a temporary one.")
-    eval_fraction: float = Field(0.2, gt=0, lt=1, description="Share of prompts held out for the gate.")
-    seed: int = Field(0, ge=0, description="Seed of the prompt split, the head's init and data order.")
-    ties: Rule = Field("drop", description="How ties enter training: 'drop' or 'symmetric' (both orders).")
-    both_bad: Rule = Field("drop", description="How both-bad pairs enter training: 'drop' or 'symmetric'.")
     honour_weight: bool = Field(
         True,
         description="Draw pairs in proportion to their rows' `weight` column (TRL has no per-row loss weight); "
         "a row of weight 0 is never drawn. False, or no such column: every pair counts alike.",
     )
-    epochs: float = Field(1.0, gt=0, description="Passes over the training pairs (ignored when max_steps > 0).")
-    max_steps: int = Field(-1, ge=-1, description="Optimizer steps; -1 means use epochs.")
-    learning_rate: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
-    batch_size: int = Field(8, ge=1, le=1024, description="Preference pairs per optimizer step.")
-    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
-    max_length: int = Field(512, ge=8, description="Longest encoded pair trained on; longer pairs are dropped.")
-    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward pass when scoring held-out rows.")
-    min_accuracy: float = Field(0.6, ge=0, le=1, description="Held-out pairwise accuracy needed to promote.")
-    min_eval_pairs: int = Field(20, ge=1, description="Fewest held-out preference pairs the gate will judge on.")
 
     @field_validator("store_root", mode="before")
     @classmethod
@@ -113,33 +137,19 @@ class RewardStageConfig(BaseModel):
             raise ValueError("tenants: name the tenants whose preferences the reward model may use")
         return self
 
+    def preferences(self) -> PreferenceSource:
+        """Its data as the other stages name theirs (read by data.load_preferences)."""
+        return PreferenceSource(
+            store_root=self.store_root,
+            snapshot=self.snapshot or "latest",
+            path=self.dataset_path,
+            tenants=self.tenants,
+            max_tenant_share=self.max_tenant_share,
+            honour_weight=self.honour_weight,
+        )
+
 
 # ---- data --------------------------------------------------------------------------------
-
-
-def load_rows(config: RewardStageConfig) -> tuple[pd.DataFrame, dict[str, dict[int, int]], str]:
-    """Preference rows, the Kafka offsets they end at ({} for a file), and where they came from."""
-    import pandas as pd
-
-    if config.store_root is not None:
-        from tuneloop.store import read
-
-        if config.snapshot is None:
-            snap = read.current_snapshot(config.store_root)
-        else:
-            snap = read.snapshot_at(config.store_root, read.parse_snapshot(config.snapshot))
-        rows = read.rows_for_training(read.load_rows(config.store_root, snap.version), config.tenants,
-                                      config.max_tenant_share)
-        return rows, snap.offsets, snap.id
-    path = Path(config.dataset_path)
-    if path.is_dir():
-        from datasets import load_from_disk
-
-        return load_from_disk(str(path)).to_pandas(), {}, str(path)
-    readers = {".parquet": pd.read_parquet, ".jsonl": lambda p: pd.read_json(p, lines=True), ".csv": pd.read_csv}
-    if path.suffix not in readers:
-        raise ValueError(f"{path}: expected .parquet, .jsonl, .csv or a save_to_disk folder")
-    return readers[path.suffix](path), {}, str(path)
 
 
 def split_by_prompt(rows: pd.DataFrame, eval_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -188,7 +198,7 @@ def weighted_training_pairs(
 # ---- the stage ---------------------------------------------------------------------------
 
 
-def _gate(config: RewardStageConfig, heldout: dict[str, Any]) -> str | None:
+def _gate(config: RewardParams, heldout: dict[str, Any]) -> str | None:
     """Why the model may not be promoted, or None when it may."""
     if heldout["pairs"] < config.min_eval_pairs:
         return (
@@ -199,24 +209,33 @@ def _gate(config: RewardStageConfig, heldout: dict[str, Any]) -> str | None:
     return None
 
 
-def run(config: RewardStageConfig) -> dict[str, Any]:
+def run(
+    config: RewardStageConfig, *, data: PreferenceData | None = None, registry: Registry | None = None
+) -> StageResult:
     """Train, evaluate on held-out prompts, register; promote only if the gate passes.
 
-    Returns {"ref", "version", "promoted", "refused_reason", "metrics"}; the same metrics
-    and the gate's verdict are in the registered version's card.
+    `data`: the config's preferences when the caller has read them already (retrain's pinned
+    snapshot); `registry`: the registry to write to (retrain's publishes model events). The
+    result's `registered` holds the version, the gate's verdict and the metrics, as in the
+    version's card.
     """
     import torch
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
-    started = time.monotonic()
-    registry = Registry(config.registry_root or RegistrySettings().root)
-    base_folder = registry.resolve(config.base_model)
-    parent = registry.card(config.base_model).ref if "@" in config.base_model else None
+    from tuneloop.trainer.data import load_preferences
+    from tuneloop.trainer.modeling import lora_config, registry as open_registry, save_final, trl_args
+    from tuneloop.trainer.stages import Registration, StageResult
 
-    raw, offsets, source = load_rows(config)
-    rows = rf.prepare_rows(raw)
+    started = time.monotonic()
+    reg = registry or open_registry(config.registry_root)
+    base_folder = reg.resolve(config.base_model)
+    parent = reg.card(config.base_model).ref if "@" in config.base_model else None
+
+    if data is None:
+        data = load_preferences(config.preferences())
+    rows = rf.prepare_rows(data.rows)
     train_rows, eval_rows = split_by_prompt(rows, config.eval_fraction, config.seed)
 
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
@@ -246,37 +265,35 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
     if config.work_dir is not None:
         config.work_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reward-stage-", dir=config.work_dir) as scratch:
-        args = RewardConfig(
-            output_dir=str(Path(scratch) / "trainer"),
+        args = trl_args(
+            RewardConfig,
+            config,
+            Path(scratch),
             per_device_train_batch_size=config.batch_size,
             num_train_epochs=config.epochs,
-            max_steps=config.max_steps,
-            learning_rate=config.learning_rate,
             warmup_steps=config.warmup_ratio,  # a float below 1 is a share of the steps
-            seed=config.seed,
-            data_seed=config.seed,
             max_length=None,  # filtered above, with the count reported
-            # CPU-safe: TRL defaults to bf16, gradient checkpointing and a fused optimizer.
-            bf16=False,
-            gradient_checkpointing=False,
-            optim="adamw_torch",
-            save_strategy="no",
+            save_strategy="no",  # one short run; its result is registered, not resumed
             eval_strategy="no",
-            report_to="none",
             logging_steps=10,
-            dataloader_num_workers=0,
             dataloader_pin_memory=False,
-            disable_tqdm=True,
         )
-        trainer = weighted(RewardTrainer)(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer = weighted(RewardTrainer)(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=lora_config(config.lora, task_type="SEQ_CLS"),  # the new head trains in full
+        )
         train_out = trainer.train()
         model = trainer.model
         model.eval()
+        digest = check_ranks_agree(model)
         after = rf.pairwise_accuracy(eval_rows, scorer(model), config.eval_batch_size)
 
         refused = _gate(config, after)
         metrics = {
-            "data": source,
+            "data": data.source,
             "heldout": after,
             "heldout_before": before,
             "train_loss": float(train_out.training_loss),
@@ -293,37 +310,40 @@ def run(config: RewardStageConfig) -> dict[str, Any]:
             },
             "stage_seconds": round(time.monotonic() - started, 1),
         }
-        out = Path(scratch) / "model"
-        trainer.save_model(str(out))  # the main process writes (TrainingArguments.should_save)
         promoted = refused is None and config.promote
 
-        def register_and_promote() -> tuple[str, str]:
-            card = registry.register(
+        def save_and_register() -> Registration:
+            # LoRA adapters are merged: the Reward service loads a plain model.
+            out = save_final(model, tokenizer, Path(scratch) / "model")
+            card = reg.register(
                 config.name,
                 out,
                 kind="reward",
                 parent=parent,
-                dataset_snapshot=offsets,
+                dataset_snapshot=data.offsets,
                 training_config=config.model_dump(mode="json"),
                 metrics=metrics,
                 description=f"Bradley–Terry reward model trained from {config.base_model}",
                 move=True,
             )
             if promoted:
-                registry.promote(config.name, card.version, config.alias)
-            return card.ref, card.version
+                reg.promote(config.name, card.version, config.alias)
+            return Registration(card.ref, card.version, promoted, refused, metrics)
 
         # Under several processes one version is registered (and promoted), by the main one.
-        ref, version = on_main(register_and_promote)
+        registered = on_main(save_and_register)
     if promoted:
-        log.info("reward model promoted", extra={"fields": {"ref": ref, "accuracy": after["accuracy"]}})
+        log.info("reward model promoted", extra={"fields": {"ref": registered.ref, "accuracy": after["accuracy"]}})
     else:
-        log.warning("reward model not promoted", extra={"fields": {"ref": ref, "reason": refused}})
-    return {
-        "ref": ref,
-        "version": version,
-        "promoted": promoted,
-        "refused_reason": refused,
-        "metrics": metrics,
-    }
-
+        log.warning("reward model not promoted", extra={"fields": {"ref": registered.ref, "reason": refused}})
+    return StageResult(
+        stage="reward",
+        model_dir=str(reg.resolve(registered.ref)),
+        steps=int(train_out.global_step),
+        train_loss=float(train_out.training_loss),
+        seconds=round(time.monotonic() - started, 2),
+        resumed_from=None,
+        processes=world_size(),
+        weights_sha256=digest,
+        registered=registered,
+    )

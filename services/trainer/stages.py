@@ -1,6 +1,9 @@
-"""The TRL-backed stages: SFT, DPO, and RLOO/GRPO.
+"""The TRL-backed stages: SFT, DPO, and RLOO/GRPO, and what every stage shares.
 
-Each stage trains in `output_dir/checkpoints/` (HF Trainer checkpoints, resumable), logs
+A policy algorithm trains `StageRun.model` on `StageData` (pairs, or prompts and a reward
+function) into `StageRun.output_dir`; its stage config (`tuneloop train NAME`) and retrain's
+pipeline both build those two and call the same function (algorithms.py names them). Each
+stage trains in `output_dir/checkpoints/` (HF Trainer checkpoints, resumable), logs
 every step to `output_dir/metrics.jsonl` and the trainer gauges, and writes the final
 model to `output_dir/model/` in one rename; `output_dir/stage.json` says it finished.
 """
@@ -10,10 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
+from tuneloop.common.durable import write_atomic
 from tuneloop.trainer.config import (
     ConfigError,
     DPOParams,
@@ -21,10 +27,12 @@ from tuneloop.trainer.config import (
     MetricsParams,
     OnlineRLParams,
     OnlineRLStageConfig,
+    PPOStageConfig,
     SFTStageConfig,
+    StageBase,
     TrainParams,
 )
-from tuneloop.trainer.data import prompt_dataset, prompt_rows, sft_dataset
+from tuneloop.trainer.data import Messages, prompt_dataset, prompt_rows, sft_dataset, unique_prompts
 from tuneloop.trainer.distributed import barrier, check_ranks_agree, is_main_process, world_size
 from tuneloop.trainer.metrics import MetricsCallback, StepMetrics
 from tuneloop.trainer.modeling import (
@@ -48,7 +56,20 @@ STAGE_FILE = "stage.json"
 
 
 @dataclass
+class Registration:
+    """The model version a stage registered itself (the reward stage) and its gate's verdict."""
+
+    ref: str
+    version: str
+    promoted: bool
+    refused_reason: str | None  # why the gate kept it from its alias; None when it passed
+    metrics: dict[str, Any]  # as in the version's card
+
+
+@dataclass
 class StageResult:
+    """What every stage returns: written as stage.json, printed by `tuneloop train`."""
+
     stage: str
     model_dir: str
     steps: int
@@ -58,9 +79,56 @@ class StageResult:
     watch_flags: list[dict[str, Any]] = field(default_factory=list)
     processes: int = 1  # data-parallel training processes (torchrun / accelerate launch)
     weights_sha256: str | None = None  # of the trained weights, the same in every process
+    registered: Registration | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
     def write(self, output_dir: Path) -> None:
-        (output_dir / STAGE_FILE).write_text(json.dumps(asdict(self), indent=2))
+        # retrain takes a stage.json as a finished stage: a torn one must never appear.
+        write_atomic(output_dir / STAGE_FILE, json.dumps(self.to_json(), indent=2).encode())
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """Where a stage starts and writes, and what watches it."""
+
+    model: str  # the starting policy: a folder or a registry ref
+    output_dir: Path
+    registry_root: Path | None = None
+    metrics: MetricsParams | None = None
+    resume: bool = False
+    # Makes the hacking watch's eval metric unless the params' watch.criteria names another.
+    criteria: Path | None = None
+
+    @classmethod
+    def of(cls, config: StageBase, resume: bool) -> StageRun:
+        return cls(config.model, config.output_dir, config.registry_root, config.metrics, resume)
+
+
+@dataclass(frozen=True)
+class StageData:
+    """What a policy algorithm trains on: preference pairs (DPO), or prompts and a reward
+    function (online RL)."""
+
+    preferences: Any = None  # a TRL preference dataset (prompt/chosen/rejected[/weight])
+    prompts: list[Messages] | None = None  # unset: the preference pairs' distinct prompts
+    reward: RewardFunc | None = None
+
+    def pairs(self, stage: str) -> Any:
+        if self.preferences is None:
+            raise ConfigError(f"{stage} trains on preference pairs; none were given")
+        return self.preferences
+
+    def prompt_set(self, stage: str) -> list[Any]:
+        if self.prompts is not None:
+            return self.prompts
+        return unique_prompts(self.pairs(stage))
+
+    def reward_func(self, stage: str) -> RewardFunc:
+        if self.reward is None:
+            raise ConfigError(f"{stage} needs a reward function (a reward model or the Reward service)")
+        return self.reward
 
 
 def checkpoint_to_resume(output_dir: Path, resume: bool) -> Path | None:
@@ -92,40 +160,34 @@ class Observers:
         return [MetricsCallback(self.sink), self.watch]
 
 
-def _train(
+def conclude(
     stage: str,
-    trainer: Any,
-    tokenizer: Any,
     output_dir: Path,
-    resume: bool,
     observers: Observers,
+    save: Callable[[Path], None],
+    *,
+    steps: int,
+    train_loss: float | None,
+    started: float,
+    checkpoint: Path | None,
+    weights_sha256: str | None = None,
 ) -> StageResult:
-    from transformers import PrinterCallback
-
-    # Steps are logged as JSON by MetricsCallback; the printer would repeat them as Python dicts.
-    trainer.remove_callback(PrinterCallback)
-    started = time.monotonic()
-    checkpoint = checkpoint_to_resume(output_dir, resume)
-    if checkpoint is not None:
-        log.info("resuming %s from %s", stage, checkpoint)
-    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    # Sharded training (FSDP, DeepSpeed ZeRO) holds different parts in each process by design.
-    sharded = bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
-    digest = None if sharded else check_ranks_agree(trainer.model)
+    """A trained stage's result: the main process saves the model (`save(model_dir)`), then
+    stage.json and the final gauges; every process returns once that is written."""
     model_dir = output_dir / FINAL_DIR
     result = StageResult(
         stage=stage,
         model_dir=str(model_dir),
-        steps=int(out.global_step),
-        train_loss=float(out.training_loss) if out.training_loss is not None else None,
+        steps=steps,
+        train_loss=train_loss,
         seconds=round(time.monotonic() - started, 2),
         resumed_from=str(checkpoint) if checkpoint else None,
         watch_flags=observers.watch.flags,
         processes=world_size(),
-        weights_sha256=digest,
+        weights_sha256=weights_sha256,
     )
     if is_main_process():
-        save_final(trainer.model, tokenizer, model_dir)
+        save(model_dir)
         result.write(output_dir)
         observers.sink.finished()
     # No process returns (and goes on to read model/) before the main one has written it.
@@ -133,21 +195,69 @@ def _train(
     return result
 
 
-def _setup(params: TrainParams, model_ref: str, output_dir: Path, registry_root: Path | None) -> tuple[Any, Any, Path]:
+def _train(
+    stage: str,
+    trainer: Any,
+    tokenizer: Any,
+    run: StageRun,
+    observers: Observers,
+) -> StageResult:
+    from transformers import PrinterCallback
+
+    # Steps are logged as JSON by MetricsCallback; the printer would repeat them as Python dicts.
+    trainer.remove_callback(PrinterCallback)
+    started = time.monotonic()
+    checkpoint = checkpoint_to_resume(run.output_dir, run.resume)
+    if checkpoint is not None:
+        log.info("resuming %s from %s", stage, checkpoint)
+    out = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    # Sharded training (FSDP, DeepSpeed ZeRO) holds different parts in each process by design.
+    sharded = bool(getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False))
+    return conclude(
+        stage,
+        run.output_dir,
+        observers,
+        lambda model_dir: save_final(trainer.model, tokenizer, model_dir),
+        steps=int(out.global_step),
+        train_loss=float(out.training_loss) if out.training_loss is not None else None,
+        started=started,
+        checkpoint=checkpoint,
+        weights_sha256=None if sharded else check_ranks_agree(trainer.model),
+    )
+
+
+def _setup(params: TrainParams, run: StageRun, stage: str) -> tuple[Any, Any, Path, Observers]:
     from transformers import set_seed
 
     set_seed(params.seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = resolve(model_ref, registry_root)
-    return load_policy(path), load_tokenizer(path), path
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    path = resolve(run.model, run.registry_root)
+    observers = Observers(stage, params, path, run.output_dir, run.metrics, run.criteria)
+    return load_policy(path), load_tokenizer(path), path, observers
+
+
+def _trainer(
+    cls: Any, params: TrainParams, model: Any, args: Any, dataset: Any, tokenizer: Any, observers: Observers,
+    **specific: Any,
+) -> Any:
+    """A TRL trainer of the stage's model, data and config, with its LoRA and observers."""
+    return cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=lora_config(params.lora),
+        callbacks=observers.callbacks,
+        **specific,
+    )
 
 
 def run_sft(config: SFTStageConfig, *, resume: bool = False) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
     dataset = sft_dataset(config.data)
-    model, tokenizer, path = _setup(config, config.model, config.output_dir, config.registry_root)
-    observers = Observers("sft", config, path, config.output_dir, config.metrics)
+    run = StageRun.of(config, resume)
+    model, tokenizer, _, observers = _setup(config, run, "sft")
     args = trl_args(
         SFTConfig,
         config,
@@ -156,127 +266,76 @@ def run_sft(config: SFTStageConfig, *, resume: bool = False) -> StageResult:
         completion_only_loss=config.completion_only_loss,
         packing=False,
     )
-    trainer = SFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(config.lora),
-        callbacks=observers.callbacks,
-    )
-    return _train("sft", trainer, tokenizer, config.output_dir, resume, observers)
+    trainer = _trainer(SFTTrainer, config, model, args, dataset, tokenizer, observers)
+    return _train("sft", trainer, tokenizer, run, observers)
 
 
-def run_dpo_on(
-    params: DPOParams,
-    model_ref: str,
-    dataset: Any,
-    output_dir: Path,
-    *,
-    registry_root: Path | None = None,
-    metrics: MetricsParams | None = None,
-    resume: bool = False,
-    criteria: Path | None = None,
-) -> StageResult:
-    """DPO of `model_ref` on a TRL preference dataset (also the retrain pipeline's default);
-    `criteria` makes the hacking watch's eval metric unless `watch.criteria` names another.
-    A `weight` column in `dataset` sets how often each row is drawn (weighting.py)."""
+def run_dpo_on(params: DPOParams, data: StageData, run: StageRun) -> StageResult:
+    """DPO of `run.model` on `data.preferences` (a TRL preference dataset). A `weight` column
+    sets how often each row is drawn (weighting.py)."""
     from trl import DPOConfig, DPOTrainer
 
-    model, tokenizer, path = _setup(params, model_ref, output_dir, registry_root)
-    observers = Observers("dpo", params, path, output_dir, metrics, criteria)
-    ref_model = load_policy(resolve(params.reference, registry_root)) if params.reference else None
+    dataset = data.pairs("dpo")
+    model, tokenizer, _, observers = _setup(params, run, "dpo")
+    ref_model = load_policy(resolve(params.reference, run.registry_root)) if params.reference else None
     loss_type = params.loss_type if isinstance(params.loss_type, list) else [params.loss_type]
     args = trl_args(
         DPOConfig,
         params,
-        output_dir,
+        run.output_dir,
         beta=params.beta,
         loss_type=loss_type,
         label_smoothing=params.label_smoothing,
         max_length=params.max_length,
     )
-    trainer = weighted(DPOTrainer)(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        peft_config=lora_config(params.lora),
-        callbacks=observers.callbacks,
-    )
-    return _train("dpo", trainer, tokenizer, output_dir, resume, observers)
+    trainer = _trainer(weighted(DPOTrainer), params, model, args, dataset, tokenizer, observers, ref_model=ref_model)
+    return _train("dpo", trainer, tokenizer, run, observers)
 
 
 def run_dpo(config: DPOStageConfig, *, resume: bool = False) -> StageResult:
     from tuneloop.trainer.data import load_preferences, to_dpo_dataset
 
-    pref = config.preferences
-    dataset = to_dpo_dataset(load_preferences(pref), pref.tie_policy, pref.both_bad_policy, pref.honour_weight)
-    return run_dpo_on(
-        config,
-        config.model,
-        dataset,
-        config.output_dir,
-        registry_root=config.registry_root,
-        metrics=config.metrics,
-        resume=resume,
-    )
+    dataset = to_dpo_dataset(load_preferences(config.preferences), config.preferences.honour_weight)
+    return run_dpo_on(config, StageData(preferences=dataset), StageRun.of(config, resume))
 
 
 Algorithm = Literal["rloo", "grpo"]
 
 
-def run_online_rl_on(
-    algorithm: Algorithm,
-    params: OnlineRLParams,
-    model_ref: str,
-    prompts: list[Any],
-    reward: RewardFunc,
-    output_dir: Path,
-    *,
-    registry_root: Path | None = None,
-    metrics: MetricsParams | None = None,
-    resume: bool = False,
-    criteria: Path | None = None,
-) -> StageResult:
-    """RLOO or GRPO (TRL) of `model_ref` on `prompts`, rewarded by `reward`."""
+def run_online_rl_on(algorithm: Algorithm, params: OnlineRLParams, data: StageData, run: StageRun) -> StageResult:
+    """RLOO or GRPO (TRL) of `run.model` on `data`'s prompts, rewarded by `data.reward`."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
-    model, tokenizer, path = _setup(params, model_ref, output_dir, registry_root)
-    observers = Observers(algorithm, params, path, output_dir, metrics, criteria)
+    prompts, reward = data.prompt_set(algorithm), data.reward_func(algorithm)
+    model, tokenizer, path, observers = _setup(params, run, algorithm)
     args = trl_args(
         config_cls,
         params,
-        output_dir,
+        run.output_dir,
         beta=params.beta,
         epsilon=params.epsilon,
         num_generations=params.num_generations,
         max_completion_length=params.max_completion_length,
         temperature=params.temperature,
     )
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=reward,
-        args=args,
-        train_dataset=prompt_dataset(prompts),
-        processing_class=load_tokenizer(path, padding_side="left"),
-        peft_config=lora_config(params.lora),
-        callbacks=observers.callbacks,
-    )
-    return _train(algorithm, trainer, tokenizer, output_dir, resume, observers)
+    # Sampling wants left padding; the saved model keeps the tokenizer as loaded.
+    sampling_tokenizer = load_tokenizer(path, padding_side="left")
+    trainer = _trainer(trainer_cls, params, model, args, prompt_dataset(prompts), sampling_tokenizer, observers,
+                       reward_funcs=reward)
+    return _train(algorithm, trainer, tokenizer, run, observers)
+
+
+def online_rl_data(config: OnlineRLStageConfig | PPOStageConfig) -> StageData:
+    """An online RL stage config's prompts file and reward function (RLOO, GRPO and PPO)."""
+    return StageData(prompts=prompt_rows(config.prompts), reward=reward_function(config.reward, config.registry_root))
 
 
 def run_online_rl(algorithm: Algorithm, config: OnlineRLStageConfig, *, resume: bool = False) -> StageResult:
-    return run_online_rl_on(
-        algorithm,
-        config,
-        config.model,
-        prompt_rows(config.prompts),
-        reward_function(config.reward, config.registry_root),
-        config.output_dir,
-        registry_root=config.registry_root,
-        metrics=config.metrics,
-        resume=resume,
-    )
+    return run_online_rl_on(algorithm, config, online_rl_data(config), StageRun.of(config, resume))
+
+
+run_rloo = partial(run_online_rl, "rloo")
+run_grpo = partial(run_online_rl, "grpo")
+run_rloo_on = partial(run_online_rl_on, "rloo")
+run_grpo_on = partial(run_online_rl_on, "grpo")
