@@ -30,7 +30,7 @@ from bench_gateway import broker_at, summary_ms
 from rich.console import Console
 from rich.table import Table
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.gateway.auth import hash_key
 

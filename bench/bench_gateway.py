@@ -30,8 +30,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from tuneloop.common.broker import LocalBroker, install
-from tuneloop.common.models import make_tiny
+from tuneloop.common.local_kafka import LocalBroker, install
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.gateway.auth import hash_key
 from tuneloop.v1 import completion_pb2, generation_pb2, generation_pb2_grpc

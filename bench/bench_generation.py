@@ -88,14 +88,14 @@ def smollm2_available() -> bool:
 
 def model_folder(spec: str, scratch: Path) -> Path:
     if spec == "smollm2":
-        # The copy the demo imports too (tuneloop.common.models.import_smollm2, once).
+        # The copy the demo imports too (tuneloop.common.model_import.import_smollm2, once).
         if not (SMOLLM2_CACHE / "config.json").is_file():
-            from tuneloop.common.models import import_smollm2
+            from tuneloop.common.model_import import import_smollm2
 
             import_smollm2(SMOLLM2_CACHE)
         return SMOLLM2_CACHE
     if spec == "tiny":
-        from tuneloop.common.models import make_tiny
+        from tuneloop.common.tiny_models import make_tiny
 
         return make_tiny(scratch / "tiny")[0]
     return Path(spec)

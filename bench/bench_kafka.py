@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kafka import __version__ as kafka_python_version
-from tuneloop.common.broker import LocalBroker, install, java_executable
+from tuneloop.common.local_kafka import LocalBroker, install, java_executable
 from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer
 
 RECORD_BYTES = 1024

@@ -45,11 +45,11 @@ def workload(n: int) -> list[reward_pb2.ScoreItem]:
 
 def model_folder(spec: str, scratch: Path) -> Path:
     if spec == "tiny":
-        from tuneloop.common.models import make_tiny
+        from tuneloop.common.tiny_models import make_tiny
 
         return make_tiny(scratch / "tiny")[1]
     if spec == "minilm":
-        from tuneloop.common.models import import_minilm
+        from tuneloop.common.model_import import import_minilm
 
         return import_minilm(scratch / "minilm")
     return Path(spec)

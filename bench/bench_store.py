@@ -71,7 +71,7 @@ import psutil
 import pyarrow as pa
 
 from bench_kafka import RECORD_BYTES, broker_at, java_producer
-from tuneloop.common.broker import install
+from tuneloop.common.local_kafka import install
 from tuneloop.common.feedback_event import default_item_id
 from tuneloop.common.kafka import KafkaSettings, end_offsets, ensure_topics, make_producer
 from tuneloop.common.processes import ServiceProcess

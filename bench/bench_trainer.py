@@ -31,7 +31,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from tuneloop.common.models import import_smollm2, make_tiny
+from tuneloop.common.model_import import import_smollm2
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer.config import DPOStageConfig, OnlineRLStageConfig, PPOStageConfig, SFTStageConfig, load_config
 from tuneloop.trainer.metrics import read_metrics
 from tuneloop.trainer.ppo import run_ppo

@@ -10,7 +10,7 @@ that `helm lint`, `helm template` and `helm install` refuse what the code would 
 - `trainer.successCriteria`: the JSON schema of `tuneloop.trainer.criteria.Criteria`
   (written to /etc/tuneloop/success-criteria.yaml);
 - every `extraEnv` list: a variable named `TUNELOOP_*` must be one a settings class
-  (a pydantic `BaseSettings` under services/) reads.
+  (a pydantic `BaseSettings` under services/ with an env prefix) reads.
 
 pydantic's sub-models (`$defs`, referenced as `#/$defs/X`) are moved into the schema's
 `definitions` as `RetrainConfig.X`, `Criteria.X` and `RewardStageConfig.X`, and the schema is
@@ -147,20 +147,31 @@ def criteria_schema(definitions: dict[str, Any]) -> dict[str, Any]:
 # ---- environment variables the settings classes read -------------------------------------
 
 
+# A module that may define a settings class: a class whose bases name a *Settings class
+# (BaseSettings itself, or a shared base such as tuneloop.common.settings.ServiceSettings).
+_DEFINES_SETTINGS = re.compile(r"^class \w+\([^)]*Settings\b", re.MULTILINE)
+
+
 def settings_classes() -> list[type]:
-    """Every pydantic BaseSettings subclass defined under services/."""
+    """Every pydantic BaseSettings subclass defined under services/ that reads variables of its
+    own (an env prefix); the prefix-less bases only lend their fields."""
     from pydantic_settings import BaseSettings
 
     found: dict[str, type] = {}
     for path in sorted(SERVICES.rglob("*.py")):
-        if "BaseSettings" not in path.read_text():
+        if not _DEFINES_SETTINGS.search(path.read_text()):
             continue
         parts = path.relative_to(SERVICES).with_suffix("").parts
         if parts[-1] == "__init__":
             parts = parts[:-1]
         module = importlib.import_module(".".join((PACKAGE, *parts)))
         for _, cls in inspect.getmembers(module, inspect.isclass):
-            if issubclass(cls, BaseSettings) and cls is not BaseSettings and cls.__module__ == module.__name__:
+            if (
+                issubclass(cls, BaseSettings)
+                and cls is not BaseSettings
+                and cls.__module__ == module.__name__
+                and cls.model_config.get("env_prefix")
+            ):
                 found[f"{cls.__module__}.{cls.__qualname__}"] = cls
     return [found[k] for k in sorted(found)]
 

@@ -75,8 +75,8 @@ def serve_gateway(port: Port = None, metrics_port: MetricsPort = None) -> None:
 
 
 _mount("tuneloop.trainer.cli", "train", "Run a training stage (the trainer Job's entrypoint).")
-_mount("tuneloop.common.broker", "kafka", "A local Apache Kafka broker (KRaft) for dev and tests.")
-_mount("tuneloop.common.models", "models", "Make, import and manage model versions.")
+_mount("tuneloop.common.local_kafka", "kafka", "A local Apache Kafka broker (KRaft) for dev and tests.")
+_mount("tuneloop.common.models_cli", "models", "Make, import and manage model versions.")
 _mount("tuneloop.store.report", "feedback", "Feedback and annotation-quality reports.")
 _mount("tuneloop.store.admin_cli", "store", "The preference store's tables: migration, erasure, upkeep.")
 _mount("tuneloop.trainer.jobs", "jobs", "Retrain runs on Kubernetes.")

@@ -134,7 +134,7 @@ class Demo:
 
         with ExitStack() as stack:
             self.step("1/8 Kafka: a real Apache Kafka broker (KRaft) on loopback")
-            from tuneloop.common.broker import LocalBroker, install
+            from tuneloop.common.local_kafka import LocalBroker, install
 
             broker = stack.enter_context(LocalBroker(self.root / "kafka", home=install()))
             self.env["TUNELOOP_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
@@ -168,7 +168,7 @@ class Demo:
             self.results(run_dir, agreement, live, time.monotonic() - t0)
 
     def import_models(self):
-        from tuneloop.common.models import import_minilm, import_smollm2
+        from tuneloop.common.model_import import import_minilm, import_smollm2
         from tuneloop.common.registry import Registry
 
         cache = Path(os.environ.get("TUNELOOP_DEMO_CACHE", Path.cwd() / ".tuneloop" / "cache" / "models"))

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tuneloop.common.broker import LocalBroker, install
+from tuneloop.common.local_kafka import LocalBroker, install
 from tuneloop.common.kafka import KafkaSettings
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.store.consumer import PreferenceStore
 from tuneloop.store.settings import StoreSettings
 

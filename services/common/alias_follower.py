@@ -17,8 +17,7 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError
 from kafka.errors import KafkaError
 
-from tuneloop.common.broker import serves
-from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, client_security, ensure_topics, make_consumer
+from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, any_broker_serves, ensure_topics, make_consumer
 from tuneloop.common.registry import LATEST, Registry, RegistryError
 from tuneloop.v1 import model_event_pb2
 
@@ -119,10 +118,9 @@ class AliasFollower:
         """Wake the poller on ModelEvents about our alias; keep trying while Kafka is away."""
         assert self._kafka is not None and self._group_id is not None
         consumer = None
-        brokers = [b.strip() for b in self._kafka.bootstrap_servers.split(",") if b.strip()]
         while not self._stop.is_set():
             if consumer is None:
-                if not any(serves(b, timeout_s=2.0, security=client_security(self._kafka)) for b in brokers):
+                if not any_broker_serves(self._kafka):
                     self._stop.wait(self._interval_s)
                     continue
                 try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import grpc
@@ -59,42 +60,36 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream, method))
         return handler._replace(stream_stream=self._wrap_stream(handler.stream_stream, method))
 
-    def _begin(self, method: str, context: grpc.ServicerContext) -> float:
+    @contextmanager
+    def _measured(self, method: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """One call, from its start to its end (for a stream: until its last message is taken
+        or the client leaves), counted with the status it ended with."""
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call started")
         self.in_flight.labels(method).inc()
-        return time.perf_counter()
-
-    def _end(self, method: str, start: float, context: grpc.ServicerContext, error: BaseException | None) -> None:
-        self.in_flight.labels(method).dec()
-        self.latency.labels(method).observe(time.perf_counter() - start)
-        self.requests.labels(method, _code_of(context, error)).inc()
+        start = time.perf_counter()
+        error = None
+        try:
+            yield
+        except BaseException as e:
+            error = e
+            raise
+        finally:
+            self.in_flight.labels(method).dec()
+            self.latency.labels(method).observe(time.perf_counter() - start)
+            self.requests.labels(method, _code_of(context, error)).inc()
 
     def _wrap_unary(self, fn: Callable, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            start = self._begin(method, context)
-            error = None
-            try:
+            with self._measured(method, context):
                 return fn(request, context)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                self._end(method, start, context, error)
 
         return wrapped
 
     def _wrap_stream(self, fn: Callable, method: str) -> Callable:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            start = self._begin(method, context)
-            error = None
-            try:
+            with self._measured(method, context):
                 yield from fn(request, context)
-            except BaseException as e:
-                error = e
-                raise
-            finally:
-                self._end(method, start, context, error)
 
         return wrapped

@@ -9,6 +9,7 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -16,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from tuneloop.common.grpc_metrics import MetricsInterceptor
+from tuneloop.common.settings import GrpcServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +26,18 @@ log = logging.getLogger(__name__)
 Registrar = Callable[[grpc.Server], list[str]]
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+
+def serving_options(settings: GrpcServiceSettings) -> dict[str, Any]:
+    """`GrpcServer`'s keyword arguments from a service's serving settings."""
+    return {
+        "port": settings.port,
+        "metrics_port": settings.metrics_port,
+        "host": settings.host,
+        "max_workers": settings.max_workers,
+        "grace_seconds": settings.grace_seconds,
+        "max_concurrent_rpcs": settings.max_open_calls,
+    }
 
 
 class GrpcServer:

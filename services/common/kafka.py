@@ -21,13 +21,14 @@ and trust the same CA; what that user may do is the broker's ACLs (`tuneloop.com
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
 from kafka import IsolationLevel, KafkaAdminClient, KafkaConsumer, KafkaProducer, OffsetSpec, TopicPartition
-from kafka.errors import TopicAlreadyExistsError, for_code
+from kafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from pydantic import Field, FilePath, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -167,6 +168,55 @@ def client_security(settings: KafkaSettings) -> dict[str, Any]:
     return options
 
 
+def serves(bootstrap: str, timeout_s: float = 2.0, security: Mapping[str, Any] | None = None) -> bool:
+    """Whether a broker answers a metadata request at `bootstrap` and lists itself in it.
+
+    An open port is not enough: a broker still starting accepts connections before it can
+    answer. `security`: the kafka-python TLS/SASL options (`client_security`) of a broker that
+    only speaks SASL_SSL; a refused handshake or login counts as not serving.
+    """
+    host, _, port = bootstrap.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            pass
+    except OSError:
+        return False
+    timeout_ms = int(timeout_s * 1000)
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tuneloop-broker-probe",
+                                 bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
+                                 **(security or {}))
+    except KafkaError:
+        return False
+    try:
+        return bool(admin.describe_cluster()["brokers"])
+    except KafkaError:
+        return False
+    finally:
+        admin.close()
+
+
+def any_broker_serves(settings: KafkaSettings, timeout_s: float = 2.0) -> bool:
+    """Whether one of `settings.bootstrap_servers` serves (`serves`), logged in as `settings` say:
+    a cheap check before making clients, which would otherwise retry against a broker that is
+    down for their whole timeout."""
+    security = client_security(settings)
+    brokers = [b.strip() for b in settings.bootstrap_servers.split(",") if b.strip()]
+    return any(serves(b, timeout_s=timeout_s, security=security) for b in brokers)
+
+
+def connection_options(settings: KafkaSettings) -> dict[str, Any]:
+    """The kafka-python options every client of ours takes: where the brokers are, who we are,
+    timeouts, and how to log in (`client_security`)."""
+    return {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "client_id": settings.client_id,
+        "request_timeout_ms": settings.request_timeout_ms,
+        "reconnect_backoff_max_ms": settings.reconnect_backoff_max_ms,
+        **client_security(settings),
+    }
+
+
 def make_producer(settings: KafkaSettings, transactional_id: str | None = None) -> KafkaProducer:
     """An idempotent producer: acks from all in-sync replicas, retried without duplicates or reordering.
 
@@ -176,18 +226,14 @@ def make_producer(settings: KafkaSettings, transactional_id: str | None = None) 
     and their input offsets atomically.
     """
     return KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id=settings.client_id,
+        **connection_options(settings),
         enable_idempotence=True,
         transactional_id=transactional_id,
         acks="all",
         # Idempotence keeps order with up to 5 requests in flight per connection.
         max_in_flight_requests_per_connection=5,
         linger_ms=settings.linger_ms,
-        request_timeout_ms=settings.request_timeout_ms,
-        reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
         delivery_timeout_ms=settings.delivery_timeout_ms,
-        **client_security(settings),
     )
 
 
@@ -198,27 +244,17 @@ def make_consumer(settings: KafkaSettings, group_id: str, topics: Sequence[str] 
     """
     return KafkaConsumer(
         *topics,
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id=settings.client_id,
+        **connection_options(settings),
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         isolation_level=settings.isolation_level,
-        request_timeout_ms=settings.request_timeout_ms,
-        reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
         metadata_max_age_ms=settings.metadata_max_age_ms,
-        **client_security(settings),
     )
 
 
 def make_admin(settings: KafkaSettings) -> KafkaAdminClient:
-    return KafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id=settings.client_id,
-        request_timeout_ms=settings.request_timeout_ms,
-        reconnect_backoff_max_ms=settings.reconnect_backoff_max_ms,
-        **client_security(settings),
-    )
+    return KafkaAdminClient(**connection_options(settings))
 
 
 def ensure_topics(settings: KafkaSettings, topics: Iterable[str] = ALL_TOPICS) -> set[str]:

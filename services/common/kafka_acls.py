@@ -10,7 +10,8 @@ Why each right:
 - Describe on a topic answers metadata and ListOffsets; `ensure_topics` only lists topics
   where the cluster provisions them (Strimzi's topic operator), so no service may Create.
 - Read on a group lets a consumer join it and commit offsets there.
-- The gateway and the reward service never talk to Kafka, so they have no user.
+- The gateway talks to Kafka only to announce the workbench's promotions and rollbacks
+  (TUNELOOP_GATEWAY_MODEL_EVENTS_BOOTSTRAP_SERVERS); without that its user is never used.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Literal
 
 from tuneloop.common.kafka import COMPLETIONS_TOPIC, FEEDBACK_DLQ_TOPIC, FEEDBACK_TOPIC, MODELS_TOPIC
 
-# The generation replicas each watch model events in a group of their own (every replica must
-# see every event), named with this prefix and a random suffix.
+# The generation and reward replicas each watch model events in a group of their own (every
+# replica must see every event), named with their service's prefix and a random suffix.
 MODEL_WATCH_GROUP_PREFIX = "tuneloop-generation-watch-"
+REWARD_WATCH_GROUP_PREFIX = "tuneloop-reward-watch-"
 STORE_GROUP = "tuneloop-store"
 
 # Operation names as Strimzi spells them in a KafkaUser.
@@ -54,8 +56,15 @@ SERVICE_ACLS: dict[str, tuple[AclRule, ...]] = {
         AclRule("topic", FEEDBACK_DLQ_TOPIC, ("Describe", "Write")),
         AclRule("group", STORE_GROUP, ("Read",)),
     ),
+    # Follows model events to swap the reward model at once (it polls the registry too).
+    "reward": (
+        AclRule("topic", MODELS_TOPIC, ("Describe", "Read")),
+        AclRule("group", REWARD_WATCH_GROUP_PREFIX, ("Read",), pattern="prefix"),
+    ),
     # Announces registered, promoted and rolled-back models.
     "trainer": (AclRule("topic", MODELS_TOPIC, ("Describe", "Write")),),
+    # Announces the promotions and rollbacks made on the workbench's versions page.
+    "gateway": (AclRule("topic", MODELS_TOPIC, ("Describe", "Write")),),
 }
 
 

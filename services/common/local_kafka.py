@@ -1,10 +1,11 @@
-"""A real Apache Kafka broker (single-node KRaft) on loopback, for local runs, demos and tests.
+"""A real Apache Kafka broker (single-node KRaft) on loopback, for local runs, demos and tests
+(`tuneloop kafka`); nothing in a deployed service uses it.
 
 No Python, npm or Debian package ships the broker, so `install` fetches its runtime jars from
 Maven Central with the pom in `deploy/kafka/` into `.tools/kafka/libs`. `LocalBroker` formats a
 data directory, runs `kafka.Kafka` there and knows when it serves: a metadata request answered
-by the broker itself, not an open port. Restarting keeps the data directory and the ports, so
-fault drills can check that no acknowledged record is lost.
+by the broker itself (`tuneloop.common.kafka.serves`), not an open port. Restarting keeps the
+data directory and the ports, so fault drills can check that no acknowledged record is lost.
 
 With `BrokerSecurity` every listener speaks SASL_SSL, the way an authenticated cluster does:
 clients log in with SCRAM over TLS, the KRaft authorizer denies whatever no ACL allows, and the
@@ -31,6 +32,8 @@ from types import TracebackType
 from typing import Annotated, Any
 
 import typer
+
+from tuneloop.common.kafka import serves
 
 KAFKA_VERSION = "4.4.0"
 NODE_ID = 1
@@ -162,36 +165,6 @@ def die_with_parent() -> None:
     up, the kernel sends it SIGTERM instead of leaving it orphaned. The kernel watches the
     thread that forked, so start children from a thread that outlives them."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
-def serves(bootstrap: str, timeout_s: float = 2.0, security: Mapping[str, Any] | None = None) -> bool:
-    """Whether a broker answers a metadata request at `bootstrap` and lists itself in it.
-
-    `security`: kafka-python TLS/SASL options (`tuneloop.common.kafka.client_security`) for a
-    broker that only speaks SASL_SSL; a refused handshake or login counts as not serving.
-    """
-    host, _, port = bootstrap.rpartition(":")
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout_s):
-            pass
-    except OSError:
-        return False
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
-    timeout_ms = int(timeout_s * 1000)
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="tuneloop-broker-probe",
-                                 bootstrap_timeout_ms=timeout_ms, request_timeout_ms=timeout_ms,
-                                 **(security or {}))
-    except KafkaError:
-        return False
-    try:
-        return bool(admin.describe_cluster()["brokers"])
-    except KafkaError:
-        return False
-    finally:
-        admin.close()
 
 
 class LocalBroker:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tuneloop.common.broker import free_port
+from tuneloop.common.local_kafka import free_port
 
 __all__ = ["ServiceProcess", "free_port"]
 

@@ -583,9 +583,7 @@ class Registry:
             log.exception("registry event listener failed for %s %s@%s", event, name, version)
 
 
-# ---- CLI (mounted as `tuneloop registry` and under `tuneloop models`) ---------------------
-
-cli = typer.Typer(help="Browse model versions and move aliases.", no_args_is_help=True)
+# ---- CLI commands: `tuneloop models list|show|promote|rollback` (models_cli.py adds them) ----
 
 
 def registry_from_env() -> Registry:
@@ -603,7 +601,6 @@ def cli_errors() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-@cli.command("list")
 def list_cmd(name: str | None = typer.Argument(None, help="Only this model name.")) -> None:
     """List versions with their kind, parent, creation time and aliases."""
     with cli_errors():
@@ -620,7 +617,6 @@ def list_cmd(name: str | None = typer.Argument(None, help="Only this model name.
                 )
 
 
-@cli.command("show")
 def show_cmd(ref: str = typer.Argument(..., help="NAME@ALIAS, NAME@vNNNN or NAME@latest.")) -> None:
     """Print a version's card as JSON."""
     with cli_errors():
@@ -630,7 +626,6 @@ def show_cmd(ref: str = typer.Argument(..., help="NAME@ALIAS, NAME@vNNNN or NAME
         typer.echo(f"path: {reg.resolve(ref)}")
 
 
-@cli.command("promote")
 def promote_cmd(
     name: str,
     version: str = typer.Argument(..., help="vNNNN, an alias (e.g. candidate) or latest."),
@@ -642,7 +637,6 @@ def promote_cmd(
         typer.echo(f"{name}@{alias} -> {target}")
 
 
-@cli.command("rollback")
 def rollback_cmd(name: str, alias: str = typer.Option("production", help="Alias to move back.")) -> None:
     """Move an alias back to the version it had before its last promotion."""
     with cli_errors():

@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
+from cachetools import TLRUCache
 from google.protobuf.message import DecodeError
 from kafka import KafkaConsumer, TopicPartition
 
-from tuneloop.common.kafka import KafkaSettings, client_security
+from tuneloop.common.kafka import KafkaSettings, connection_options
 from tuneloop.v1 import feedback_pb2
 
 log = logging.getLogger(__name__)
@@ -27,29 +27,27 @@ log = logging.getLogger(__name__)
 class RecentIds:
     """Event ids accepted within the last `ttl_s` seconds, at most `capacity` of them (LRU).
 
-    Thread-safe. Times are Unix seconds so ids read back from Kafka can keep their age.
+    Thread-safe. Times are Unix seconds so ids read back from Kafka can keep their age: each id
+    expires `ttl_s` after it was accepted, not after it entered the window.
     """
 
     def __init__(self, capacity: int, ttl_s: float, clock: Callable[[], float] = time.time) -> None:
         self.capacity = capacity
         self.ttl_s = ttl_s
         self._clock = clock
-        self._accepted: OrderedDict[str, float] = OrderedDict()
+        # id -> when it was accepted; a lookup counts as a use (LRU order).
+        self._accepted: TLRUCache[str, float] = TLRUCache(
+            max(capacity, 1), ttu=lambda _id, accepted_at, _now: accepted_at + ttl_s, timer=clock
+        )
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._accepted)
+        with self._lock:
+            return len(self._accepted)
 
     def __contains__(self, event_id: str) -> bool:
         with self._lock:
-            accepted_at = self._accepted.get(event_id)
-            if accepted_at is None:
-                return False
-            if self._clock() - accepted_at > self.ttl_s:
-                del self._accepted[event_id]
-                return False
-            self._accepted.move_to_end(event_id)
-            return True
+            return self._accepted.get(event_id) is not None
 
     def add(self, event_id: str, accepted_at: float | None = None) -> None:
         """Remember an accepted id (`accepted_at` defaults to now); evict the least recent."""
@@ -60,9 +58,6 @@ class RecentIds:
             if self._clock() - at > self.ttl_s:
                 return
             self._accepted[event_id] = max(at, self._accepted.get(event_id, at))
-            self._accepted.move_to_end(event_id)
-            while len(self._accepted) > self.capacity:
-                self._accepted.popitem(last=False)
 
 
 def warm_from_topic(
@@ -75,13 +70,7 @@ def warm_from_topic(
     """
     # No group: a start-up read of the tail must not join or disturb any consumer group.
     consumer = KafkaConsumer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        client_id=kafka.client_id,
-        group_id=None,
-        enable_auto_commit=False,
-        isolation_level=kafka.isolation_level,
-        request_timeout_ms=kafka.request_timeout_ms,
-        **client_security(kafka),
+        **connection_options(kafka), group_id=None, enable_auto_commit=False, isolation_level=kafka.isolation_level
     )
     loaded = 0
     try:

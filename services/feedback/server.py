@@ -9,7 +9,6 @@ preference store deduplicates by event id in any case.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -22,10 +21,10 @@ from kafka.producer.future import FutureRecordMetadata
 from prometheus_client import Histogram
 
 from tuneloop.common.errors import FieldError, abort_invalid
-from tuneloop.common.grpc_server import GrpcServer
+from tuneloop.common.grpc_server import GrpcServer, serving_options
 from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer
 from tuneloop.common.logs import configure_logging
-from tuneloop.common.settings import SettingsError, load_settings
+from tuneloop.common.settings import load_or_exit
 from tuneloop.feedback.dedup import RecentIds, warm_from_topic
 from tuneloop.feedback.settings import FeedbackSettings
 from tuneloop.feedback.validation import Limits, field_label, fill_item_id, validate
@@ -224,10 +223,7 @@ def build_server(settings: FeedbackSettings, kafka: KafkaSettings) -> GrpcServer
             feedback_pb2_grpc.add_FeedbackServicer_to_server(service, server)
             return [SERVICE_NAME]
 
-        return GrpcServer(
-            "feedback", register, settings.port, settings.metrics_port,
-            host=settings.host, grace_seconds=settings.grace_seconds, on_stop=service.close,
-        )
+        return GrpcServer("feedback", register, **serving_options(settings), on_stop=service.close)
     except BaseException:
         producer.close(timeout=0)
         raise
@@ -235,11 +231,7 @@ def build_server(settings: FeedbackSettings, kafka: KafkaSettings) -> GrpcServer
 
 def main(port: int | None = None, metrics_port: int | None = None) -> None:
     """`tuneloop serve feedback`: serve until SIGTERM, then drain calls and flush the producer."""
-    try:
-        settings = load_settings(FeedbackSettings, port=port, metrics_port=metrics_port)
-        kafka = load_settings(KafkaSettings)
-    except SettingsError as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = load_or_exit(FeedbackSettings, port=port, metrics_port=metrics_port)
+    kafka = load_or_exit(KafkaSettings)
     configure_logging("feedback", settings.log_level)
     build_server(settings, kafka).run_forever()

@@ -8,23 +8,22 @@ from __future__ import annotations
 import os
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from tuneloop.common.kafka import FEEDBACK_TOPIC
+from tuneloop.common.settings import GrpcServiceSettings, ListenPort, MetricsPort
 
 
-class FeedbackSettings(BaseSettings):
-    """How the Feedback service listens, validates, deduplicates and writes to Kafka."""
+class FeedbackSettings(GrpcServiceSettings):
+    """How the Feedback service validates, deduplicates and writes to Kafka (serving fields:
+    GrpcServiceSettings)."""
 
     # populate_by_name: `store_root` reads the env var the store uses (TUNELOOP_STORE_ROOT)
     # yet stays settable by its name from code and tests.
-    model_config = SettingsConfigDict(env_prefix="TUNELOOP_FEEDBACK_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_FEEDBACK_", populate_by_name=True)
 
-    port: int = Field(50053, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_port: int = Field(9093, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one).")
-    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to.")
-    log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
-    grace_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight calls may finish.")
+    port: ListenPort = 50053
+    metrics_port: MetricsPort = 9093
 
     topic: str = Field(FEEDBACK_TOPIC, min_length=1, description="Kafka topic accepted events are written to.")
     create_topic: bool = Field(

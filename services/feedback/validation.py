@@ -1,9 +1,12 @@
 """Checks on a FeedbackEvent before it may enter Kafka, each failure naming the field path
 (e.g. "pairwise.choice", "marks[2].criterion") so a sender can fix exactly that field.
 
-The store and the trainer trust what is on the topic, so everything they rely on is checked
-here: ids present, one judgement of a known kind that is internally consistent, the bounds of
-free-form parts.
+Everything the contract asks is checked here, at the door, where the sender can still be
+told: ids present and bounded, a plausible created_at, one judgement of a known kind that is
+internally consistent, criteria and marks that agree, the bounds of free-form parts. The
+preference store checks again the little it cannot work without (store/join.py
+`parse_feedback`), because anything with write access to the topic may produce to it, and
+dead-letters what fails; the trainer reads the store's tables, never the topic.
 """
 
 from __future__ import annotations

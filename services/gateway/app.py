@@ -6,12 +6,12 @@ import asyncio
 import json
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Annotated
 
 import grpc
+from cachetools import LRUCache
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -64,15 +64,12 @@ class TenancyIndex:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._ids: OrderedDict[str, str] = OrderedDict()
+        self._ids: LRUCache[str, str] = LRUCache(max(size, 1))
 
     def add(self, completion_id: str, tenant: str) -> None:
         if self.size == 0:
             return
         self._ids[completion_id] = tenant
-        self._ids.move_to_end(completion_id)
-        while len(self._ids) > self.size:
-            self._ids.popitem(last=False)
 
     def foreign(self, completion_id: str, tenant: str) -> bool:
         owner = self._ids.get(completion_id)
@@ -395,17 +392,19 @@ def main(port: int | None = None, metrics_port: int | None = None) -> None:
     import uvicorn
 
     from tuneloop.common.logs import configure_logging
-    from tuneloop.common.settings import SettingsError, load_settings
+    from tuneloop.common.settings import load_or_exit
 
-    configure_logging("gateway")
+    settings = load_or_exit(GatewaySettings, port=port, metrics_port=metrics_port)
+    configure_logging("gateway", settings.log_level)
     try:
-        settings = load_settings(GatewaySettings, port=port, metrics_port=metrics_port)
         app = create_app(settings)
-    except (SettingsError, ValueError) as err:
+    except ValueError as err:
         raise SystemExit(f"gateway: {err}") from None
     if settings.metrics_port is not None:
         # Scrapers reach this port, clients only the API one (the chart's NetworkPolicy).
         from prometheus_client import start_http_server
 
         start_http_server(settings.metrics_port, addr=settings.host)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=20)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_config=None, timeout_graceful_shutdown=settings.grace_seconds
+    )

@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from tuneloop.common.settings import ListenPort, MetricsPort, ServiceSettings
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(ServiceSettings):
+    """The HTTP gateway (serving fields: ServiceSettings; /metrics on a port apart from the
+    public API)."""
+
     model_config = SettingsConfigDict(env_prefix="TUNELOOP_GATEWAY_")
 
-    host: str = Field("0.0.0.0", description="Address to listen on.")
-    port: int = Field(8080, ge=0, le=65535, description="HTTP port (0 picks a free one).")
+    port: ListenPort = 8080
+    metrics_port: MetricsPort = 9095
     generation_target: str = Field("127.0.0.1:50051", description="host:port of the Generation service.")
     candidate_generation_target: str | None = Field(
         None,
@@ -22,13 +27,6 @@ class GatewaySettings(BaseSettings):
     feedback_target: str = Field("127.0.0.1:50053", description="host:port of the Feedback service.")
     api_keys_file: Path | None = Field(
         None, description="YAML or JSON file of API keys (sha256 hashes, tenant, roles), e.g. from a Secret."
-    )
-    metrics_port: int | None = Field(
-        9095,
-        ge=0,
-        le=65535,
-        description="Port of Prometheus /metrics, apart from the public API (0 picks a free one). "
-        "Unset: /metrics is not served at all.",
     )
     api_docs: bool = Field(
         False, description="Serve the OpenAPI document and its pages (/openapi.json, /docs, /redoc) on the API port."

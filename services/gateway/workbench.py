@@ -1,9 +1,14 @@
 """The annotation workbench: labelling queues from project files, calibration rounds, anchor
-items mixed in unmarked, a calibration view for leads and a before/after review view.
+items mixed in unmarked, a calibration view for leads and a before/after review view; the
+operations pages (retrain runs, model versions, promote and roll back) are operations.py's,
+mounted with it.
 
 Judgements go through the Feedback service like any app feedback, so they land in the same
-Kafka topic and preference store; agreement figures come from the Feedback service's
-GetAgreement (the store's numbers), never recomputed here.
+Kafka topic and preference store; each is also recorded in the project's state file, which
+only drives the queues (who still has to judge what). The agreement figures (percent
+agreement, kappa, each annotator's anchor accuracy) are the Feedback service's GetAgreement,
+the store's numbers; what the calibration view adds from the state file is per-item: the
+vote split of the items judged apart and each annotator's anchor answers over time.
 """
 
 import csv
@@ -31,6 +36,7 @@ from tuneloop.gateway.auth import ApiKey
 from tuneloop.gateway.errors import ApiError, from_rpc
 from tuneloop.gateway.operations import Runs
 from tuneloop.gateway.operations import mount as mount_operations
+from tuneloop.gateway.settings import GatewaySettings
 from tuneloop.v1 import feedback_pb2
 
 CHOICES = {"a": feedback_pb2.PAIRWISE_CHOICE_A, "b": feedback_pb2.PAIRWISE_CHOICE_B,
@@ -200,7 +206,9 @@ def measured(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def mount(app: FastAPI, authed: Callable[[str], Callable[..., Any]], stub, settings) -> None:
+def mount(
+    app: FastAPI, authed: Callable[[str], Callable[..., Any]], stub: Callable[[str], Any], settings: GatewaySettings
+) -> None:
     """Adds /workbench (the page) and /workbench/api/* to the gateway, if projects are configured;
     `authed` is the gateway's key check for a kind of call (auth.ACCESS)."""
     if settings.workbench_projects_dir is None:
@@ -313,7 +321,7 @@ def mount(app: FastAPI, authed: Callable[[str], Callable[..., Any]], stub, setti
     mount_operations(app, authed, settings, model_events(settings))
 
 
-def model_events(settings) -> Callable[[], Any] | None:
+def model_events(settings: GatewaySettings) -> Callable[[], Any] | None:
     """The registry listener publishing ModelEvents, as the trainer's promotions do."""
     if not settings.model_events_bootstrap_servers or settings.workbench_registry_root is None:
         return None

@@ -25,8 +25,7 @@ import time
 from kafka import KafkaProducer
 from kafka.errors import KafkaError
 
-from tuneloop.common.broker import serves
-from tuneloop.common.kafka import COMPLETIONS_TOPIC, KafkaSettings, client_security, ensure_topics, make_producer
+from tuneloop.common.kafka import COMPLETIONS_TOPIC, KafkaSettings, any_broker_serves, ensure_topics, make_producer
 from tuneloop.generation import metrics
 from tuneloop.generation.spool import Spool
 from tuneloop.v1 import completion_pb2
@@ -156,8 +155,7 @@ class CompletionLog:
             return False
         self._next_attempt = now + self._retry_s
         # Probe first: creating a producer against a dead broker blocks for 30 s.
-        brokers = [b.strip() for b in self._kafka.bootstrap_servers.split(",") if b.strip()]
-        if not any(serves(b, timeout_s=min(2.0, self._retry_s), security=client_security(self._kafka)) for b in brokers):
+        if not any_broker_serves(self._kafka, timeout_s=min(2.0, self._retry_s)):
             return False
         try:
             if not self._topic_ready:

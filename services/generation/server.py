@@ -26,24 +26,16 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from tuneloop.common.errors import FieldError, abort_invalid
-from tuneloop.common.grpc_server import GrpcServer
+from tuneloop.common.grpc_server import GrpcServer, serving_options
 from tuneloop.common.kafka import KafkaSettings
 from tuneloop.common.logs import configure_logging
 from tuneloop.common.registry import LATEST, VERSION_RE, Registry, RegistryError, RegistrySettings
-from tuneloop.common.settings import SettingsError, load_settings
+from tuneloop.common.settings import load_or_exit, load_settings
 from tuneloop.generation import metrics
 from tuneloop.generation.adapters import with_base
 from tuneloop.generation.completion_log import CompletionLog
-from tuneloop.generation.engines.base import (
-    Delta,
-    Engine,
-    EngineError,
-    EngineRequest,
-    ModelRef,
-    Sampling,
-    Stream,
-    create_engine,
-)
+from tuneloop.generation.engines import create_engine
+from tuneloop.generation.engines.base import Delta, Engine, EngineError, EngineRequest, ModelRef, Sampling, Stream
 from tuneloop.generation.settings import GenerationSettings
 from tuneloop.generation.spool import Spool, SpoolBusyError
 from tuneloop.generation.swap import follow
@@ -366,17 +358,7 @@ class GenerationApp:
             generation_pb2_grpc.add_GenerationServicer_to_server(self.service, server)
             return [SERVICE_NAME]
 
-        self.server = GrpcServer(
-            "generation",
-            register,
-            settings.port,
-            settings.metrics_port,
-            host=settings.host,
-            max_workers=settings.max_workers,
-            grace_seconds=settings.grace_seconds,
-            on_stop=self._shutdown,
-            max_concurrent_rpcs=settings.max_open_calls,
-        )
+        self.server = GrpcServer("generation", register, **serving_options(settings), on_stop=self._shutdown)
 
     @property
     def target(self) -> str:
@@ -387,10 +369,14 @@ class GenerationApp:
         log.error("engine is dead; reporting NOT_SERVING")
         self.server.set_serving(False)
 
-    def start(self) -> GenerationApp:
+    def _start_background(self) -> None:
+        """The completion log's publisher and the alias follower, before the first call."""
         self.completions.start()
         if self.watcher is not None:
             self.watcher.start()
+
+    def start(self) -> GenerationApp:
+        self._start_background()
         self.server.start()
         return self
 
@@ -405,9 +391,7 @@ class GenerationApp:
         self.server.stop(grace)
 
     def run_forever(self) -> None:
-        self.completions.start()
-        if self.watcher is not None:
-            self.watcher.start()
+        self._start_background()
         self.server.run_forever()
 
     def __enter__(self) -> GenerationApp:
@@ -419,13 +403,9 @@ class GenerationApp:
 
 def main(port: int | None = None, metrics_port: int | None = None, model: str | None = None) -> None:
     """`tuneloop serve generation`: arguments left None come from TUNELOOP_GENERATION_* settings."""
-    try:
-        settings = load_settings(GenerationSettings, port=port, metrics_port=metrics_port, model=model)
-        kafka = load_settings(KafkaSettings)
-        registry = Registry.from_settings(load_settings(RegistrySettings))
-    except SettingsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = load_or_exit(GenerationSettings, port=port, metrics_port=metrics_port, model=model)
+    kafka = load_or_exit(KafkaSettings)
+    registry = Registry.from_settings(load_or_exit(RegistrySettings))
     configure_logging("generation", settings.log_level)
     try:
         app = GenerationApp(settings, kafka=kafka, registry=registry)

@@ -7,30 +7,26 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from tuneloop.common.settings import GrpcServiceSettings, HandlerThreads, ListenPort, MetricsPort, OpenCalls
 
 # The LoRA ranks vLLM can be sized for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class GenerationSettings(BaseSettings):
+class GenerationSettings(GrpcServiceSettings):
     """How the policy is served, batched, logged to Kafka and swapped on promotion."""
 
-    model_config = SettingsConfigDict(env_prefix="TUNELOOP_GENERATION_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_GENERATION_")
 
-    # ---- serving ---------------------------------------------------------------------
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_port: int = Field(9091, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one).")
-    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to.")
-    max_workers: int = Field(64, ge=2, le=1024, description="gRPC handler threads (one per open call).")
-    max_open_calls: int = Field(
-        128,
-        ge=2,
-        description="Open gRPC calls (health checks included) beyond which new ones get RESOURCE_EXHAUSTED "
-        "(HTTP 429 at the gateway) instead of waiting in an unbounded queue for a handler thread.",
-    )
-    grace_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight calls may still finish.")
-    log_level: str = Field("INFO", description="Python log level.")
+    # ---- serving: this service's defaults (the fields are GrpcServiceSettings') ----------
+    port: ListenPort = 50051
+    metrics_port: MetricsPort = 9091
+    max_workers: HandlerThreads = 64
+    max_open_calls: OpenCalls = 128
+
+    # ---- model and engine --------------------------------------------------------------
     model: str = Field(
         "policy@production",
         description=(

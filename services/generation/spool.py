@@ -17,22 +17,12 @@ import struct
 import zlib
 from pathlib import Path
 
-from tuneloop.common.durable import fsync_dir as _fsync_dir
+from tuneloop.common.durable import write_atomic
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct(">II")
 MAX_RECORD_BYTES = 16 << 20
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class SpoolBusyError(RuntimeError):
@@ -77,7 +67,7 @@ class Spool:
 
     def _write_cursor(self, offset: int) -> None:
         self._cursor = offset
-        _write_durable(self._cursor_path, f"{offset}\n".encode())
+        write_atomic(self._cursor_path, f"{offset}\n".encode())
 
     def _recover(self) -> None:
         offset, count = self._cursor, 0
@@ -151,16 +141,10 @@ class Spool:
     def _compact(self, offset: int) -> None:
         """Drop the published head so the file stays near the bound while Kafka is flaky."""
         tail = os.pread(self._fd, self.size - offset, offset)
-        tmp = self.path.with_name(self.path.name + ".compact")
-        with open(tmp, "wb") as f:
-            f.write(tail)
-            f.flush()
-            os.fsync(f.fileno())
-        # Cursor first: a crash before the rename re-sends the published head (duplicates,
-        # which consumers drop) rather than skipping unpublished records.
+        # Cursor first: a crash before the file is replaced re-sends the published head
+        # (duplicates, which consumers drop) rather than skipping unpublished records.
         self._write_cursor(0)
-        os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        write_atomic(self.path, tail)
         os.close(self._fd)
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
         self.size = len(tail)

@@ -15,11 +15,12 @@ import uuid
 import grpc
 
 from tuneloop.common.errors import FieldError, abort_invalid
-from tuneloop.common.grpc_server import GrpcServer
+from tuneloop.common.grpc_server import GrpcServer, serving_options
 from tuneloop.common.kafka import KafkaSettings
+from tuneloop.common.kafka_acls import REWARD_WATCH_GROUP_PREFIX
 from tuneloop.common.logs import configure_logging
 from tuneloop.common.registry import NotFoundError, Registry, RegistryError, RegistrySettings
-from tuneloop.common.settings import SettingsError, load_settings
+from tuneloop.common.settings import load_or_exit
 from tuneloop.reward import metrics
 from tuneloop.reward.batching import Batcher
 from tuneloop.reward.formatting import items_of
@@ -29,9 +30,6 @@ from tuneloop.reward.settings import RewardSettings
 from tuneloop.v1 import reward_pb2, reward_pb2_grpc
 
 SERVICE = reward_pb2.DESCRIPTOR.services_by_name["Reward"].full_name
-# Each replica follows model events in a group of its own (every replica must see every
-# event); a Kafka user for this service needs Read on this group prefix and the models topic.
-MODEL_WATCH_GROUP_PREFIX = "tuneloop-reward-watch-"
 
 
 class RewardService(reward_pb2_grpc.RewardServicer):
@@ -79,15 +77,7 @@ class RewardServer(GrpcServer):
             reward_pb2_grpc.add_RewardServicer_to_server(self.servicer, server)
             return [SERVICE]
 
-        super().__init__(
-            "reward",
-            register,
-            settings.port,
-            settings.metrics_port,
-            host=settings.host,
-            grace_seconds=settings.grace_seconds,
-            on_stop=self._close,
-        )
+        super().__init__("reward", register, **serving_options(settings), on_stop=self._close)
 
     def start(self) -> RewardServer:
         self.catalog.start(on_ready=lambda: self.set_serving(True))
@@ -119,21 +109,21 @@ def build_server(settings: RewardSettings, registry: Registry, kafka: KafkaSetti
             max_pinned=settings.max_loaded_models,
             poll_s=settings.reload_poll_s,
             kafka=events,
-            group_id=f"{MODEL_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}" if events is not None else None,
+            group_id=f"{REWARD_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}" if events is not None else None,
         )
     return RewardServer(settings, catalog)
 
 
 def main(port: int | None = None, metrics_port: int | None = None, model: str | None = None) -> None:
     """`tuneloop serve reward`: serve until SIGTERM, then drain calls."""
+    settings = load_or_exit(RewardSettings, port=port, metrics_port=metrics_port, model=model)
+    registry = Registry.from_settings(load_or_exit(RegistrySettings))
+    kafka = load_or_exit(KafkaSettings)
+    configure_logging("reward", settings.log_level)
     try:
-        settings = load_settings(RewardSettings, port=port, metrics_port=metrics_port, model=model)
-        registry = Registry.from_settings(load_settings(RegistrySettings))
-        kafka = load_settings(KafkaSettings)
-        configure_logging("reward", settings.log_level)
         # Kafka is optional here: only brokers named in the environment are followed.
         server = build_server(settings, registry, kafka if "bootstrap_servers" in kafka.model_fields_set else None)
-    except (SettingsError, RegistryError) as err:
-        print(err, file=sys.stderr)
+    except RegistryError as err:
+        print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     server.run_forever()

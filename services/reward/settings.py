@@ -10,19 +10,19 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from tuneloop.common.settings import GrpcServiceSettings, ListenPort, MetricsPort
 
 
-class RewardSettings(BaseSettings):
-    """How the Reward service listens, batches, validates, and which scorer it serves."""
+class RewardSettings(GrpcServiceSettings):
+    """How the Reward service batches, validates, and which scorer it serves (serving fields:
+    GrpcServiceSettings)."""
 
-    model_config = SettingsConfigDict(env_prefix="TUNELOOP_REWARD_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_REWARD_")
 
-    port: int = Field(50052, ge=0, le=65535, description="gRPC port (0 picks a free one).")
-    metrics_port: int = Field(9092, ge=0, le=65535, description="Prometheus /metrics port (0 picks a free one).")
-    host: str = Field("0.0.0.0", description="Address the gRPC and metrics servers bind to.")
-    log_level: str = Field("INFO", description="Log level (DEBUG, INFO, WARNING, ERROR).")
-    grace_seconds: float = Field(20.0, ge=0, description="On SIGTERM, how long in-flight calls may finish.")
+    port: ListenPort = 50052
+    metrics_port: MetricsPort = 9092
 
     backend: Literal["model", "judge"] = Field(
         "model", description="'model': a trained reward model from the registry; 'judge': an LLM judge over HTTP."

@@ -5,6 +5,8 @@ that `tuneloop --help` does not load delta-rs."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated
 
 import typer
@@ -13,18 +15,21 @@ from tuneloop.store.report import Root, store_root
 
 cli = typer.Typer(help="The preference store's tables: migration, erasure, upkeep.", no_args_is_help=True)
 
-def _fail(err: Exception) -> typer.Exit:
-    typer.echo(f"error: {err}", err=True)
-    return typer.Exit(1)
 
-
-def _expected_errors() -> tuple[type[Exception], ...]:
+@contextmanager
+def _reported() -> Iterator[None]:
+    """A command's expected failures (a bad root, a table delta-rs refuses) as one line on
+    stderr and exit status 1, not a traceback."""
     from deltalake.exceptions import DeltaError
 
     from tuneloop.store.admin import AdminError
     from tuneloop.store.migrate import MigrationError
 
-    return AdminError, MigrationError, DeltaError, ValueError
+    try:
+        yield
+    except (AdminError, MigrationError, DeltaError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
 
 
 @cli.command("migrate")
@@ -42,10 +47,8 @@ def migrate_cmd(
     from tuneloop.store.migrate import migrate
 
     options = {"completions_topic": completions_topic} if completions_topic else {}
-    try:
+    with _reported():
         report = migrate(source, store_root(to), **options)
-    except _expected_errors() as err:
-        raise _fail(err) from None
     typer.echo(report.summary())
 
 
@@ -65,10 +68,8 @@ def erase_cmd(
     who = f"user {user!r} of tenant {tenant!r}" if user else f"everything of tenant {tenant!r}"
     if not yes:
         typer.confirm(f"Erase {who} from {root}? Versions before the erasure become unreadable.", abort=True)
-    try:
+    with _reported():
         done = erase(root, tenant, user)
-    except _expected_errors() as err:
-        raise _fail(err) from None
     counts = ", ".join(f"{name} {n}" for name, n in done.deleted.items())
     typer.echo(f"erased {who}: rows deleted: {counts}")
     typer.echo(f"recorded in {done.log}" if done.log else "object-store root: keep this record:")
@@ -80,10 +81,8 @@ def compact_cmd(root: Root = None) -> None:
     """Merge each table's small files into larger ones (rows and versions unchanged)."""
     from tuneloop.store.admin import compact
 
-    try:
+    with _reported():
         done = compact(store_root(root))
-    except _expected_errors() as err:
-        raise _fail(err) from None
     for name, metrics in done.items():
         typer.echo(f"{name}: {metrics.get('numFilesRemoved', 0)} files -> {metrics.get('numFilesAdded', 0)}")
 
@@ -99,10 +98,8 @@ def vacuum_cmd(
     """Delete files no recent version needs: replaced, change-data, and never-committed files."""
     from tuneloop.store.admin import vacuum
 
-    try:
+    with _reported():
         done = vacuum(store_root(root), retention_hours, dry_run)
-    except _expected_errors() as err:
-        raise _fail(err) from None
     verb = "would delete" if dry_run else "deleted"
     for name, files in done.items():
         typer.echo(f"{name}: {verb} {len(files)} files")
@@ -113,10 +110,8 @@ def cleanup_metadata_cmd(root: Root = None) -> None:
     """Delete log files older than the tables' log retention (30 days); time travel ends there."""
     from tuneloop.store.admin import cleanup_metadata
 
-    try:
+    with _reported():
         done = cleanup_metadata(store_root(root))
-    except _expected_errors() as err:
-        raise _fail(err) from None
     for name, removed in done.items():
         typer.echo(f"{name}: deleted {removed} log files")
 
@@ -126,9 +121,7 @@ def versions_cmd(root: Root = None) -> None:
     """Each table's newest version and row count."""
     from tuneloop.store.admin import sizes
 
-    try:
+    with _reported():
         done = sizes(store_root(root))
-    except _expected_errors() as err:
-        raise _fail(err) from None
     for name, (version, rows) in done.items():
         typer.echo(f"{name}: version {version}, {rows} rows" if version >= 0 else f"{name}: no table")

@@ -54,10 +54,10 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge, Histogram
 
 from tuneloop.common.feedback_event import judged_completion_ids
-from tuneloop.common.grpc_server import GrpcServer
+from tuneloop.common.grpc_server import GrpcServer, serving_options
 from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_consumer, make_producer
 from tuneloop.common.logs import configure_logging
-from tuneloop.common.settings import SettingsError, load_settings
+from tuneloop.common.settings import SettingsError, load_or_exit
 from tuneloop.store import agreement
 from tuneloop.store.join import (
     Completion,
@@ -774,18 +774,14 @@ class PreferenceStore:
 
 def main(port: int | None = None, metrics_port: int | None = None) -> None:
     """`tuneloop serve store`: the consumer, gRPC health on `port`, metrics on `metrics_port`."""
-    try:
-        settings = load_settings(StoreSettings, port=port, metrics_port=metrics_port)
-        kafka = load_settings(KafkaSettings)
-    except SettingsError as err:
-        print(err, file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = load_or_exit(StoreSettings, port=port, metrics_port=metrics_port)
+    kafka = load_or_exit(KafkaSettings)
     configure_logging("store", settings.log_level)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     # Health only: the store serves no RPCs, the probe says the consumer is up.
-    server = GrpcServer("store", lambda _server: [], settings.port, settings.metrics_port)
+    server = GrpcServer("store", lambda _server: [], **serving_options(settings))
     try:
         store = PreferenceStore(settings, kafka)
     except SettingsError as err:
@@ -797,5 +793,5 @@ def main(port: int | None = None, metrics_port: int | None = None) -> None:
         try:
             store.run(stop)
         finally:
-            server.stop(grace=1.0)
+            server.stop()
     log.info("stopped")

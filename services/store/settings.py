@@ -6,16 +6,18 @@ import os
 from typing import Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from tuneloop.common.kafka import COMPLETIONS_TOPIC, FEEDBACK_DLQ_TOPIC, FEEDBACK_TOPIC
+from tuneloop.common.settings import GrpcServiceSettings, ListenPort, MetricsPort
 from tuneloop.store.pairs import PairRules
 
 
-class StoreSettings(BaseSettings):
-    """The preference store (env: TUNELOOP_STORE_*)."""
+class StoreSettings(GrpcServiceSettings):
+    """The preference store (env: TUNELOOP_STORE_*). Its gRPC server answers health checks
+    only (serving fields: GrpcServiceSettings)."""
 
-    model_config = SettingsConfigDict(env_prefix="TUNELOOP_STORE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="TUNELOOP_STORE_")
 
     root: str = Field(
         ".tuneloop/store",
@@ -23,9 +25,8 @@ class StoreSettings(BaseSettings):
         description="Where the tables live: a folder (local or mounted), or an object-storage URL such as "
         "s3://bucket/prefix (credentials and endpoint from AWS_* variables).",
     )
-    port: int = Field(50054, ge=0, le=65535, description="gRPC port (health only); 0 picks a free one.")
-    metrics_port: int = Field(9094, ge=0, le=65535, description="Prometheus /metrics port; 0 picks a free one.")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    port: ListenPort = 50054
+    metrics_port: MetricsPort = 9094
     group_id: str = Field(
         "tuneloop-store",
         min_length=1,

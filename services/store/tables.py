@@ -47,6 +47,17 @@ APP_PREFIX = "tuneloop.store"
 _MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 _TS = pa.timestamp("us", tz="UTC")
 _SOURCE = [("topic", pa.string()), ("partition", pa.int32()), ("offset", pa.int64())]
+# What a judgement says of itself; its pairs carry the same columns, so that training data
+# can be filtered like the judgements (tenant, project, who, what kind).
+_JUDGED = [
+    ("item_id", pa.string()),
+    ("tenant", pa.string()),
+    ("project", pa.string()),
+    ("source", pa.string()),
+    ("annotator_id", pa.string()),
+    ("kind", pa.string()),
+]
+_MARKED = [("calibration", pa.bool_()), ("anchor", pa.bool_()), ("created_at", _TS)]
 
 COMPLETIONS_SCHEMA = pa.schema(
     [
@@ -68,12 +79,7 @@ PAIRS_SCHEMA = pa.schema(
         ("row_id", pa.string()),
         ("event_id", pa.string()),
         ("source_event_ids", pa.list_(pa.string())),
-        ("item_id", pa.string()),
-        ("tenant", pa.string()),
-        ("project", pa.string()),
-        ("source", pa.string()),
-        ("annotator_id", pa.string()),
-        ("kind", pa.string()),
+        *_JUDGED,
         ("rule", pa.string()),
         ("label", pa.string()),
         ("prompt", pa.list_(_MESSAGE)),
@@ -87,9 +93,7 @@ PAIRS_SCHEMA = pa.schema(
         ("rejected_model", pa.string()),
         ("criteria", pa.list_(pa.string())),
         ("weight", pa.float64()),
-        ("calibration", pa.bool_()),
-        ("anchor", pa.bool_()),
-        ("created_at", _TS),
+        *_MARKED,
         *_SOURCE,
     ]
 )
@@ -97,21 +101,14 @@ PAIRS_SCHEMA = pa.schema(
 JUDGEMENTS_SCHEMA = pa.schema(
     [
         ("event_id", pa.string()),
-        ("item_id", pa.string()),
-        ("tenant", pa.string()),
-        ("project", pa.string()),
-        ("source", pa.string()),
-        ("annotator_id", pa.string()),
-        ("kind", pa.string()),
+        *_JUDGED,
         ("choice", pa.string()),
         ("score", pa.float64()),
         ("completion_ids", pa.list_(pa.string())),
         ("criteria", pa.list_(pa.string())),
         ("marks", pa.string()),
         ("comment", pa.string()),
-        ("calibration", pa.bool_()),
-        ("anchor", pa.bool_()),
-        ("created_at", _TS),
+        *_MARKED,
         # A rating's place among earlier ratings of its prompt (pairs.py); null otherwise.
         ("request_id", pa.string()),
         ("prompt_key", pa.string()),

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from tuneloop.common import broker as broker_mod
-from tuneloop.common.broker import BrokerError, LocalBroker, serves
+from tuneloop.common import local_kafka
 from tuneloop.common.kafka import (
     KafkaSettings,
     OffsetSnapshot,
@@ -18,11 +17,11 @@ from tuneloop.common.kafka import (
     ensure_topics,
     make_consumer,
     make_producer,
+    serves,
     snapshot_offsets,
 )
+from tuneloop.common.local_kafka import BrokerError, LocalBroker, free_port
 from typer.testing import CliRunner
-
-from tuneloop.common.broker import free_port
 
 # A guard against hanging, not a timing assertion: a healthy broker delivers in well under a second.
 POLL_GUARD_S = 60.0
@@ -179,15 +178,15 @@ def test_cli_starts_a_background_broker_that_status_and_stop_find(tmp_path: Path
     data_dir = str(tmp_path / "cli-broker")
     port, cport = free_port(), free_port()
     started = runner.invoke(
-        broker_mod.cli, ["start", "--port", str(port), "--controller-port", str(cport), "--data-dir", data_dir]
+        local_kafka.cli, ["start", "--port", str(port), "--controller-port", str(cport), "--data-dir", data_dir]
     )
     try:
         assert started.exit_code == 0, started.output
         assert started.stdout.strip() == f"127.0.0.1:{port}"
-        status = runner.invoke(broker_mod.cli, ["status", "--data-dir", data_dir])
+        status = runner.invoke(local_kafka.cli, ["status", "--data-dir", data_dir])
         assert status.exit_code == 0 and "serving at" in status.stdout
     finally:
-        stopped = runner.invoke(broker_mod.cli, ["stop", "--data-dir", data_dir])
+        stopped = runner.invoke(local_kafka.cli, ["stop", "--data-dir", data_dir])
     assert stopped.exit_code == 0, stopped.output
     assert not serves(f"127.0.0.1:{port}", timeout_s=0.5)
-    assert runner.invoke(broker_mod.cli, ["status", "--data-dir", data_dir]).exit_code == 1
+    assert runner.invoke(local_kafka.cli, ["status", "--data-dir", data_dir]).exit_code == 1

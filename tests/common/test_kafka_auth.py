@@ -27,7 +27,6 @@ from kafka.errors import (
 from pydantic import ValidationError
 
 from tests.support.kafka_security import kafka_env_of, make_tls, settings_from_env
-from tuneloop.common.broker import BrokerSecurity, LocalBroker, install, serves
 from tuneloop.common.kafka import (
     ALL_TOPICS,
     COMPLETIONS_TOPIC,
@@ -40,15 +39,18 @@ from tuneloop.common.kafka import (
     make_admin,
     make_consumer,
     make_producer,
+    serves,
 )
 from tuneloop.common.kafka_acls import (
     MODEL_WATCH_GROUP_PREFIX,
+    REWARD_WATCH_GROUP_PREFIX,
     SERVICE_ACLS,
     STORE_GROUP,
     kafka_acls,
     strimzi_acls,
     username,
 )
+from tuneloop.common.local_kafka import BrokerSecurity, LocalBroker, install
 
 REPO = Path(__file__).resolve().parents[2]
 STRIMZI = REPO / "deploy" / "strimzi"
@@ -130,6 +132,8 @@ def test_the_acl_groups_are_the_ones_the_services_use() -> None:
     assert StoreSettings.model_fields["group_id"].default == STORE_GROUP
     swap = (REPO / "services" / "generation" / "swap.py").read_text()
     assert 'f"{MODEL_WATCH_GROUP_PREFIX}' in swap
+    reward = (REPO / "services" / "reward" / "server.py").read_text()
+    assert 'f"{REWARD_WATCH_GROUP_PREFIX}' in reward
 
 
 # ---------------------------------------------------------------- a broker that asks for logins
@@ -279,6 +283,10 @@ def test_each_service_user_does_what_its_service_does(secured: Secured) -> None:
     assert _read(store, STORE_GROUP, FEEDBACK_TOPIC, b"feedback-" + marker)
     assert _read(store, STORE_GROUP, COMPLETIONS_TOPIC, b"completion-" + marker)
     assert _read(generation, f"{MODEL_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}", MODELS_TOPIC, b"model-" + marker)
+    # The workbench's promotions reach the reward service's own watch group.
+    reward, gateway = secured.settings("reward"), secured.settings("gateway")
+    _produce(gateway, MODELS_TOPIC, b"promoted-" + marker)
+    assert _read(reward, f"{REWARD_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}", MODELS_TOPIC, b"promoted-" + marker)
     # Topics already provisioned: ensure_topics only looks, which each service may.
     assert ensure_topics(feedback, [FEEDBACK_TOPIC]) == set()
     assert ensure_topics(store, [FEEDBACK_TOPIC, COMPLETIONS_TOPIC, FEEDBACK_DLQ_TOPIC]) == set()
@@ -295,6 +303,10 @@ def test_each_service_user_does_what_its_service_does(secured: Secured) -> None:
         ("generation", ("consume", FEEDBACK_TOPIC, f"{MODEL_WATCH_GROUP_PREFIX}x"), TopicAuthorizationFailedError),
         ("generation", ("consume", COMPLETIONS_TOPIC, f"{MODEL_WATCH_GROUP_PREFIX}x"), TopicAuthorizationFailedError),
         ("trainer", ("consume", MODELS_TOPIC, STORE_GROUP), GroupAuthorizationFailedError),
+        ("reward", ("consume", FEEDBACK_TOPIC, f"{REWARD_WATCH_GROUP_PREFIX}x"), TopicAuthorizationFailedError),
+        ("reward", ("consume", MODELS_TOPIC, f"{MODEL_WATCH_GROUP_PREFIX}x"), GroupAuthorizationFailedError),
+        ("gateway", ("produce", FEEDBACK_TOPIC), TopicAuthorizationFailedError),
+        ("gateway", ("consume", MODELS_TOPIC, f"{REWARD_WATCH_GROUP_PREFIX}x"), GroupAuthorizationFailedError),
         ("store", ("consume", FEEDBACK_TOPIC, "someone-elses-group"), GroupAuthorizationFailedError),
         ("feedback", ("create", "tuneloop.unprovisioned.v1"), TopicAuthorizationFailedError),
     ],

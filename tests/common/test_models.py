@@ -19,7 +19,9 @@ from transformers import (
 )
 from typer.testing import CliRunner
 
-from tuneloop.common.models import cli, import_minilm, import_smollm2, make_tiny
+from tuneloop.common.models_cli import cli
+from tuneloop.common.model_import import import_minilm, import_smollm2
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 
 
@@ -147,7 +149,7 @@ def test_tiny_reward_scores_ignore_padding_and_train(tiny: tuple[Path, Path]) ->
 
 
 def test_models_cli_is_cheap_to_import() -> None:
-    code = "import sys, tuneloop.common.models; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    code = "import sys, tuneloop.common.models_cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

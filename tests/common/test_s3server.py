@@ -1,4 +1,4 @@
-"""The S3 test server (tests/s3server.py) is a real S3 for delta-rs: commits, concurrent writers,
+"""The S3 test server (tests/support/s3server.py) is a real S3 for delta-rs: commits, concurrent writers,
 idempotent app transactions, time travel, delete and vacuum all work against it over HTTP."""
 
 from __future__ import annotations

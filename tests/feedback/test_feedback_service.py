@@ -18,9 +18,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from tuneloop.common.broker import free_port
+from tuneloop.common.local_kafka import free_port
 
-from tuneloop.common.broker import LocalBroker, install
+from tuneloop.common.local_kafka import LocalBroker, install
 from tuneloop.common.errors import field_of
 from tuneloop.common.grpc_server import GrpcServer
 from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from kafka import KafkaConsumer
 
 from tuneloop.common.kafka import FEEDBACK_TOPIC
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.gateway.auth import ACCESS, ROLES, ApiKey, KeyStore, authorize, hash_key
 from tuneloop.gateway.errors import ApiError

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.gateway.auth import hash_key
 from tuneloop.gateway.quotas import LIMITER_ERRORS, Limited, QuotaLimits, Quotas

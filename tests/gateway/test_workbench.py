@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.store.read import load_judgements
 from tuneloop.gateway.auth import hash_key

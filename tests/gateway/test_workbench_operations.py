@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from tuneloop.common.durable import file_sha256
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
 from tuneloop.gateway.auth import hash_key

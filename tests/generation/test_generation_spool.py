@@ -21,7 +21,7 @@ from tests.support.generation import (
     read_records,
     wait_for,
 )
-from tuneloop.common.broker import LocalBroker, install
+from tuneloop.common.local_kafka import LocalBroker, install
 from tuneloop.common.kafka import KafkaSettings
 from tuneloop.generation.completion_log import CompletionLog
 from tuneloop.generation.server import GenerationApp

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from tuneloop.common.models import tiny_tokenizer
+from tuneloop.common.tiny_models import tiny_tokenizer
 from tuneloop.common.settings import SettingsError, load_settings
 from tuneloop.generation.engines.text import TextTracker
 from tuneloop.generation.settings import GenerationSettings

@@ -841,7 +841,7 @@ def test_helm_test_pod_checks_every_service_for_real(health_targets):
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert healthy.stdout.count("ok  ") == 2
 
-    from tuneloop.common.broker import free_port
+    from tuneloop.common.local_kafka import free_port
 
     closed = f"127.0.0.1:{free_port()}"
     sick = run(
@@ -943,7 +943,7 @@ def _gpu_kafka_values() -> dict[str, Any]:
     return yaml.safe_load((CHART / "values-gpu.yaml").read_text())["kafka"]
 
 
-KAFKA_WORKLOADS = ("feedback", "generation", "store", "trainer")
+KAFKA_WORKLOADS = ("feedback", "generation", "store", "reward", "trainer", "gateway")
 
 
 @pytest.mark.parametrize("values", ["default", "gpu"])

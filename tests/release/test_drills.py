@@ -31,9 +31,9 @@ import grpc
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from tuneloop.common.broker import LocalBroker, install
+from tuneloop.common.local_kafka import LocalBroker, install
 from tuneloop.common.kafka import COMPLETIONS_TOPIC, KafkaSettings, end_offsets, ensure_topics, make_producer
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
 from tuneloop.store.read import current_snapshot, load_judgements, load_rows

@@ -26,8 +26,8 @@ import yaml
 from tests.support.kube import KubeControlPlane, helm
 from tests.support.redis_server import RedisServer
 from tests.support.release_harness import CHART, ApiAccess, Network, Release, can_run, render
-from tuneloop.common.broker import LocalBroker, install
-from tuneloop.common.models import make_tiny
+from tuneloop.common.local_kafka import LocalBroker, install
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.gateway.auth import hash_key
 from tuneloop.trainer import jobs

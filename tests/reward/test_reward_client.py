@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from tests.support.reward import in_process, metric, serving
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.reward.client import RewardClient, completion_text
 

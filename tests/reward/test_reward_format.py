@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tuneloop.common import reward_format as rf
-from tuneloop.common.models import tiny_tokenizer
+from tuneloop.common.tiny_models import tiny_tokenizer
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 

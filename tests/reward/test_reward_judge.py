@@ -24,9 +24,9 @@ from tests.support.generation import make_registry
 from tests.support.reward import request, serving
 from tests.support.preferences import GOOD, synthetic_rows
 from tuneloop.common import reward_format as rf
-from tuneloop.common.broker import free_port
+from tuneloop.common.local_kafka import free_port
 from tuneloop.common.kafka import COMPLETIONS_TOPIC, KafkaSettings, make_consumer
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.common.settings import SettingsError, load_settings
 from tuneloop.gateway.app import create_app

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tuneloop.common import reward_format as rf
 from tuneloop.common.errors import field_of
 from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, ensure_topics, make_producer
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.reward.formatting import to_proto_prompt
 from tuneloop.reward.server import build_server

@@ -404,7 +404,7 @@ def _rows_for_export(store: PreferenceStore, send: Sender) -> pd.DataFrame:
 def test_trl_dataset_in_trl_conversational_preference_format(store: PreferenceStore, send: Sender) -> None:
     from trl.data_utils import apply_chat_template, is_conversational
 
-    from tuneloop.common.models import tiny_tokenizer
+    from tuneloop.common.tiny_models import tiny_tokenizer
 
     rows = _rows_for_export(store, send)
     dropped = to_trl_dataset(rows)
@@ -432,7 +432,7 @@ def test_trl_dataset_is_accepted_by_dpo_trainer(store: PreferenceStore, send: Se
     from transformers import LlamaConfig, LlamaForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from tuneloop.common.models import tiny_tokenizer
+    from tuneloop.common.tiny_models import tiny_tokenizer
 
     dataset = to_trl_dataset(_rows_for_export(store, send), tie_policy="keep", both_bad_policy="keep")
     tok = tiny_tokenizer()

@@ -22,7 +22,7 @@ from urllib.parse import urlencode
 
 import pytest
 import yaml
-from tuneloop.common.broker import die_with_parent, free_port
+from tuneloop.common.local_kafka import die_with_parent, free_port
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient

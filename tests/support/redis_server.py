@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneloop.common.broker import free_port
+from tuneloop.common.local_kafka import free_port
 
 
 class RedisServer:

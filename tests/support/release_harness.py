@@ -52,7 +52,7 @@ from typing import Any
 
 import yaml
 
-from tuneloop.common.broker import die_with_parent
+from tuneloop.common.local_kafka import die_with_parent
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "tuneloop"

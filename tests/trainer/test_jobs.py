@@ -678,7 +678,7 @@ def test_record_promoted_version_outside_a_job_does_nothing():
 
 
 def test_an_unreachable_api_server_is_named(tmp_path):
-    from tuneloop.common.broker import free_port
+    from tuneloop.common.local_kafka import free_port
 
     path = tmp_path / "kubeconfig"
     server = f"http://127.0.0.1:{free_port()}"

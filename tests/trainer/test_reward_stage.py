@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.common.reward_format import prompt_key
 from tuneloop.trainer import reward_stage
@@ -89,22 +89,25 @@ def test_trains_above_chance_registers_and_promotes(tiny: Path, rows_file: Path,
     config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
 
     # Loaded as `tuneloop train reward --config reward.yaml --set seed=0` loads it.
-    out = reward_stage.run(load_config(RewardStageConfig, config_file, ["seed=0"]))
+    result = reward_stage.run(load_config(RewardStageConfig, config_file, ["seed=0"]))
+    out = result.registered
+    assert out is not None and result.stage == "reward" and result.steps == 12
 
-    heldout = out["metrics"]["heldout"]
-    assert out["promoted"] and out["refused_reason"] is None
-    assert heldout["accuracy"] >= 0.7 > out["metrics"]["heldout_before"]["accuracy"]
+    heldout = out.metrics["heldout"]
+    assert out.promoted and out.refused_reason is None
+    assert heldout["accuracy"] >= 0.7 > out.metrics["heldout_before"]["accuracy"]
     # Unanimous items are learnable; on 2:1 split items at most two of three votes can be right.
     assert heldout["pairs_unanimous"] > 0 and heldout["pairs_split"] > 0
     assert heldout["accuracy_unanimous"] == 1.0
     assert heldout["accuracy_split"] <= 2 / 3
-    rows = out["metrics"]["rows"]
+    rows = out.metrics["rows"]
     assert rows["tie"] > 0 and rows["dropped_tie"] == 0  # symmetric: kept as two orders
     assert rows["both_bad"] == rows["dropped_both_bad"] > 0
 
     registry = Registry(tmp_path / "registry")
-    assert registry.current("reward") == out["version"]
-    card = registry.card(out["ref"])
+    assert registry.current("reward") == out.version
+    assert result.model_dir == str(registry.resolve(out.ref))
+    card = registry.card(out.ref)
     assert card.kind == "reward"
     assert card.metrics["gate"]["passed"] is True
     assert card.training_config["ties"] == "symmetric"
@@ -118,34 +121,63 @@ def test_below_the_bar_is_registered_but_refused(tiny: Path, rows_file: Path, tm
     # Split items make a perfect held-out score impossible, so a bar of 1.0 must refuse.
     out = reward_stage.run(
         _config(tiny, rows_file, tmp_path / "registry", base_model="reward@production", min_accuracy=1.0, max_steps=2)
-    )
+    ).registered
 
-    assert out["promoted"] is False
-    assert "below min_accuracy=1.0" in out["refused_reason"]
+    assert out is not None and out.promoted is False
+    assert out.refused_reason is not None and "below min_accuracy=1.0" in out.refused_reason
     assert registry.current("reward") == baseline
-    card = registry.card(out["ref"])
+    card = registry.card(out.ref)
     assert card.parent == f"reward@{baseline}"
     assert card.metrics["gate"] == {
         "min_accuracy": 1.0,
         "min_eval_pairs": 5,
         "passed": False,
-        "refused_reason": out["refused_reason"],
+        "refused_reason": out.refused_reason,
     }
+
+
+def test_lora_trains_the_adapters_and_the_head_and_registers_a_plain_model(
+    tiny: Path, rows_file: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    from tuneloop.reward.scorer import ModelScorer, agreement_with_labels
+    from tuneloop.v1 import completion_pb2
+
+    config = load_config(RewardStageConfig, None, [
+        f"base_model={tiny}", f"dataset_path={rows_file}", f"registry_root={tmp_path / 'registry'}",
+        "learning_rate=3e-3", "max_steps=12", "batch_size=8", "min_eval_pairs=5", "min_accuracy=0.7",
+        "lora.enabled=true", "lora.r=8", "lora.alpha=16",
+    ])
+    out = reward_stage.run(config).registered
+    assert out is not None and out.promoted, out.refused_reason
+
+    # The adapters are merged: the version is an ordinary model, as the Reward service loads it.
+    folder = Registry(tmp_path / "registry").resolve(out.ref)
+    assert not (folder / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert not [n for n, _ in model.named_parameters() if "lora" in n]
+    scorer = ModelScorer(folder, completion_pb2.ModelVersion(), "cpu", 512)
+    _, held = split_by_prompt(synthetic_rows(), 0.2, seed=0)
+    served = agreement_with_labels(held, scorer)
+    assert served["pairs"] == out.metrics["heldout"]["pairs"]
+    assert served["accuracy"] == pytest.approx(out.metrics["heldout"]["accuracy"], abs=1 / served["pairs"])
+    assert Registry(tmp_path / "registry").card(out.ref).training_config["lora"]["enabled"] is True
 
 
 @pytest.mark.heavy
 def test_minilm_backbone_trains_and_scores_like_the_service(rows_file: Path, tmp_path: Path) -> None:
-    from tuneloop.common.models import import_minilm
+    from tuneloop.common.model_import import import_minilm
     from tuneloop.reward.scorer import ModelScorer, agreement_with_labels
     from tuneloop.v1 import completion_pb2
 
     folder = import_minilm(tmp_path / "minilm")
     out = reward_stage.run(
         _config(folder, rows_file, tmp_path / "registry", base_model=str(folder), learning_rate=5e-5, max_steps=20)
-    )
-    assert out["promoted"], out["refused_reason"]
+    ).registered
+    assert out is not None and out.promoted, out.refused_reason
     # The registered model scores the held-out rows the same through the service's scorer.
     registry = Registry(tmp_path / "registry")
-    scorer = ModelScorer(registry.resolve(out["ref"]), completion_pb2.ModelVersion(), "cpu", 512)
+    scorer = ModelScorer(registry.resolve(out.ref), completion_pb2.ModelVersion(), "cpu", 512)
     _, held = split_by_prompt(synthetic_rows(), 0.2, seed=0)
-    assert agreement_with_labels(held, scorer) == out["metrics"]["heldout"]
+    assert agreement_with_labels(held, scorer) == out.metrics["heldout"]

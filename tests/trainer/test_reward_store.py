@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tests.support.store import Sender, cid, completion, drive, event, rows_of
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.store.consumer import PreferenceStore
 from tuneloop.store.read import current_snapshot
@@ -53,12 +53,13 @@ def test_stage_trains_on_a_store_snapshot_and_records_it(
         min_eval_pairs=1,
         eval_fraction=0.25,
     )
-    out = run(config)
+    out = run(config).registered
+    assert out is not None
 
-    metrics = out["metrics"]
+    metrics = out.metrics
     assert metrics["data"] == snap
     assert metrics["train_prompts"] + metrics["eval_prompts"] == 8
-    card = Registry(tmp_path / "registry").card(out["ref"])
+    card = Registry(tmp_path / "registry").card(out.ref)
     assert card.dataset_snapshot == held.offsets
     assert sum(held.offsets[store_settings.feedback_topic].values()) == 13  # all read, acme's trained on
     assert card.training_config["snapshot"] == snap

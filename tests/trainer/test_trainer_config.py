@@ -85,8 +85,24 @@ def test_example_retrain_config_is_valid() -> None:
     assert config.algorithm == "dpo" and config.reward_model is not None
     with pytest.raises(ConfigError, match="reward_model"):
         load_config(RetrainConfig, ROOT / "examples" / "retrain.yaml", ["reward_model.min_accuracy=2"])
-    with pytest.raises(ConfigError, match="set by the pipeline"):
+    # The pipeline owns the reward model's data: reward_model is typed and names what it refuses.
+    with pytest.raises(ConfigError, match=r"reward_model\.store_root: Extra inputs are not permitted"):
         load_config(RetrainConfig, ROOT / "examples" / "retrain.yaml", ["reward_model.store_root=/x"])
+    with pytest.raises(ConfigError, match=r"reward_model\.bogus: Extra inputs are not permitted"):
+        load_config(RetrainConfig, ROOT / "examples" / "retrain.yaml", ["reward_model.bogus=1"])
+    lora = load_config(RetrainConfig, ROOT / "examples" / "retrain.yaml", ["reward_model.lora.enabled=true"])
+    assert lora.reward_model is not None and lora.reward_model.lora.enabled
+
+
+def test_ties_and_both_bad_are_dropped_from_policy_training() -> None:
+    """DPO and online RL read preference pairs only: 'keep' would keep rows that are then
+    dropped, so the config refuses it, naming the field."""
+    assert load_config(DPOStageConfig, None, [*BASE, "preferences.tie_policy=drop"]).preferences.tie_policy == "drop"
+    for field in ("tie_policy", "both_bad_policy"):
+        with pytest.raises(ConfigError, match=rf"preferences\.{field}: .*'keep' is not supported"):
+            load_config(DPOStageConfig, None, [*BASE, f"preferences.{field}=keep"])
+        with pytest.raises(ConfigError, match=rf"preferences\.{field}:"):
+            load_config(RetrainConfig, ROOT / "examples" / "retrain.yaml", [f"preferences.{field}=keep"])
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tuneloop.common.broker import free_port
-from tuneloop.common.models import make_tiny
+from tuneloop.common.local_kafka import free_port
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer.config import DPOStageConfig, load_config
 from tuneloop.trainer.stages import run_dpo
 

@@ -32,8 +32,8 @@ from tests.support.chart import (
     name_of,
     render,
 )
-from tuneloop.common.broker import free_port
-from tuneloop.common.models import make_tiny
+from tuneloop.common.local_kafka import free_port
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 
 pytestmark = pytest.mark.skipif(not HELM.exists(), reason=f"helm not built at {HELM} (run `make setup`)")

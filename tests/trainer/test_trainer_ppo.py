@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer import ppo_math as pm
 from tuneloop.trainer.config import ConfigError, PPOParams, PPOStageConfig, load_config
 from tuneloop.trainer.ppo import PPOTrainer

