@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export VLLM_CACHE_ROOT := $(CURDIR)/.tuneloop/cache/vllm
 
 
-.PHONY: setup proto docs chart-schema test test-heavy drill demo bench lint-chart clean
+.PHONY: setup proto docs chart-schema test test-heavy drill demo bench clean
 
 setup:
 	@scripts/setup.sh

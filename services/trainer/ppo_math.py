@@ -3,7 +3,7 @@
 Every function takes `[batch, response_tokens]` tensors and a 0/1 `mask` of the same shape
 that marks real response tokens (padding after the end of a response is 0). Nothing here
 touches a model, so each formula can be checked against numbers worked out by hand
-(tests/test_ppo_math.py).
+(tests/trainer/test_ppo_math.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@
 Everything a run makes stays in its run folder: config.yaml, the criteria file as
 declared (criteria.yaml, its SHA-256 in state.json), state.json (each finished step and its
 outcome), the training stage's checkpoints and metrics, eval_before.json, eval_after.json,
-verdict.json, report.json, report.md and plots. `production` changes in one place only, the
+verdict.json, report.json, report.md (with every held-out answer and probe of parent and
+candidate side by side), answers.json (the same pairs as data) and plots (checkpoints.png
+when several checkpoints were evaluated). `production` changes in one place only, the
 last step, so a failed or killed run never changes what is served. A run resumes from its
 folder: finished steps are skipped, training continues from its last checkpoint, the same
 snapshot and the same criteria (a changed criteria file fails the resume).
