@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from pathlib import Path
@@ -54,6 +55,20 @@ def render() -> str:
     return "\n".join(out)
 
 
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out", nargs="?", type=Path, default=ROOT / "docs" / "configuration.md", help="File to write.")
+    parser.add_argument("--check", action="store_true", help="Write nothing; exit 1 when the file is stale.")
+    args = parser.parse_args()
+    text = render()
+    if args.check:
+        if not args.out.is_file() or args.out.read_text() != text:
+            print(f"{args.out} is stale: run `make docs`", file=sys.stderr)
+            return 1
+        return 0
+    args.out.write_text(text)
+    return 0
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "docs" / "configuration.md"
-    target.write_text(render())
+    sys.exit(main())

@@ -131,6 +131,20 @@ class Generation(Strict):
     max_new_tokens: int = Field(64, ge=1, description="Greedy tokens per answer.")
     batch_size: int = Field(16, ge=1, description="Prompts per generate call (left padding).")
     system_prompt: str | None = Field(None, description="System message put before every prompt.")
+    engine: Literal["auto", "vllm", "transformers"] = Field(
+        "auto",
+        description=(
+            "What generates the answers: vllm (fp32, the same greedy answers as transformers, several times "
+            "faster once started, but a start costs 20-70 s on a CPU), transformers (`generate`, batched), or "
+            "auto: vLLM when it is installed, can run the model here and the model has at least "
+            "vllm_min_parameters parameters, else transformers."
+        ),
+    )
+    vllm_min_parameters: int = Field(
+        50_000_000,
+        ge=0,
+        description="auto: models with fewer parameters are answered by transformers, which finishes before vLLM has started.",
+    )
 
 
 class Criteria(Strict):

@@ -1,22 +1,31 @@
-"""Evaluating a model folder on a criteria file: greedy answers (transformers, batched,
-left padding), the checks of `criteria.py`, reward scores, and KL to a reference model."""
+"""Evaluating a model folder on a criteria file: greedy answers, the checks of
+`criteria.py`, reward scores, and KL to a reference model.
+
+Answers come from vLLM (fp32, see `vllm_generator.py`) or transformers `generate` (batched,
+left padding), as the criteria file's `generation.engine` says; both give the same greedy
+tokens, and the answer's token ids end at its first eos either way."""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tuneloop.trainer import criteria as cr
+from tuneloop.trainer.config import ConfigError
 from tuneloop.trainer.modeling import load_policy, load_tokenizer
 from tuneloop.trainer.rewards import RewardFunc
+
+if TYPE_CHECKING:
+    from tuneloop.trainer.vllm_generator import VllmGenerator
 
 log = logging.getLogger(__name__)
 
 Messages = list[dict[str, str]]
+Answer = tuple[str, list[int]]
 
 
 def _messages(prompt: str, spec: cr.Generation) -> Messages:
@@ -24,19 +33,35 @@ def _messages(prompt: str, spec: cr.Generation) -> Messages:
     return [*system, {"role": "user", "content": prompt}]
 
 
-def _encode(tokenizer: Any, prompts: list[Messages]) -> dict[str, torch.Tensor]:
+def _texts(tokenizer: Any, prompts: list[Messages]) -> tuple[list[str], bool]:
+    """Prompt texts, and whether the tokenizer adds its special tokens (not after a chat template)."""
     if tokenizer.chat_template:
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
-        return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    texts = ["\n".join(m["content"] for m in p) for p in prompts]
-    return tokenizer(texts, return_tensors="pt", padding=True)
+        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts], False
+    return ["\n".join(m["content"] for m in p) for p in prompts], True
+
+
+def _encode(tokenizer: Any, prompts: list[Messages]) -> dict[str, torch.Tensor]:
+    texts, special = _texts(tokenizer, prompts)
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=special)
+
+
+def prompt_ids(tokenizer: Any, prompts: list[Messages]) -> list[list[int]]:
+    """Each prompt's token ids, unpadded: what `_encode` feeds `generate`, less the padding."""
+    texts, special = _texts(tokenizer, prompts)
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+
+def _answer(tokenizer: Any, row: list[int]) -> Answer:
+    eos = tokenizer.eos_token_id
+    ids = row[: row.index(eos) + 1] if eos in row else row
+    answer = [t for t in ids if t != tokenizer.pad_token_id]
+    return tokenizer.decode(answer, skip_special_tokens=True).strip(), answer
 
 
 @torch.no_grad()
-def generate(model: Any, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> list[tuple[str, list[int]]]:
-    """Greedy (answer text, answer token ids) per prompt; token ids stop at the first eos."""
-    out: list[tuple[str, list[int]]] = []
-    eos = tokenizer.eos_token_id
+def generate(model: Any, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> list[Answer]:
+    """Greedy (answer text, answer token ids) per prompt with transformers; token ids stop at the first eos."""
+    out: list[Answer] = []
     for start in range(0, len(prompts), spec.batch_size):
         enc = _encode(tokenizer, prompts[start : start + spec.batch_size]).to(model.device)
         generated = model.generate(
@@ -44,13 +69,52 @@ def generate(model: Any, tokenizer: Any, prompts: list[Messages], spec: cr.Gener
             do_sample=False,
             max_new_tokens=spec.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=eos,
+            eos_token_id=tokenizer.eos_token_id,
         )
-        for row in generated[:, enc["input_ids"].shape[1] :].tolist():
-            ids = row[: row.index(eos) + 1] if eos in row else row
-            answer = [t for t in ids if t != tokenizer.pad_token_id]
-            out.append((tokenizer.decode(answer, skip_special_tokens=True).strip(), answer))
+        out += [_answer(tokenizer, row) for row in generated[:, enc["input_ids"].shape[1] :].tolist()]
     return out
+
+
+def generate_vllm(engine: VllmGenerator, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> list[Answer]:
+    """`generate`'s answers, through a vLLM engine: the same prompt tokens, the same eos, and
+    decoded here as there, so the text matches too."""
+    rows = engine.generate(prompt_ids(tokenizer, prompts), spec.max_new_tokens, tokenizer.eos_token_id)
+    return [_answer(tokenizer, row) for row in rows]
+
+
+def choose_engine(spec: cr.Generation, model_dir: Path | str) -> str:
+    """What answers with `model_dir` under `spec.engine`: "vllm" or "transformers".
+    auto logs why it does not take vLLM; vllm fails (ConfigError) when vLLM cannot run here."""
+    if spec.engine == "transformers":
+        return "transformers"
+    from tuneloop.trainer.vllm_generator import parameter_count, unusable_reason
+
+    reason = unusable_reason(model_dir)
+    if spec.engine == "vllm":
+        if reason is not None:
+            raise ConfigError(f"generation.engine is vllm, but vLLM cannot answer with {model_dir}: {reason}")
+        return "vllm"
+    if reason is None and (count := parameter_count(model_dir)) < spec.vllm_min_parameters:
+        reason = (
+            f"the model has {count:,} parameters, fewer than generation.vllm_min_parameters "
+            f"({spec.vllm_min_parameters:,}): transformers answers before vLLM would have started"
+        )
+    if reason is not None:
+        log.info("generation.engine auto: answering with transformers, not vLLM: %s", reason)
+        return "transformers"
+    return "vllm"
+
+
+def start_engine(model_dir: Path | str, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> VllmGenerator:
+    """A vLLM engine sized for answering `prompts` (all at once) under `spec`."""
+    from tuneloop.trainer.vllm_generator import VllmGenerator
+
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts)]
+    return VllmGenerator(
+        model_dir,
+        max_model_len=max(lengths) + spec.max_new_tokens,
+        kv_tokens=sum(lengths) + len(lengths) * spec.max_new_tokens,
+    )
 
 
 @torch.no_grad()
@@ -81,13 +145,21 @@ def kl_to_reference(
     return total / len(prompts)
 
 
-def answer(
-    model: Any, tokenizer: Any, spec: cr.Criteria, held_out: list[str]
-) -> tuple[list[tuple[str, list[int]]], list[tuple[str, list[int]]]]:
-    """Greedy answers to `held_out` and to every probe of `spec`, in one batched pass."""
+def criteria_prompts(spec: cr.Criteria, held_out: list[str]) -> tuple[list[Messages], list[Messages]]:
     held = [_messages(p, spec.generation) for p in held_out]
-    probes = [_messages(p.prompt, spec.generation) for p in spec.probes.items]
-    answers = generate(model, tokenizer, held + probes, spec.generation)
+    return held, [_messages(p.prompt, spec.generation) for p in spec.probes.items]
+
+
+def answer(
+    model: Any, tokenizer: Any, spec: cr.Criteria, held_out: list[str], *, engine: VllmGenerator | None = None
+) -> tuple[list[Answer], list[Answer]]:
+    """Greedy answers to `held_out` and to every probe of `spec`, in one batched pass: by
+    `engine` when given (`model` is then not used), else by `model` with transformers."""
+    held, probes = criteria_prompts(spec, held_out)
+    if engine is not None:
+        answers = generate_vllm(engine, tokenizer, held + probes, spec.generation)
+    else:
+        answers = generate(model, tokenizer, held + probes, spec.generation)
     return answers[: len(held)], answers[len(held) :]
 
 
@@ -106,9 +178,15 @@ def evaluate(
     started = time.monotonic()
     spec = criteria if isinstance(criteria, cr.Criteria) else cr.load_criteria(Path(criteria))
     tokenizer = load_tokenizer(Path(model_dir), padding_side="left")
-    model = load_policy(Path(model_dir)).eval()
-
-    held_answers, probe_answers = answer(model, tokenizer, spec, spec.held_out_prompts)
+    engine_name = choose_engine(spec.generation, model_dir)
+    model = None
+    if engine_name == "vllm":
+        held, probes = criteria_prompts(spec, spec.held_out_prompts)
+        with start_engine(model_dir, tokenizer, held + probes, spec.generation) as engine:
+            held_answers, probe_answers = answer(None, tokenizer, spec, spec.held_out_prompts, engine=engine)
+    else:
+        model = load_policy(Path(model_dir)).eval()
+        held_answers, probe_answers = answer(model, tokenizer, spec, spec.held_out_prompts)
     held = [_messages(p, spec.generation) for p in spec.held_out_prompts]
     texts = [a for a, _ in held_answers]
 
@@ -118,6 +196,8 @@ def evaluate(
 
     kl = None
     if reference_dir is not None:
+        # Loaded after vLLM has stopped: the two never hold the weights at once.
+        model = model if model is not None else load_policy(Path(model_dir)).eval()
         reference = load_policy(Path(reference_dir)).eval()
         kl = kl_to_reference(model, reference, tokenizer, held, [ids for _, ids in held_answers], spec.generation.batch_size)
         del reference
@@ -140,5 +220,6 @@ def evaluate(
         "reward_mean": sum(rewards) / len(rewards) if reward_func is not None else None,  # type: ignore[arg-type]
         "kl_to_reference": kl,
         "probe_pass_rate": sum(p["passed"] for p in probe_rows) / len(probe_rows) if probe_rows else None,
+        "engine": engine_name,
         "seconds": round(time.monotonic() - started, 2),
     }

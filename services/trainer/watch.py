@@ -34,32 +34,94 @@ log = logging.getLogger(__name__)
 EvalFn = Callable[[Any], float]
 
 
-def criteria_eval(criteria_path: Path, model_ref: Path, prompts: int) -> EvalFn:
+def _vllm_refusal(model: Any) -> str | None:
+    """Why the live model cannot be handed to a vLLM engine by saving its weights."""
+    if hasattr(model, "peft_config"):
+        # vLLM would need merged weights; merging in place and back would round the base
+        # weights being trained.
+        return "the model trains LoRA adapters"
+    if not hasattr(model, "save_pretrained"):
+        return f"{type(model).__name__} cannot be saved as a model folder"
+    return None
+
+
+class CriteriaEval:
     """Eval metric from a criteria file: the mean of each behaviour check's pass rate and the
-    probes' pass rate, on the first `prompts` held-out prompts plus every probe, greedy."""
-    from tuneloop.trainer import criteria as cr
-    from tuneloop.trainer.evaluate import answer
-    from tuneloop.trainer.modeling import load_tokenizer
+    probes' pass rate, on the first `prompts` held-out prompts plus every probe, greedy.
 
-    spec = cr.load_criteria(criteria_path)
-    held = spec.held_out_prompts[:prompts]
-    tokenizer = load_tokenizer(model_ref, padding_side="left")
+    With vLLM (the criteria's `generation.engine`), one engine answers every measurement of
+    the stage: it starts at the first one, and before each the live model's weights are saved
+    to a scratch folder and loaded into it in place (about a second for a 135M model, against
+    tens of seconds for a start). `close()` stops it (the watch does at the end of training).
+    """
 
-    def measure(model: Any) -> float:
-        was_training = model.training
-        model.eval()
-        try:
-            held_answers, probe_answers = answer(model, tokenizer, spec, held)
-        finally:
-            model.train(was_training)
+    def __init__(self, criteria_path: Path, model_ref: Path, prompts: int) -> None:
+        from tuneloop.trainer import criteria as cr
+        from tuneloop.trainer.distributed import world_size
+        from tuneloop.trainer.evaluate import choose_engine
+        from tuneloop.trainer.modeling import load_tokenizer
+
+        self.spec = cr.load_criteria(criteria_path)
+        self.held = self.spec.held_out_prompts[:prompts]
+        self.model_ref = model_ref
+        self.tokenizer = load_tokenizer(model_ref, padding_side="left")
+        self.engine_name = choose_engine(self.spec.generation, model_ref)
+        if self.engine_name == "vllm" and world_size() > 1:
+            # Every process measures; one engine each would share the cores several ways.
+            log.info("watch: measuring with transformers, not vLLM: %d training processes", world_size())
+            self.engine_name = "transformers"
+        self._engine: Any = None
+        self._scratch: Any = None
+
+    def _vllm_answers(self, model: Any) -> Any:
+        import tempfile
+
+        from tuneloop.trainer.evaluate import answer, criteria_prompts, start_engine
+
+        if self._engine is None:
+            self._scratch = tempfile.TemporaryDirectory(prefix="watch-weights-")
+            held, probes = criteria_prompts(self.spec, self.held)
+            self._engine = start_engine(self.model_ref, self.tokenizer, held + probes, self.spec.generation)
+        scratch = Path(self._scratch.name)
+        model.save_pretrained(scratch, safe_serialization=True)
+        self._engine.load_weights(scratch)
+        return answer(None, self.tokenizer, self.spec, self.held, engine=self._engine)
+
+    def __call__(self, model: Any) -> float:
+        from tuneloop.trainer import criteria as cr
+        from tuneloop.trainer.evaluate import answer
+
+        if self.engine_name == "vllm" and (reason := _vllm_refusal(model)) is not None:
+            log.info("watch: measuring with transformers, not vLLM: %s", reason)
+            self.engine_name = "transformers"
+        if self.engine_name == "vllm":
+            held_answers, probe_answers = self._vllm_answers(model)
+        else:
+            was_training = model.training
+            model.eval()
+            try:
+                held_answers, probe_answers = answer(model, self.tokenizer, self.spec, self.held)
+            finally:
+                model.train(was_training)
         texts = [a for a, _ in held_answers]
-        scores = [cr.pass_rate(c, texts) for c in spec.behaviour]
-        if spec.probes.items:
-            right = [cr.probe_passes(p, a) for p, (a, _) in zip(spec.probes.items, probe_answers, strict=True)]
+        scores = [cr.pass_rate(c, texts) for c in self.spec.behaviour]
+        if self.spec.probes.items:
+            right = [cr.probe_passes(p, a) for p, (a, _) in zip(self.spec.probes.items, probe_answers, strict=True)]
             scores.append(sum(right) / len(right))
         return sum(scores) / len(scores) if scores else 0.0
 
-    return measure
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
+
+
+def criteria_eval(criteria_path: Path, model_ref: Path, prompts: int) -> CriteriaEval:
+    """The watch's default eval metric (see `CriteriaEval`)."""
+    return CriteriaEval(criteria_path, model_ref, prompts)
 
 
 class HackingWatch(TrainerCallback):
@@ -155,3 +217,9 @@ class HackingWatch(TrainerCallback):
         self.due = False
         if self.should_stop(found):
             control.should_training_stop = True
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # A vLLM engine behind the eval metric holds a copy of the model and processes.
+        close = getattr(self.eval_fn, "close", None)
+        if close is not None:
+            close()
