@@ -1,4 +1,5 @@
-{{/* The retrain Job spec, shared by the CronJob's jobTemplate and the one-off Job. */}}
+{{/* The retrain Job spec, shared by the CronJob's jobTemplate, the one-off Job and the
+JobSet's replicated Job (trainer.workload=jobset). */}}
 {{- define "tuneloop.trainer.jobSpec" -}}
 {{- $t := .Values.trainer }}
 {{- $ctx := dict "root" . "name" "trainer" }}
@@ -6,16 +7,19 @@
 {{- $storeVolume := not (include "tuneloop.storeOnObjectStorage" .) }}
 {{- $nodes := int $t.nodes }}
 {{- $perNode := int $t.processesPerNode }}
+{{- $jobset := include "tuneloop.trainer.onJobSet" . }}
 {{- if gt $nodes 1 }}
 # One pod per node; pod 0 runs the pipeline and hosts the torchrun rendezvous, found at its
-# stable name <job>-0.<headless service>.
+# stable name: <job>-0.<headless service>, or in a JobSet <jobset>-<replicated job>-0-0.<jobset>.
 completionMode: Indexed
 completions: {{ $nodes }}
 parallelism: {{ $nodes }}
 {{- end }}
 backoffLimit: {{ $t.backoffLimit }}
 activeDeadlineSeconds: {{ $t.activeDeadlineSeconds }}
+{{- if not $jobset }}
 ttlSecondsAfterFinished: {{ $t.ttlSecondsAfterFinished }}
+{{- end }}
 # A preempted or drained GPU node is not the run's fault: retry without spending the backoff.
 podFailurePolicy:
   rules:
@@ -37,7 +41,7 @@ template:
       {{- end }}
   spec:
     restartPolicy: Never
-    {{- if gt $nodes 1 }}
+    {{- if and (gt $nodes 1) (not $jobset) }}
     subdomain: {{ include "tuneloop.componentName" $ctx }}
     {{- end }}
     serviceAccountName: {{ include "tuneloop.trainerServiceAccountName" . }}
@@ -110,8 +114,19 @@ template:
             valueFrom:
               fieldRef:
                 fieldPath: metadata.annotations['batch.kubernetes.io/job-completion-index']
+          {{- if $jobset }}
+          # The JobSet controller names its headless Service (the pods' subdomain) after the
+          # JobSet, and its replicated Job's pods <jobset>-<replicated job>-<job index>-<pod index>.
+          - name: JOBSET_NAME
+            valueFrom:
+              fieldRef:
+                fieldPath: metadata.labels['jobset.sigs.k8s.io/jobset-name']
+          - name: TUNELOOP_TRAINER_RENDEZVOUS_ENDPOINT
+            value: {{ printf "$(JOBSET_NAME)-%s-0-0.$(JOBSET_NAME):%d" (include "tuneloop.trainer.replicatedJob" .) (int $t.rendezvousPort) | quote }}
+          {{- else }}
           - name: TUNELOOP_TRAINER_RENDEZVOUS_ENDPOINT
             value: {{ printf "$(TUNELOOP_TRAINER_JOB_NAME)-0.%s:%d" (include "tuneloop.componentName" $ctx) (int $t.rendezvousPort) | quote }}
+          {{- end }}
           # Unique per Job, also when a Job of the same name is made again.
           - name: TUNELOOP_TRAINER_RENDEZVOUS_ID
             valueFrom:
@@ -162,7 +177,7 @@ template:
       - name: dshm
         emptyDir:
           medium: Memory
-          sizeLimit: {{ $t.shmSize }}
+          sizeLimit: {{ include "tuneloop.trainer.shmSize" . }}
       {{- end }}
       - name: config
         configMap:
@@ -181,7 +196,7 @@ template:
           claimName: {{ include "tuneloop.runsClaimName" . }}
 {{- end }}
 
-{{/* trainer.resources, with its nvidia.com/gpu (per process) times processesPerNode. */}}
+{{/* trainer.resources, with its GPUs (nvidia.com/gpu, amd.com/gpu: per process) times processesPerNode. */}}
 {{- define "tuneloop.trainer.resources" -}}
 {{- $t := .Values.trainer }}
 {{- $perNode := int $t.processesPerNode }}
@@ -192,7 +207,7 @@ template:
 {{- range $kind, $amounts := $t.resources }}
 {{- $scaled := dict }}
 {{- range $name, $amount := $amounts }}
-{{- if eq $name "nvidia.com/gpu" }}
+{{- if hasSuffix "/gpu" $name }}
 {{- $_ := set $scaled $name (mul (int $amount) $perNode) }}
 {{- else }}
 {{- $_ := set $scaled $name $amount }}
@@ -202,4 +217,26 @@ template:
 {{- end }}
 {{- toYaml $out }}
 {{- end }}
+{{- end }}
+
+{{/* /dev/shm for the pod: trainer.shmSize is per process (the collectives and the data
+loaders of each process share it). The schema keeps it a whole number of Ki, Mi or Gi. */}}
+{{- define "tuneloop.trainer.shmSize" -}}
+{{- $t := .Values.trainer }}
+{{- if kindIs "string" $t.shmSize }}
+{{- $amount := regexFind "^[0-9]+" $t.shmSize }}
+{{- printf "%d%s" (mul (int64 $amount) (int64 $t.processesPerNode)) (trimPrefix $amount $t.shmSize) }}
+{{- else }}
+{{- mul (int64 $t.shmSize) (int64 $t.processesPerNode) }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when the retrain runs as a JobSet (trainer.workload), empty otherwise. */}}
+{{- define "tuneloop.trainer.onJobSet" -}}
+{{- if eq (toString (.Values.trainer.workload | default "job")) "jobset" }}true{{ end }}
+{{- end }}
+
+{{/* The JobSet's one replicated Job: its name is part of every pod's hostname. */}}
+{{- define "tuneloop.trainer.replicatedJob" -}}
+node
 {{- end }}
