@@ -180,6 +180,30 @@ DPOLoss = Literal[
 ]  # fmt: skip
 
 
+class ReplayParams(Strict):
+    """Replay against forgetting (replay.py): the parent's own greedy answers to general
+    prompts, kept by an NLL term beside the preference loss."""
+
+    prompts: Path | None = Field(
+        None,
+        description="JSONL of general prompts, one {'prompt': str} or {'messages': [...]} per line; the parent "
+        "answers each once before training (greedy, its chat template; kept in output_dir/replay_answers.jsonl, "
+        "reused on resume) and the loss becomes DPO loss + weight x mean token NLL of the policy on (prompt, "
+        "parent's answer). Never the criteria's held-out prompts or probes: a prompt equal to one is refused. "
+        "Unset: no replay.",
+    )
+    weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the replay NLL beside the preference loss. 0: the NLL is only measured and logged "
+        "(replay_nll), a gauge of forgetting that does not train.",
+    )
+    max_new_tokens: int = Field(128, ge=1, description="Most greedy tokens of each parent answer.")
+    batch_size: int = Field(
+        4, ge=1, description="Replay rows drawn (seeded by seed and step) per device per micro-step."
+    )
+
+
 class DPOParams(TrainParams):
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate (DPO wants small ones on full models).")
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL to the reference model.")
@@ -190,6 +214,11 @@ class DPOParams(TrainParams):
         None,
         description="Reference model (folder or registry ref); unset: a frozen copy of the starting model "
         "(with LoRA: the base model with adapters off).",
+    )
+    replay: ReplayParams = Field(
+        default_factory=ReplayParams,
+        description="Replay of the parent's answers to general prompts (an NLL term against forgetting); off "
+        "unless replay.prompts is set.",
     )
 
 
@@ -363,6 +392,21 @@ class PreferenceSource(Strict):
         "users' feedback, 1 for annotators'; a file's own column) in DPO and the reward model: TRL has no "
         "per-row loss weight, so a row of weight 2 is drawn twice as often as one of 1, and one of 0 never. "
         "False: every row counts alike.",
+    )
+    cut_answers: Literal["drop", "keep", "drop_if_chosen_cut"] = Field(
+        "drop",
+        description="Pairs with an answer cut at the token limit (the store's chosen_cut/rejected_cut, from the "
+        "completion's finish_reason 'length'; a file's own columns), in policy training: 'drop' leaves out a "
+        "pair where either answer was cut, 'drop_if_chosen_cut' only one whose chosen answer was cut, 'keep' "
+        "trains on all. Such pairs teach the length at which answers stop rather than the preference. Pairs "
+        "whose answers did not say (rows stored before the store kept it, files without the columns) are kept.",
+    )
+    max_pairs_per_prompt: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many pairs of one prompt in policy training (null: no cap), so a few prompts "
+        "judged many times do not dominate. Which pairs stay is drawn with the training's seed, the same for "
+        "the same snapshot and seed; applied after ties, both-bad and cut pairs are left out.",
     )
 
     @field_validator("store_root", mode="before")

@@ -272,10 +272,15 @@ def run_sft(config: SFTStageConfig, *, resume: bool = False) -> StageResult:
 
 def run_dpo_on(params: DPOParams, data: StageData, run: StageRun) -> StageResult:
     """DPO of `run.model` on `data.preferences` (a TRL preference dataset). A `weight` column
-    sets how often each row is drawn (weighting.py)."""
+    sets how often each row is drawn (weighting.py); `replay.prompts` adds the replay NLL
+    term (replay.py)."""
     from trl import DPOConfig, DPOTrainer
 
+    from tuneloop.trainer import replay as rp
+
     dataset = data.pairs("dpo")
+    # Before anything loads: a replay prompt that is also a criteria prompt fails at once.
+    replay_prompts = rp.replay_prompts(params.replay, params.watch.criteria or run.criteria)
     model, tokenizer, _, observers = _setup(params, run, "dpo")
     ref_model = load_policy(resolve(params.reference, run.registry_root)) if params.reference else None
     loss_type = params.loss_type if isinstance(params.loss_type, list) else [params.loss_type]
@@ -288,7 +293,15 @@ def run_dpo_on(params: DPOParams, data: StageData, run: StageRun) -> StageResult
         label_smoothing=params.label_smoothing,
         max_length=params.max_length,
     )
-    trainer = _trainer(weighted(DPOTrainer), params, model, args, dataset, tokenizer, observers, ref_model=ref_model)
+    trainer_cls, specific = weighted(DPOTrainer), {}
+    if replay_prompts is not None:
+        # The parent answers now, while `model` is still the parent; the training arguments
+        # have set up the processes, so the main one writes and the others wait for its file.
+        model.to(args.device)
+        rows = rp.parent_answers(params.replay, replay_prompts, model, tokenizer, run.output_dir)
+        trainer_cls = rp.with_replay(trainer_cls)
+        specific["replay"] = rp.ReplaySet.of(params.replay, rows, tokenizer, params.max_length)
+    trainer = _trainer(trainer_cls, params, model, args, dataset, tokenizer, observers, ref_model=ref_model, **specific)
     return _train("dpo", trainer, tokenizer, run, observers)
 
 
