@@ -19,6 +19,15 @@ from tuneloop.store.pairs import Pair, PairRules, Rating, pairwise_pairs, rankin
 from tuneloop.v1 import completion_pb2, feedback_pb2
 
 
+LENGTH = "length"
+# The Generation service's names (engines/base.py); unspecified is left unknown.
+_FINISH = {
+    completion_pb2.FINISH_REASON_STOP: "stop",
+    completion_pb2.FINISH_REASON_LENGTH: LENGTH,
+    completion_pb2.FINISH_REASON_ABORTED: "aborted",
+}
+
+
 class Unusable(Exception):
     """A record that cannot become rows: dead-lettered with `field` and `reason`."""
 
@@ -46,6 +55,14 @@ class Completion:
     rendered_prompt: str
     text: str
     model: str
+    # "stop", "length" or "aborted"; None when the record did not say (and in rows stored
+    # before the store kept it).
+    finish_reason: str | None = None
+
+    @property
+    def cut(self) -> bool | None:
+        """Whether the answer ended at the token limit (None: unknown)."""
+        return None if self.finish_reason is None else self.finish_reason == LENGTH
 
     @property
     def prompt_key(self) -> str:
@@ -63,6 +80,7 @@ class Completion:
             "rendered_prompt": self.rendered_prompt,
             "text": self.text,
             "model": self.model,
+            "finish_reason": self.finish_reason,
             "topic": record.topic,
             "partition": record.partition,
             "offset": record.offset,
@@ -70,7 +88,8 @@ class Completion:
 
     @classmethod
     def from_row(cls, row: Mapping) -> Completion:
-        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
+        # .get: rows of a table version from before a column was added lack it.
+        return cls(**{name: row.get(name) for name in cls.__dataclass_fields__})
 
     def prompt_parts(self) -> tuple[list[dict[str, str]], str]:
         """(chat messages, raw text): one of the two is empty."""
@@ -98,6 +117,7 @@ def parse_completion(value: bytes | None) -> Completion:
         rendered_prompt=rec.rendered_prompt,
         text=rec.completion.text,
         model=f"{rec.model.name}@{rec.model.version}" if rec.model.name else "",
+        finish_reason=_FINISH.get(rec.completion.finish_reason),
     )
 
 
@@ -309,4 +329,6 @@ def _row(base: dict, pair: Pair, known: Mapping[str, Completion], kind: str, wei
         "chosen_model": chosen.model,
         "rejected_model": rejected.model,
         "weight": weight,
+        "chosen_cut": chosen.cut,
+        "rejected_cut": rejected.cut,
     }

@@ -43,6 +43,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from tuneloop.common.kafka import COMPLETIONS_TOPIC, FEEDBACK_TOPIC
 from tuneloop.store.read import ANCHORS_FILE
 from tuneloop.store.tables import (
+    ADDED_COLUMNS,
     COMPLETIONS,
     COMPLETIONS_SCHEMA,
     JUDGEMENTS,
@@ -67,7 +68,8 @@ _RATING_COLUMNS = ("request_id", "prompt_key", "value", "scale_min", "scale_max"
 _RATING_KINDS = ("rating", "thumbs")
 _OLD_JUDGEMENTS_SCHEMA = pa.schema([f for f in JUDGEMENTS_SCHEMA if f.name not in _RATING_COLUMNS])
 _KEYS = {COMPLETIONS: "completion_id", JUDGEMENTS: "event_id", PAIRS: "row_id"}
-_COMPLETION_COLUMNS = [f.name for f in COMPLETIONS_SCHEMA]
+# The old index's columns: those added since (tables.ADDED_COLUMNS) stay null.
+_COMPLETION_COLUMNS = [f.name for f in COMPLETIONS_SCHEMA if f.name not in ADDED_COLUMNS[COMPLETIONS]]
 _CHUNK = 5_000
 _MAX_PROBLEMS = 10
 
@@ -268,7 +270,8 @@ class _OldStore:
             yield pa.RecordBatch.from_pylist(rows, COMPLETIONS_SCHEMA)
 
     def pairs(self) -> Iterator[pa.RecordBatch]:
-        # The old rows' columns are the pairs table's, in the same order.
+        # The old rows' columns are the pairs table's, in the same order; those added since
+        # (tables.ADDED_COLUMNS) read as null.
         for path in self.manifest(LEGACY_ROWS):
             yield from pq.read_table(path, schema=PAIRS_SCHEMA).to_batches()
 

@@ -80,7 +80,16 @@ def _read(root: str | Path, name: str, version: int | None, filter: pc.Expressio
         if version is not None and version >= 0:
             raise ValueError(f"store at {root} has no {name} table (asked for version {version})")
         return SCHEMAS[name].empty_table()
-    return scan(table, where=filter)
+    return _with_added_columns(scan(table, where=filter), name)
+
+
+def _with_added_columns(data: pa.Table, name: str) -> pa.Table:
+    """A version from before columns were added (tables.ADDED_COLUMNS), with them as nulls:
+    every version reads with the same columns."""
+    for column in SCHEMAS[name]:
+        if column.name not in data.schema.names:
+            data = data.append_column(column, pa.nulls(len(data), column.type))
+    return data
 
 
 def current_snapshot(root: str | Path, topics: Iterable[str] = ()) -> Snapshot:
@@ -150,11 +159,25 @@ def cap_tenant_share(rows: pd.DataFrame, share: float) -> pd.DataFrame:
     return rows[keep].reset_index(drop=True)
 
 
-def rows_for_training(rows: pd.DataFrame, tenants: Iterable[str], max_tenant_share: float | None) -> pd.DataFrame:
+def rows_for_training(
+    rows: pd.DataFrame,
+    tenants: Iterable[str],
+    max_tenant_share: float | None,
+    dropped: dict[str, int] | None = None,
+) -> pd.DataFrame:
     """What a training run may use of a snapshot: only the named tenants' rows, each judge's
-    latest answer per item, no tenant above `max_tenant_share` (None: no cap)."""
-    rows = latest_judgement_rows(rows[rows["tenant"].isin(list(tenants))])
-    return rows if max_tenant_share is None else cap_tenant_share(rows, max_tenant_share)
+    latest answer per item, no tenant above `max_tenant_share` (None: no cap).
+
+    `dropped`, when given, gains the rows each step left out: `other_tenants`, `superseded`
+    (an earlier answer of the same judge to the same item) and `tenant_share`."""
+    counts = dropped if dropped is not None else {}
+    named = rows[rows["tenant"].isin(list(tenants))]
+    latest = latest_judgement_rows(named)
+    capped = latest if max_tenant_share is None else cap_tenant_share(latest, max_tenant_share)
+    for reason, before, after in (("other_tenants", rows, named), ("superseded", named, latest),
+                                  ("tenant_share", latest, capped)):
+        counts[reason] = counts.get(reason, 0) + len(before) - len(after)
+    return capped
 
 
 def load_row_ids(root: str | Path, version: int) -> set[str]:

@@ -71,6 +71,9 @@ COMPLETIONS_SCHEMA = pa.schema(
         ("text", pa.string()),
         ("model", pa.string()),
         *_SOURCE,
+        # Added later (ensure_tables adds them to older tables): null in rows written before,
+        # and where the record did not say.
+        ("finish_reason", pa.string()),  # "stop", "length" or "aborted", as the Generation service says
     ]
 )
 
@@ -95,6 +98,11 @@ PAIRS_SCHEMA = pa.schema(
         ("weight", pa.float64()),
         *_MARKED,
         *_SOURCE,
+        # Added later (ensure_tables adds them to older tables). Whether the answer ended at the
+        # token limit (its completion's finish_reason "length"); null where the completion did
+        # not say. A pair of cut answers may teach length rather than the preference.
+        ("chosen_cut", pa.bool_()),
+        ("rejected_cut", pa.bool_()),
     ]
 )
 
@@ -120,6 +128,8 @@ JUDGEMENTS_SCHEMA = pa.schema(
 )
 
 SCHEMAS = {COMPLETIONS: COMPLETIONS_SCHEMA, JUDGEMENTS: JUDGEMENTS_SCHEMA, PAIRS: PAIRS_SCHEMA}
+# Columns added after a table's first release: tables, versions and files from before lack them.
+ADDED_COLUMNS = {COMPLETIONS: ("finish_reason",), JUDGEMENTS: (), PAIRS: ("chosen_cut", "rejected_cut")}
 
 
 def is_url(root: str | Path) -> bool:
@@ -178,8 +188,45 @@ def ensure_tables(root: str | Path) -> dict[str, DeltaTable]:
                     raise
             table = open_table(root, name)
             assert table is not None
-        out[name] = table
+        out[name] = _add_missing_columns(root, name, table)
     return out
+
+
+def _missing_columns(table: DeltaTable, name: str) -> list[pa.Field]:
+    """The columns of the table's declared schema that `table` (its loaded version) lacks."""
+    have = {f.name for f in table.schema().fields}
+    return [f for f in SCHEMAS[name] if f.name not in have]
+
+
+def _add_missing_columns(root: str | Path, name: str, table: DeltaTable, attempts: int = 5) -> DeltaTable:
+    """Bring a table written before columns were added up to its declared schema.
+
+    Columns are only ever added, at the end and nullable, so rows written before read as
+    null there, and a reader of an older version sees the columns that version had (read.py
+    fills in the rest). A writer still running older code cannot append after this: delta-rs
+    refuses a batch with fewer columns than the table, the store treats that as the table's
+    fault (tables.append_by_halves) and exits without dead-lettering anything, and the
+    records are read again by a writer of the new schema.
+    """
+    from deltalake.schema import Field
+
+    for attempt in range(attempts):
+        missing = _missing_columns(table, name)
+        if not missing:
+            return table
+        try:
+            table.alter.add_columns(
+                [Field.from_arrow(f) for f in missing],
+                commit_properties=CommitProperties(custom_metadata={"writer": "tuneloop-store/schema"}),
+            )
+        except Exception:
+            # Another writer evolved the table at the same moment: look again.
+            if attempt == attempts - 1:
+                raise
+        reloaded = open_table(root, name)
+        assert reloaded is not None
+        table = reloaded
+    return table
 
 
 def append(

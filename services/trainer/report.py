@@ -125,6 +125,48 @@ def checkpoints_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return _section("Checkpoints", *lines)
 
 
+# How report.md names each reason a snapshot's row is not trained on (data.DROP_REASONS).
+_DROPPED = {
+    "other_tenants": "other tenants' rows",
+    "superseded": "replaced by the same judge's later answer",
+    "tenant_share": "over the tenant share (max_tenant_share)",
+    "tie": "ties",
+    "both_bad": "both bad",
+    "other_label": "other labels",
+    "cut": "an answer cut at the token limit (cut_answers: {cut_answers})",
+    "balance": "the per-prompt cap (max_pairs_per_prompt: {max_pairs_per_prompt})",
+}
+
+
+def training_data_markdown(summary: dict[str, Any]) -> list[str]:
+    """What of the snapshot was trained on, why the rest was not, and how chosen and rejected
+    answers differ in length (data.training_rows)."""
+    lines = [*_table("pairs", "count"), f"| in the snapshot | {summary['snapshot_pairs']} |"]
+    for reason, count in summary["dropped"].items():
+        if count:
+            label = _DROPPED.get(reason, reason).format(**summary)
+            lines.append(f"| left out: {label} | {count} |")
+    lines.append(f"| **trained on** | **{summary['trained_pairs']}** |")
+    cut = summary["cut_in_trained"]
+    lines += [
+        "",
+        f"Prompts: {summary['prompts']}, at most {summary['most_pairs_of_a_prompt']} pairs of one. Answers cut at the "
+        f"token limit among the pairs trained on: {cut['chosen']} chosen, {cut['rejected']} rejected; "
+        f"{cut['unknown']} pairs whose answers did not say.",
+    ]
+    diff = summary["length_difference"]
+    if diff["pairs"]:
+        lines += [
+            "",
+            f"Length of the chosen answer minus the rejected one, in {diff['unit']}: mean {_fmt(diff['mean'])}, "
+            f"median {_fmt(diff['median'])}, quartiles {_fmt(diff['q1'])} and {_fmt(diff['q3'])}; the chosen "
+            f"answer is the longer one in {diff['chosen_longer_share']:.0%} of pairs.",
+        ]
+        if diff.get("skew"):
+            lines += ["", f"**Length skew:** {diff['skew']}."]
+    return _section("Training data", *lines)
+
+
 def side_by_side(run_dir: Path) -> dict[str, Any] | None:
     """Held-out answers and probes before and after, each with the checks it passed or failed;
     None until both evaluations exist."""
@@ -248,6 +290,8 @@ def markdown(report: dict[str, Any]) -> str:
             *_table("gate", "value", "bar", "result"),
             *(f"| {g['name']} | {_fmt(g.get('value'))} | {_fmt(g.get('bar'))} | {_outcome(g)} |" for g in gates["checks"]),
         )
+    if report.get("training_data"):
+        lines += training_data_markdown(report["training_data"])
     rm = report.get("reward_model")
     if rm:
         lines += _section(

@@ -3,6 +3,8 @@
     snapshot the preference store
       -> gates: enough new pairs since production's snapshot; annotator agreement (kappa,
          percent agreement) and anchor accuracy above their bars
+      -> the pairs to train on (data.training_rows: ties, cut answers and per-prompt caps
+         left out), summarised in the report's "Training data"
       -> optional reward-model retrain, with its own held-out gate (reward_stage)
       -> evaluate the production policy (the parent) on the declared criteria
       -> DPO (default), PPO, RLOO or GRPO from the parent
@@ -246,6 +248,7 @@ class Run:
         report = {
             **{k: v for k, v in self.state.items() if k != "steps"},
             "data": steps.get("snapshot"),
+            "training_data": steps.get("training_data"),
             "gates": steps.get("gates"),
             "reward_model": steps.get("reward_model"),
             "train": steps.get("train"),
@@ -436,7 +439,8 @@ def train_stage(run_dir: Path) -> dict[str, Any]:
 
 
 def _preference_pairs(run: Run, data: PreferenceData) -> Any:
-    return to_dpo_dataset(data, run.config.preferences.honour_weight)
+    """The pairs the policy trains on; what was left out and why is in `data.summary`."""
+    return to_dpo_dataset(data, run.config.preferences.honour_weight, seed=run.config.params().seed)
 
 
 def _train_here(run: Run, pairs: Any, reward: Any) -> dict[str, Any]:
@@ -536,6 +540,8 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
     if not gates["passed"]:
         return run.finish("refused", f"gates: {gates['reason']}")
     pairs = _preference_pairs(run, data)
+    # The same snapshot, rules and seed give the same summary: a resumed run records it again.
+    run.record("training_data", data.summary)
 
     if config.reward_model is not None and run.step("reward_model") is None:
         # Trained on the data read above, and registered (and promoted) through `reg`, whose
