@@ -67,6 +67,7 @@ from tuneloop.trainer.config import (
     build,
 )
 from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset
+from tuneloop.trainer.replay import check_replay
 from tuneloop.trainer.distributed import launch_command, world_size
 from tuneloop.trainer.jobs import JOB_NAME_ENV, record_promoted_version
 from tuneloop.trainer.modeling import FINAL_DIR, registry
@@ -192,6 +193,7 @@ class Run:
         if parent_version is None:
             raise ConfigError(f"{config.policy_name}@production is not set: nothing to start from")
         criteria = cr.load_criteria(config.criteria)  # invalid criteria fail before any work
+        check_replay(config.params(), config.criteria)  # a replay prompt that is a probe, too
         run_id = job_run_id() or f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
         run_dir = runs_dir(config) / run_id
         run_dir.mkdir(parents=True)

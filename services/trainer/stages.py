@@ -308,7 +308,7 @@ def run_dpo_on(params: DPOParams, data: StageData, run: StageRun) -> StageResult
 def run_dpo(config: DPOStageConfig, *, resume: bool = False) -> StageResult:
     from tuneloop.trainer.data import load_preferences, to_dpo_dataset
 
-    dataset = to_dpo_dataset(load_preferences(config.preferences), config.preferences.honour_weight)
+    dataset = to_dpo_dataset(load_preferences(config.preferences), config.preferences.honour_weight, seed=config.seed)
     return run_dpo_on(config, StageData(preferences=dataset), StageRun.of(config, resume))
 
 
