@@ -308,7 +308,7 @@ def bench_model(
     base = {
         "TUNELOOP_GENERATION_MODEL": str(folder),
         "TUNELOOP_GENERATION_HOST": "127.0.0.1",
-        "TUNELOOP_GENERATION_WATCH_EVENTS": "false",
+        "TUNELOOP_GENERATION_ALIAS_EVENTS": "false",
         "TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": args.bootstrap,
         "TUNELOOP_GENERATION_SPOOL_FSYNC": "false",
         "TUNELOOP_GENERATION_LOG_LEVEL": "WARNING",

@@ -94,14 +94,26 @@ class Demo:
             # barriers (a batch took several times longer than one process alone).
             "TUNELOOP_GENERATION_TORCH_THREADS": "1",
             "TUNELOOP_REWARD_TORCH_THREADS": "2",
-            "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "2",
+            "TUNELOOP_GENERATION_ALIAS_POLL_S": "2",
         }
         self.keys = {"app": ("app", ["app"]), "lead": ("lead", ["lead"])}
+        self.phases: list[tuple[str, float]] = []
         self.keys.update({a.name: (a.name, ["annotator"]) for a in ANNOTATORS})
 
     # ---- helpers ---------------------------------------------------------------------------
     def step(self, text: str) -> None:
+        self.phases.append((text, time.monotonic()))
         console.rule(f"[bold]{text}")
+
+    def phase_table(self) -> Table:
+        """Where the demo's time went: each step from its start to the next one's."""
+        table = Table(title="Time per step")
+        table.add_column("step")
+        table.add_column("seconds", justify="right")
+        ends = [start for _, start in self.phases[1:]] + [time.monotonic()]
+        for (text, start), end in zip(self.phases, ends, strict=True):
+            table.add_row(text, f"{end - start:.0f}")
+        return table
 
     def tuneloop(self, *args: str, log: str) -> None:
         """Runs a `tuneloop` command (the trainer Job's entrypoint) with its log in the demo folder."""
@@ -385,8 +397,11 @@ class Demo:
     def retrain(self, criteria: Path) -> Path:
         config = {
             "policy_name": "policy", "reward_name": "reward",
+            # Answers stop at MAX_TOKENS, and the behaviour is judged on an answer's first line: a
+            # cut answer shows it as well as a complete one, so cut pairs are kept (the default,
+            # "drop", is for preferences about whole answers).
             "preferences": {"store_root": str(self.root / "store"), "tenants": [TENANT], "snapshot": "latest",
-                            "tie_policy": "drop", "both_bad_policy": "drop"},
+                            "tie_policy": "drop", "both_bad_policy": "drop", "cut_answers": "keep"},
             "criteria": str(criteria),
             "gates": {"min_new_pairs": 16, "min_agreement": 0.65, "min_kappa": 0.4, "min_anchor_accuracy": 0.75},
             "reward_model": {"base_model": "reward@v0001", "min_accuracy": 0.6, "max_steps": 60, "batch_size": 8},
@@ -438,6 +453,7 @@ class Demo:
             live_table.add_row(p, m, a)
         console.print(live_table)
         console.print(f"report: {run_dir / 'report.md'} (plots beside it); demo folder: {self.root}")
+        console.print(self.phase_table())
         console.print(f"finished in {seconds / 60:.1f} min")
 
 

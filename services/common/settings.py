@@ -68,6 +68,20 @@ class GrpcServiceSettings(ServiceSettings):
     max_open_calls: OpenCalls = None
 
 
+class ModelServingSettings(GrpcServiceSettings):
+    """A gRPC service that serves a registry model and follows its alias
+    (`tuneloop.common.alias_follower`): Generation and Reward."""
+
+    alias_poll_s: float = Field(
+        2.0, gt=0, description="How often the registry alias is read; a move loads the new version and swaps it in."
+    )
+    alias_events: bool = Field(
+        True,
+        description="Also consume tuneloop.models.v1 to swap at once on a promotion or rollback (polling stays "
+        "on); only where Kafka is configured (TUNELOOP_KAFKA_BOOTSTRAP_SERVERS set).",
+    )
+
+
 def load_settings(cls: type[S], **overrides: object) -> S:
     """Build `cls` from the environment plus explicit overrides (CLI flags win).
 

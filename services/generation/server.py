@@ -347,8 +347,8 @@ class GenerationApp:
                 self.engine,
                 self.registry,
                 alias,
-                interval_s=settings.watch_interval_s,
-                kafka=kafka if settings.watch_events else None,
+                interval_s=settings.alias_poll_s,
+                kafka=kafka if settings.alias_events else None,
             )
             if alias
             else None

@@ -9,18 +9,18 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from tuneloop.common.settings import GrpcServiceSettings, HandlerThreads, ListenPort, MetricsPort, OpenCalls
+from tuneloop.common.settings import HandlerThreads, ListenPort, MetricsPort, ModelServingSettings, OpenCalls
 
 # The LoRA ranks vLLM can be sized for (vllm.config.lora.MaxLoRARanks).
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
-class GenerationSettings(GrpcServiceSettings):
+class GenerationSettings(ModelServingSettings):
     """How the policy is served, batched, logged to Kafka and swapped on promotion."""
 
     model_config = SettingsConfigDict(env_prefix="TUNELOOP_GENERATION_")
 
-    # ---- serving: this service's defaults (the fields are GrpcServiceSettings') ----------
+    # ---- serving: this service's defaults (the fields are ModelServingSettings') ---------
     port: ListenPort = 50051
     metrics_port: MetricsPort = 9091
     max_workers: HandlerThreads = 64
@@ -92,14 +92,6 @@ class GenerationSettings(GrpcServiceSettings):
         5.0, gt=0, description="How long a record may wait for Kafka's acknowledgement before it is spooled."
     )
     publish_retry_s: float = Field(2.0, gt=0, description="Pause between attempts to reach Kafka while it is down.")
-
-    # ---- hot swap ----------------------------------------------------------------------
-    watch_interval_s: float = Field(
-        2.0, gt=0, description="How often the registry alias is read to detect a promotion or rollback."
-    )
-    watch_events: bool = Field(
-        True, description="Also consume tuneloop.models.v1 to react to promotions at once (polling stays on)."
-    )
 
     def spool_file(self) -> Path:
         if self.spool_path is not None:

@@ -92,7 +92,7 @@ class RewardServer(GrpcServer):
 
 def build_server(settings: RewardSettings, registry: Registry, kafka: KafkaSettings | None = None) -> RewardServer:
     """A server ready to `.start()` (tests) or `.run_forever()` (the process); with `kafka`
-    (and `watch_events`), model events wake the alias follower at once."""
+    (and `alias_events`), model events wake the alias follower at once."""
     if settings.backend == "judge":
         catalog: Catalog = JudgeCatalog(JudgeScorer.from_settings(settings))
     else:
@@ -100,14 +100,14 @@ def build_server(settings: RewardSettings, registry: Registry, kafka: KafkaSetti
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        events = kafka if settings.watch_events else None
+        events = kafka if settings.alias_events else None
         catalog = ModelCatalog(
             settings.model,
             registry,
             device=settings.device,
             max_tokens=settings.max_tokens,
             max_pinned=settings.max_loaded_models,
-            poll_s=settings.reload_poll_s,
+            poll_s=settings.alias_poll_s,
             kafka=events,
             group_id=f"{REWARD_WATCH_GROUP_PREFIX}{uuid.uuid4().hex[:12]}" if events is not None else None,
         )

@@ -12,12 +12,12 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from tuneloop.common.settings import GrpcServiceSettings, ListenPort, MetricsPort
+from tuneloop.common.settings import ListenPort, MetricsPort, ModelServingSettings
 
 
-class RewardSettings(GrpcServiceSettings):
-    """How the Reward service batches, validates, and which scorer it serves (serving fields:
-    GrpcServiceSettings)."""
+class RewardSettings(ModelServingSettings):
+    """How the Reward service batches, validates, and which scorer it serves (serving and alias
+    fields: ModelServingSettings)."""
 
     model_config = SettingsConfigDict(env_prefix="TUNELOOP_REWARD_")
 
@@ -38,14 +38,6 @@ class RewardSettings(GrpcServiceSettings):
         le=256,
         description="CPU threads per forward pass (0: torch's default, one per visible core; set it to the "
         "pod's CPU limit, which torch cannot see).",
-    )
-    reload_poll_s: float = Field(
-        2.0, gt=0, description="How often the alias is checked; a move loads the new version and swaps it in."
-    )
-    watch_events: bool = Field(
-        True,
-        description="Also consume tuneloop.models.v1 to react to promotions at once (polling stays on); only "
-        "where Kafka is configured (TUNELOOP_KAFKA_BOOTSTRAP_SERVERS set).",
     )
     max_loaded_models: int = Field(
         2, ge=0, le=16, description="Versions other than the served one kept loaded for calls that pin a version."

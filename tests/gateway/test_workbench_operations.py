@@ -123,7 +123,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str):
                       metrics={"verdict": refused["verdict"].model_dump()})
 
     env = {"TUNELOOP_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "TUNELOOP_REGISTRY_ROOT": str(root / "registry"),
-           "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "30"}  # the swap must come from the model event
+           "TUNELOOP_GENERATION_ALIAS_POLL_S": "30"}  # the swap must come from the model event
     procs = [ServiceProcess("generation", ["--model", "policy@production"], env, root).start()]
     try:
         (root / "projects").mkdir()

@@ -49,7 +49,7 @@ def transformers_server(
     registry = make_registry(root / "registry", tiny_policies)
     settings = GenerationSettings(
         port=0, metrics_port=0, host="127.0.0.1", engine="transformers", spool_path=root / "spool",
-        watch_interval_s=0.5,
+        alias_poll_s=0.5,
     )
     with GenerationApp(settings, kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), registry=registry) as app:
         assert app.server.metrics_port is not None
@@ -62,7 +62,7 @@ def vllm_server(
 ) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("gen-vllm")
     with serve_vllm(make_registry(root / "registry", tiny_policies), root, kafka_bootstrap,
-                    TUNELOOP_GENERATION_WATCH_INTERVAL_S="0.5") as served:
+                    TUNELOOP_GENERATION_ALIAS_POLL_S="0.5") as served:
         yield served
 
 

@@ -174,7 +174,7 @@ def transformers_app(
 ) -> Iterator[GenerationApp]:
     settings = GenerationSettings(
         port=0, metrics_port=0, host="127.0.0.1", engine="transformers", spool_path=tmp_path / "spool",
-        watch_interval_s=0.2, watch_events=False, batch_window_ms=50,
+        alias_poll_s=0.2, alias_events=False, batch_window_ms=50,
     )
     registry = lora_registry(tmp_path / "registry", tiny_policies, adapters)
     with GenerationApp(settings, kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), registry=registry) as app:
@@ -239,7 +239,7 @@ def test_transformers_serves_an_adapter_from_the_start(
     registry = lora_registry(tmp_path / "registry", tiny_policies, adapters)
     settings = GenerationSettings(
         port=0, metrics_port=0, host="127.0.0.1", model="policy@v0004", spool_path=tmp_path / "spool",
-        watch_events=False,
+        alias_events=False,
     )
     with GenerationApp(settings, kafka=KafkaSettings(bootstrap_servers=kafka_bootstrap), registry=registry) as app:
         served = _served(app)
@@ -327,8 +327,8 @@ def vllm_lora(
     root = tmp_path_factory.mktemp("gen-vllm-lora")
     registry = lora_registry(root / "registry", tiny_policies, adapters)
     registry.promote("policy", "v0003")
-    with serve_vllm(registry, root, kafka_bootstrap, TUNELOOP_GENERATION_WATCH_INTERVAL_S="0.2",
-                    TUNELOOP_GENERATION_WATCH_EVENTS="false") as served:
+    with serve_vllm(registry, root, kafka_bootstrap, TUNELOOP_GENERATION_ALIAS_POLL_S="0.2",
+                    TUNELOOP_GENERATION_ALIAS_EVENTS="false") as served:
         yield served
 
 

@@ -145,7 +145,7 @@ def drill_app(
     spool_bytes = getattr(request, "param", 1 << 20)
     settings = GenerationSettings(
         port=0, metrics_port=0, host="127.0.0.1", spool_path=tmp_path / "spool", spool_max_bytes=spool_bytes,
-        publish_timeout_s=2, publish_retry_s=0.5, watch_events=False,
+        publish_timeout_s=2, publish_retry_s=0.5, alias_events=False,
     )
     registry = make_registry(tmp_path / "registry", tiny_policies)
     kafka = KafkaSettings(bootstrap_servers=own_broker.bootstrap)

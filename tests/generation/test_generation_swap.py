@@ -26,7 +26,7 @@ from tuneloop.v1 import generation_pb2, model_event_pb2
 def app(tmp_path: Path, tiny_policies: tuple[Path, Path], kafka_bootstrap: str) -> Iterator[GenerationApp]:
     # Polling once a minute: within a test only a Kafka event can trigger the swap.
     settings = GenerationSettings(
-        port=0, metrics_port=0, host="127.0.0.1", spool_path=tmp_path / "spool", watch_interval_s=60,
+        port=0, metrics_port=0, host="127.0.0.1", spool_path=tmp_path / "spool", alias_poll_s=60,
         batch_window_ms=50, max_batch_size=8,
     )
     registry = make_registry(tmp_path / "registry", tiny_policies)

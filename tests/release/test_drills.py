@@ -405,7 +405,7 @@ def test_promotion_under_load_fails_no_request_and_logs_every_completion_once(
         "TUNELOOP_REGISTRY_ROOT": str(registry.root),
         "TUNELOOP_GENERATION_ENGINE": "transformers",
         "TUNELOOP_GENERATION_MODEL": "policy@production",
-        "TUNELOOP_GENERATION_WATCH_INTERVAL_S": "0.5",
+        "TUNELOOP_GENERATION_ALIAS_POLL_S": "0.5",
         "TUNELOOP_GENERATION_SPOOL_PATH": str(tmp_path / "completions.spool"),
     }
     clients = []

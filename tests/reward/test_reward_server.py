@@ -216,7 +216,7 @@ def test_a_model_event_swaps_without_waiting_for_the_poll(
     registry: Registry, tiny: tuple[Path, Path], kafka_bootstrap: str
 ) -> None:
     # Polling once a minute: within the test only the event can trigger the swap.
-    settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", model="reward@production", reload_poll_s=60)
+    settings = RewardSettings(port=0, metrics_port=0, host="127.0.0.1", model="reward@production", alias_poll_s=60)
     kafka = KafkaSettings(bootstrap_servers=kafka_bootstrap)
     with build_server(settings, registry, kafka) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:
         stub = reward_pb2_grpc.RewardStub(ch)

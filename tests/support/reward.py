@@ -28,7 +28,7 @@ def in_process(folder: Path, prompts: list[Any], responses: list[str]) -> list[f
 
 @contextmanager
 def serving(registry: Registry, **settings: Any) -> Iterator[tuple[RewardServer, reward_pb2_grpc.RewardStub]]:
-    base = dict(port=0, metrics_port=0, host="127.0.0.1", model="reward@production", reload_poll_s=0.05)
+    base = dict(port=0, metrics_port=0, host="127.0.0.1", model="reward@production", alias_poll_s=0.05)
     with build_server(RewardSettings(**{**base, **settings}), registry) as server:
         with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             yield server, reward_pb2_grpc.RewardStub(channel)
