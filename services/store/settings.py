@@ -26,6 +26,9 @@ class StoreSettings(GrpcServiceSettings):
         "s3://bucket/prefix (credentials and endpoint from AWS_* variables).",
     )
     port: ListenPort = 50054
+    # Health checks are the only calls (a probe's Watch stream stays open until the server
+    # stops): waiting longer drains nothing and only delays the consumer's exit.
+    grace_seconds: float = Field(1.0, ge=0, description="On SIGTERM, how long open health calls may still run.")
     metrics_port: MetricsPort = 9094
     group_id: str = Field(
         "tuneloop-store",

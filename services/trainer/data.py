@@ -315,6 +315,11 @@ def length_difference(differences: list[int]) -> dict[str, Any]:
             "chosen_longer_share": share, "skew": skew}
 
 
+class NoTrainingPairs(ConfigError):
+    """Every pair of the snapshot was left out by the declared rules: a standalone stage has
+    nothing to do (an error), a retrain is refused (the data, not the config, said no)."""
+
+
 def to_dpo_dataset(data: PreferenceData, honour_weight: bool = True, seed: int = 0) -> Dataset:
     """Preference pairs in TRL's format, of the rows `training_rows` keeps: strict preferences
     only (ties and both-bad name no better answer; `PreferenceSource.tie_policy`), cut answers
@@ -356,7 +361,7 @@ def to_dpo_dataset(data: PreferenceData, honour_weight: bool = True, seed: int =
         dataset = Dataset.from_list(out)
     if len(dataset) == 0:
         left_out = ", ".join(f"{reason} {n}" for reason, n in data.summary["dropped"].items() if n)
-        raise ConfigError(
+        raise NoTrainingPairs(
             f"{data.source}: no preference pairs to train on" + (f" (left out: {left_out})" if left_out else "")
         )
     if "weight" in dataset.column_names:

@@ -66,7 +66,7 @@ from tuneloop.trainer.config import (
     TrainerSettings,
     build,
 )
-from tuneloop.trainer.data import PreferenceData, load_preferences, to_dpo_dataset
+from tuneloop.trainer.data import NoTrainingPairs, PreferenceData, load_preferences, to_dpo_dataset
 from tuneloop.trainer.replay import check_replay
 from tuneloop.trainer.distributed import launch_command, world_size
 from tuneloop.trainer.jobs import JOB_NAME_ENV, record_promoted_version
@@ -541,7 +541,11 @@ def _pipeline(run: Run, reg: Registry) -> dict[str, Any]:
     gates = run.step("gates") or run.record("gates", check_gates(config, data, parent_card))
     if not gates["passed"]:
         return run.finish("refused", f"gates: {gates['reason']}")
-    pairs = _preference_pairs(run, data)
+    try:
+        pairs = _preference_pairs(run, data)
+    except NoTrainingPairs as err:
+        run.record("training_data", data.summary)
+        return run.finish("refused", f"training data: {err}")
     # The same snapshot, rules and seed give the same summary: a resumed run records it again.
     run.record("training_data", data.summary)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tuneloop.common import models_cli
 from tuneloop.common import registry as registry_mod
 from tuneloop.common.registry import (
     InvalidRefError,
@@ -415,7 +416,7 @@ def test_cli_list_show_promote_rollback(tmp_path: Path) -> None:
     for i in range(2):
         reg.register("policy", model_dir(tmp_path / str(i), str(i)), kind="policy")
     run = CliRunner(env={"TUNELOOP_REGISTRY_ROOT": str(root)}).invoke
-    app = registry_mod.cli
+    app = models_cli.cli
 
     result = run(app, ["promote", "policy", "v0001"])
     assert result.exit_code == 0, result.output

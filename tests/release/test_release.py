@@ -143,7 +143,9 @@ def journey_values(broker: LocalBroker, redis: RedisServer, path: Path, pushgate
                                   "models": {"acme": ["policy"]}}},
         "trainer": {
             "retrainConfig": {
-                "preferences": {"tenants": ["acme"]},
+                # The tiny policy never emits eos: every answer stops at max_tokens, so the
+                # rule for cut answers must keep them (the default drops them).
+                "preferences": {"tenants": ["acme"], "cut_answers": "keep"},
                 # One annotator, no item judged twice: agreement cannot be measured.
                 "gates": {"min_new_pairs": 6, "allow_unmeasured": True},
                 "reward_model": None,

@@ -142,6 +142,20 @@ def test_promotes_when_criteria_hold_then_gates_refuse_the_same_data(world: Worl
     assert world.registry.current("policy") == "v0002"
 
 
+
+def test_a_snapshot_whose_pairs_the_rules_all_leave_out_is_refused_before_training(world: World) -> None:
+    # Every pair has an answer cut at the token limit: the default rule keeps none of them.
+    world.prefs.write_text("\n".join(
+        json.dumps({"prompt": f"Tell me about {t}.", "chosen": "Sure.", "rejected": "No", "rejected_cut": True})
+        for t in TOPICS
+    ))
+    outcome = run_retrain(world.config(world.criteria(), *TRAINS))
+    assert outcome["status"] == "refused" and "no preference pairs to train on" in outcome["reason"], outcome
+    assert f"cut {len(TOPICS)}" in outcome["reason"]
+    state = json.loads((Path(outcome["run_dir"]) / "state.json").read_text())
+    assert "train" not in state["steps"] and state["steps"]["training_data"]["trained_pairs"] == 0
+    assert world.registry.versions("policy") == ["v0001"]
+
 def test_refused_candidate_is_registered_but_not_served(world: World, invoke: Any) -> None:
     # Nothing in the data teaches "Answer:", so the candidate cannot meet this criterion.
     criteria_file = world.criteria(
