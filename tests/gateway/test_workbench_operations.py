@@ -15,17 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-
 from tuneloop.common.durable import file_sha256
-from tuneloop.common.tiny_models import make_tiny
 from tuneloop.common.processes import ServiceProcess
 from tuneloop.common.registry import Registry
+from tuneloop.common.tiny_models import make_tiny
 from tuneloop.gateway.auth import hash_key
 from tuneloop.trainer import criteria as cr
 from tuneloop.trainer.retrain import Run
 
-CHROMIUM = Path("/usr/bin/chromium")
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium not installed (make setup installs it)")
+from tests.support.browser import needs_chromium
+
+pytestmark = needs_chromium
 ARTIFACTS = Path(__file__).resolve().parents[2] / ".tuneloop" / "test-artifacts" / "workbench-operations"
 
 KEYS = {
@@ -141,18 +141,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str):
     finally:
         for p in reversed(procs):
             p.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=str(CHROMIUM), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
 
 
 def _sign_in(browser, url: str, key: str, phone: bool = False):
