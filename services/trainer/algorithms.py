@@ -59,7 +59,6 @@ class Algorithm:
     params: type[BaseModel] | None = None  # retrain's section of the same name (policy algorithms)
     train: Callable[[Any, StageData, StageRun], StageResult] | None = None  # what retrain calls
     needs_reward: bool = False  # trains against a reward function (retrain refuses it when the reward gate fails)
-    data_parallel: bool = True  # trains on several processes under torchrun
 
     def run_stage(self, config: BaseModel, resume: bool = False) -> StageResult:
         return self.run(config, resume=resume) if self.resumable else self.run(config)
@@ -102,7 +101,7 @@ register(Algorithm(
     "ppo", "Classic PPO: value head, per-token KL penalty, GAE, clipped losses.",
     PPOStageConfig, _imported("tuneloop.trainer.ppo:run_ppo"),
     params=PPOParams, train=_imported("tuneloop.trainer.ppo:run_ppo_on"),
-    needs_reward=True, data_parallel=False,  # its own loop has no gradient all-reduce
+    needs_reward=True,
 ))
 register(Algorithm(
     "rloo", "RLOO (TRL): group samples per prompt, leave-one-out baseline, KL to the reference.",

@@ -281,8 +281,9 @@ _RETIRED_PPO_FIELDS = (
 class PPOParams(TrainParams):
     """Classic RLHF PPO: policy with a value head, per-token KL penalty, GAE, clipped losses.
 
-    One step samples `rollout_batch_size` responses, then makes `ppo_epochs` passes over
-    them in optimizer updates of per_device_train_batch_size * gradient_accumulation_steps.
+    One step samples `rollout_batch_size` responses (shared evenly by the training processes),
+    then makes `ppo_epochs` passes over them in optimizer updates of
+    per_device_train_batch_size * gradient_accumulation_steps rows per process.
     """
 
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")

@@ -3,7 +3,7 @@
 Per step:
 1. sample one response per prompt from the policy: softmax(logits / temperature) and nothing
    else, under the same autocast as the scoring passes, so the distribution the tokens come
-   from is the one the loss and the KL score;
+   from is the one the loss and the KL score; each row from its own seed (`sampling`);
 2. score each (prompt, response) with the reward function and normalise the score by running
    statistics over the run (the reward model's scale then does not set beta's meaning);
 3. with the rollout's weights, compute token log-probs of the policy and of the frozen
@@ -16,7 +16,16 @@ Per step:
 
 The value head is a linear layer on the policy's last hidden state (shared trunk). The
 arithmetic is in `ppo_math`. Checkpoints (policy or adapter, value head, optimizer,
-scheduler, KL controller, RNG) are written atomically every `save_steps` and resumed from.
+scheduler, KL controller, score statistics) are written atomically every `save_steps` and
+resumed from, also on another number of processes: sampling and shuffling seeds derive from
+the run's seed and the step, so no RNG state is carried.
+
+Under torchrun each of N processes samples and trains on its share of every step's global
+batch (rollout_batch_size / N rows), with the policy and value head in DistributedDataParallel.
+What one process would compute over the whole batch is computed over all of them: score
+normalisation sees every score, advantages are whitened by the global moments, losses are
+token means over the update's tokens in all processes, and the KL controller steps on the
+global KL. Only the main process writes checkpoints, metrics and the model.
 """
 
 from __future__ import annotations
@@ -28,19 +37,20 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from transformers import GenerationConfig
+from transformers import LogitsProcessorList
 
 from tuneloop.trainer import ppo_math as pm
 from tuneloop.trainer.config import ConfigError, MetricsParams, PPOParams, PPOStageConfig
-from tuneloop.trainer.distributed import world_size
+from tuneloop.trainer.distributed import barrier, check_ranks_agree, ddp_backend, is_main_process, on_main, world_size
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
     load_policy,
@@ -50,6 +60,7 @@ from tuneloop.trainer.modeling import (
     save_final,
 )
 from tuneloop.trainer.rewards import RewardFunc
+from tuneloop.trainer.sampling import SeededSampler, derived_seed, greedy_config, model_generation_defaults_off
 from tuneloop.trainer.stages import (
     Observers,
     StageData,
@@ -120,63 +131,28 @@ def _zero_dropout_fields(obj: object) -> None:
             setattr(obj, name, 0.0)
 
 
-def sampling_config(temperature: float, max_new_tokens: int, pad_id: int | None, eos_ids: set[int]) -> GenerationConfig:
-    """Plain temperature sampling, every logits processor that `generate` would add set to off.
-
-    Each field is set even at its neutral value: `generate` fills unset fields from the
-    model's generation_config.json and then from global defaults (top_k=50), and either would
-    sample from a distribution other than the softmax the loss scores.
-    """
-    return GenerationConfig(
-        do_sample=True,
-        num_beams=1,
-        num_return_sequences=1,
-        temperature=temperature,
-        top_k=0,
-        top_p=1.0,
-        min_p=None,
-        typical_p=1.0,
-        epsilon_cutoff=0.0,
-        eta_cutoff=0.0,
-        repetition_penalty=1.0,
-        encoder_repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        encoder_no_repeat_ngram_size=0,
-        bad_words_ids=None,
-        sequence_bias=None,
-        suppress_tokens=None,
-        begin_suppress_tokens=None,
-        forced_bos_token_id=None,
-        forced_eos_token_id=None,
-        min_new_tokens=0,
-        max_new_tokens=max_new_tokens,
-        renormalize_logits=False,
-        remove_invalid_values=False,
-        guidance_scale=None,
-        pad_token_id=pad_id,
-        eos_token_id=sorted(eos_ids),
-    )
-
-
-@contextmanager
-def model_generation_defaults_off(model: nn.Module) -> Iterator[None]:
-    """Within: `generate` sees a blank model generation config, so nothing is inherited from it.
-
-    The model's own config is put back afterwards: it is saved with the trained model and
-    serving should keep it.
-    """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PeftModel delegates
-    saved = inner.generation_config
-    inner.generation_config = GenerationConfig()
-    try:
-        yield
-    finally:
-        inner.generation_config = saved
-
-
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     # Left padding: positions count real tokens only, as `generate` counts them.
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class PolicyWithValue(nn.Module):
+    """The trained parameters in one module: (logits, values) of a batch, for DDP to wrap."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead) -> None:
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        return out.logits, self.value_head(out.hidden_states[-1])
 
 
 def response_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -208,7 +184,8 @@ class Rollout:
     scores: torch.Tensor  # the reward function's, as it gave them
     ended: torch.Tensor  # whether each response produced an eos
     entropy: torch.Tensor  # mean per-token entropy of each response
-    # log p of each sampled token from `generate`'s own scores; only with rollout(..., keep_sample_logprobs=True)
+    # log p of each sampled token in the distribution the sampler drew it from; only with
+    # rollout(..., keep_sample_logprobs=True)
     sample_logprobs: torch.Tensor | None = None
 
 
@@ -227,16 +204,27 @@ class PPOTrainer:
     ) -> None:
         if not prompts:
             raise ValueError("PPO needs at least one prompt")
-        if world_size() > 1:
-            # This loop has no gradient all-reduce: N processes would train N diverging
-            # copies and race on output_dir. Scale it with rollout_batch_size on one device.
-            raise ConfigError("ppo runs as one process; launch it without torchrun/accelerate")
         self.params = params
         self.prompts = prompts
         self.reward = reward
         self.output_dir = output_dir
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.world = world_size()
+        self.rank = int(os.environ.get("RANK", "0"))
+        update = params.per_device_train_batch_size * params.gradient_accumulation_steps
+        share, rest = divmod(params.rollout_batch_size, self.world)
+        if rest or share % update:
+            raise ConfigError(
+                f"rollout_batch_size ({params.rollout_batch_size}) must split into {self.world} equal shares, each a "
+                f"multiple of per_device_train_batch_size * gradient_accumulation_steps ({update})"
+            )
+        self.share = share
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+        if self.world > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=ddp_backend() or "nccl")
         torch.manual_seed(params.seed)
 
         path = resolve(model_ref, registry_root)
@@ -260,20 +248,30 @@ class PPOTrainer:
                 disable_dropout(module)
         self.policy.to(self.device)
         if params.gradient_checkpointing:
-            self.policy.gradient_checkpointing_enable()
+            # Non-reentrant: the reentrant variant re-runs forwards that DDP has already counted.
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hidden = self.policy.config.get_text_config().hidden_size
         self.value_head = ValueHead(hidden).to(self.device)
+        self.model = PolicyWithValue(self.policy, self.value_head)
+        # The module the update passes run through: DDP averages its gradients across processes.
+        self.trained: nn.Module = self.model
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
 
-        trainable = [p for p in self.policy.parameters() if p.requires_grad] + list(self.value_head.parameters())
+            self.trained = DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # rotary tables and the like: the same in every process
+            )
+
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             trainable,
             lr=params.learning_rate,
             weight_decay=params.weight_decay,
             fused=params.optim == "adamw_torch_fused",
         )
-        updates_per_step = params.ppo_epochs * params.rollout_batch_size // (
-            params.per_device_train_batch_size * params.gradient_accumulation_steps
-        )
+        updates_per_step = params.ppo_epochs * share // update
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(
@@ -300,25 +298,54 @@ class PPOTrainer:
     def _autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bool(self.params.bf16))
 
-    def _forward(
-        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, with_values: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _logits(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         with self._autocast():
-            out = model(
+            return model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask),
-                output_hidden_states=with_values,
                 use_cache=False,
-            )
-            values = self.value_head(out.hidden_states[-1]) if with_values else None
-        return out.logits, values
+            ).logits
+
+    def _with_values(
+        self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._autocast():
+            return model(input_ids, attention_mask)
 
     def _ref_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.ref_model is not None:
-            return self._forward(self.ref_model, input_ids, attention_mask, with_values=False)[0]
+            return self._logits(self.ref_model, input_ids, attention_mask)
         with self.policy.disable_adapter():  # type: ignore[operator]
-            return self._forward(self.policy, input_ids, attention_mask, with_values=False)[0]
+            return self._logits(self.policy, input_ids, attention_mask)
+
+    # ---- across processes -------------------------------------------------------------
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` summed over the processes."""
+        if self.world == 1:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x
+
+    def _gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch's rows of a per-row tensor, in row order."""
+        if self.world == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    def _mean(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+        """Mean of `x` (over `mask`'s entries) across the global batch."""
+        m = torch.ones_like(x) if mask is None else mask
+        total, count = self._sum(torch.stack([(x * m).sum(), m.sum()]).double()).tolist()
+        return total / max(count, 1.0)
+
+    def _rows(self) -> range:
+        """This process's rows of a step's global batch."""
+        return range(self.rank * self.share, (self.rank + 1) * self.share)
 
     # ---- one step ---------------------------------------------------------------------
 
@@ -351,25 +378,33 @@ class PPOTrainer:
         )
         return {k: v.to(self.device) for k, v in enc.items()}
 
-    def _sample(self, enc: dict[str, torch.Tensor], *, with_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(prompt + sampled response ids, `generate`'s per-step scores [B, R, V] if asked for)."""
+    def _sample(
+        self, enc: dict[str, torch.Tensor], rows: Sequence[int], *, keep: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt + sampled response ids, the log-probs each token was drawn from [B, R, V] if kept)."""
         p = self.params
-        config = sampling_config(p.temperature, p.max_new_tokens, self.tokenizer.pad_token_id, self.eos_ids)
-        config.output_scores = with_scores
-        config.return_dict_in_generate = True
+        sampler = SeededSampler(
+            [derived_seed(p.seed, self.step, row) for row in rows], p.temperature, self.device, keep=keep
+        )
+        config = greedy_config(p.max_new_tokens, self.tokenizer.pad_token_id, self.eos_ids)
         # Same autocast as the scoring passes: sampling in fp32 and scoring in bf16 would score
         # a distribution other than the sampled one.
         with model_generation_defaults_off(self.policy), self._autocast():
-            out = self.policy.generate(**enc, generation_config=config)
-        scores = torch.stack(out.scores, dim=1) if with_scores else None
-        return out.sequences, scores
+            sequences = self.policy.generate(
+                **enc, generation_config=config, logits_processor=LogitsProcessorList([sampler])
+            )
+        kept = torch.stack(sampler.kept, dim=1) if sampler.kept is not None else None
+        return sequences, kept
 
     @torch.no_grad()
-    def rollout(self, prompts: Sequence[Any], *, keep_sample_logprobs: bool = False) -> Rollout:
+    def rollout(
+        self, prompts: Sequence[Any], rows: Sequence[int] | None = None, *, keep_sample_logprobs: bool = False
+    ) -> Rollout:
+        """Samples and scores `prompts`, the rows `rows` of this step's global batch (default: 0, 1, ...)."""
         p = self.params
         enc = self._encode_prompts(prompts)
         self.policy.eval()
-        generated, sample_scores = self._sample(enc, with_scores=keep_sample_logprobs)
+        generated, sampled_from = self._sample(enc, rows or range(len(prompts)), keep=keep_sample_logprobs)
         prompt_len = enc["input_ids"].shape[1]
         responses = generated[:, prompt_len:]
         mask, ended = response_mask(responses, self.eos_ids)
@@ -379,17 +414,15 @@ class PPOTrainer:
         scores = torch.tensor(self.reward(list(prompts), texts), dtype=torch.float32, device=self.device)
 
         attention_mask = torch.cat([enc["attention_mask"], mask.long()], dim=1)
-        logits, values = self._forward(self.policy, generated, attention_mask, with_values=True)
+        logits, values = self._with_values(self.model, generated, attention_mask)
         resp_logits = logits[:, prompt_len - 1 : -1]
         logprobs = response_logprobs(resp_logits, responses, p.temperature)
         entropy = pm.entropy_from_logits(resp_logits / p.temperature)
         ref_logits = self._ref_logits(generated, attention_mask)[:, prompt_len - 1 : -1]
         ref_logprobs = response_logprobs(ref_logits, responses, p.temperature)
-        assert values is not None
         sample_logprobs = None
-        if sample_scores is not None:
-            # `generate`'s scores are the processed logits it sampled from (already / temperature).
-            sample_logprobs = response_logprobs(sample_scores, responses, 1.0) * mask
+        if sampled_from is not None:
+            sample_logprobs = torch.gather(sampled_from, 2, responses.unsqueeze(-1)).squeeze(-1) * mask
         return Rollout(
             input_ids=generated,
             attention_mask=attention_mask,
@@ -409,7 +442,9 @@ class PPOTrainer:
         p = self.params
         scores = batch.scores
         if p.reward_normalization == "running":
-            scores = pm.normalize_scores(scores, self.score_moments, p.reward_clip)
+            # Every process takes in the whole batch's scores, so the statistics stay one.
+            everyone = pm.normalize_scores(self._gather(scores), self.score_moments, p.reward_clip)
+            scores = everyone[self.rank * len(scores) : (self.rank + 1) * len(scores)]
         if p.missing_eos_penalty is not None:
             scores = scores - p.missing_eos_penalty * (~batch.ended).float()
         return scores
@@ -421,75 +456,96 @@ class PPOTrainer:
             scores, batch.logprobs, batch.ref_logprobs, batch.mask, self.kl_ctl.value, p.kl.estimator, p.kl.clip
         )
         advantages, returns = pm.gae(rewards, batch.values, batch.mask, p.gamma, p.lam)
-        return kl, pm.whiten(advantages, batch.mask), returns
+        all_reduce = self._sum if self.world > 1 else None
+        return kl, pm.whiten(advantages, batch.mask, all_reduce=all_reduce), returns
 
     def micro_loss(
-        self, batch: Rollout, micro: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor
+        self,
+        batch: Rollout,
+        micro: torch.Tensor,
+        advantages: torch.Tensor,
+        returns: torch.Tensor,
+        count: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, pm.PolicyLoss, pm.ValueLoss]:
-        """(total loss, policy loss, value loss) of the rollout rows `micro` under the current weights."""
+        """(total loss, policy loss, value loss) of the rollout rows `micro` under the current weights;
+        token means over `count` tokens (default: those of `micro`)."""
         p = self.params
-        logits, values = self._forward(self.policy, batch.input_ids[micro], batch.attention_mask[micro], with_values=True)
-        assert values is not None
+        logits, values = self._with_values(self.trained, batch.input_ids[micro], batch.attention_mask[micro])
         sl = slice(batch.prompt_len - 1, -1)
         logprobs = response_logprobs(logits[:, sl], batch.input_ids[micro, batch.prompt_len :], p.temperature)
         m = batch.mask[micro]
-        pg = pm.clipped_policy_loss(logprobs, batch.logprobs[micro], advantages[micro], m, p.cliprange)
-        vf = pm.clipped_value_loss(values[:, sl].float(), batch.values[micro], returns[micro], m, p.cliprange_value)
+        pg = pm.clipped_policy_loss(logprobs, batch.logprobs[micro], advantages[micro], m, p.cliprange, count)
+        vf = pm.clipped_value_loss(values[:, sl].float(), batch.values[micro], returns[micro], m, p.cliprange_value, count)
         return pg.loss + p.vf_coef * vf.loss, pg, vf
+
+    def _update(self, batch: Rollout, rows: torch.Tensor, advantages: torch.Tensor, returns: torch.Tensor) -> torch.Tensor:
+        """One optimizer update on `rows` (and the other processes' rows of the same update).
+
+        Each micro-batch's loss is its share of the token mean over the whole update, so the
+        update's gradient is the same however it is split into micro-batches and processes.
+        Returns the update's (policy loss, value loss, clip fraction, value clip fraction,
+        approx KL), global token means.
+        """
+        p = self.params
+        count = self._sum(batch.mask[rows].sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        micros = rows.split(p.per_device_train_batch_size)
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        for i, micro in enumerate(micros):
+            # DDP all-reduces gradients in the backward of the last micro-batch only.
+            last = i == len(micros) - 1
+            with nullcontext() if last or self.world == 1 else self.trained.no_sync():  # type: ignore[operator]
+                loss, pg, vf = self.micro_loss(batch, micro, advantages, returns, count)
+                # DDP averages gradients over processes; each loss is already a share of the global mean.
+                (loss * self.world).backward()
+            sums += torch.stack([pg.loss, vf.loss, pg.clip_fraction, vf.clip_fraction, pg.approx_kl]).detach().double()
+        params_ = [q for g in self.optimizer.param_groups for q in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params_, p.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        return self._sum(sums)
 
     def train_step(self) -> dict[str, float]:
         p = self.params
         started = time.monotonic()
-        batch = self.rollout(self._batch_prompts(self.step))
+        rows = self._rows()
+        step_prompts = self._batch_prompts(self.step)
+        batch = self.rollout([step_prompts[i] for i in rows], rows)
         mask = batch.mask
         scores = self.shaped_scores(batch)
         kl, advantages, returns = self.advantages(batch, scores)
 
         update = p.per_device_train_batch_size * p.gradient_accumulation_steps
-        stats: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl")}
-        self.policy.train()
-        for _ in range(p.ppo_epochs):
-            order = torch.randperm(len(mask), device=self.device)
+        updates = []
+        self.trained.train()
+        for epoch in range(p.ppo_epochs):
+            shuffle = torch.Generator().manual_seed(derived_seed(p.seed, self.step, -1 - epoch, self.rank))
+            order = torch.randperm(len(mask), generator=shuffle).to(self.device)
             for start in range(0, len(order), update):
-                self.optimizer.zero_grad(set_to_none=True)
-                for micro in order[start : start + update].split(p.per_device_train_batch_size):
-                    loss, pg, vf = self.micro_loss(batch, micro, advantages, returns)
-                    (loss / p.gradient_accumulation_steps).backward()
-                    for key, value in (
-                        ("policy_loss", pg.loss),
-                        ("value_loss", vf.loss),
-                        ("clip_fraction", pg.clip_fraction),
-                        ("value_clip_fraction", vf.clip_fraction),
-                        ("approx_kl", pg.approx_kl),
-                    ):
-                        stats[key].append(value.item())
-                params_ = [q for g in self.optimizer.param_groups for q in g["params"]]
-                torch.nn.utils.clip_grad_norm_(params_, p.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
+                updates.append(self._update(batch, order[start : start + update], advantages, returns))
+        stats = torch.stack(updates).mean(0).tolist()
 
-        kl_per_response = kl.sum(1)
-        mean_kl = float(kl_per_response.mean())
+        mean_kl = self._mean(kl.sum(1))
         coef_used = self.kl_ctl.value
         self.kl_ctl.update(mean_kl, p.rollout_batch_size)
         self.step += 1
-        lengths = mask.sum(1)
+        raw = self._gather(batch.scores)
         row = {
-            "reward": float(batch.scores.mean()),
-            "reward_std": float(batch.scores.std()) if len(batch.scores) > 1 else 0.0,
-            "reward_normalized": float(scores.mean()),
+            "reward": float(raw.mean()),
+            "reward_std": float(raw.std()) if len(raw) > 1 else 0.0,
+            "reward_normalized": self._mean(scores),
             "reward_running_mean": self.score_moments.mean,
             "reward_running_std": self.score_moments.std,
             "kl": mean_kl,
             "kl_coef": coef_used,
-            "non_score_reward": float(-(coef_used * kl_per_response).mean()),
-            "response_length": float(lengths.float().mean()),
-            "entropy": float(batch.entropy.mean()),
-            "returns_mean": float(pm.masked_mean(returns, mask)),
-            "value_mean": float(pm.masked_mean(batch.values, mask)),
+            "non_score_reward": -coef_used * mean_kl,
+            "response_length": self._mean(mask.sum(1)),
+            "entropy": self._mean(batch.entropy),
+            "returns_mean": self._mean(returns, mask),
+            "value_mean": self._mean(batch.values, mask),
             "learning_rate": float(self.scheduler.get_last_lr()[0]),
             "step_seconds": time.monotonic() - started,
-            **{k: sum(v) / len(v) for k, v in stats.items() if v},
+            **dict(zip(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl"), stats, strict=True)),
         }
         row["loss"] = row["policy_loss"] + p.vf_coef * row["value_loss"]
         return row
@@ -506,7 +562,6 @@ class PPOTrainer:
         torch.save(self.value_head.state_dict(), tmp / VALUE_HEAD_FILE)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()}, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(
             json.dumps(
                 {"global_step": self.step, "kl_ctl": self.kl_ctl.state_dict(), "score_moments": self.score_moments.state_dict()}
@@ -534,10 +589,6 @@ class PPOTrainer:
         self.value_head.load_state_dict(torch.load(checkpoint / VALUE_HEAD_FILE, map_location=self.device))
         self.optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt"))
-        rng = torch.load(checkpoint / "rng.pt", weights_only=False)
-        torch.set_rng_state(rng["cpu"])
-        if torch.cuda.is_available() and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
         state = json.loads((checkpoint / STATE_FILE).read_text())
         self.step = int(state["global_step"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -552,7 +603,9 @@ class PPOTrainer:
             log.info("resuming ppo from %s (step %d)", checkpoint, self.step)
         losses = []
         watch = self.observers.watch
-        watch.begin(self.step, self.policy)
+        # The watch (and its eval generations) runs in the main process; every process gets
+        # its decision. The step rows it reads are global figures, the same in each process.
+        on_main(lambda: watch.begin(self.step, self.policy))
         every = self.params.watch.eval_every
         while self.step < self.params.max_steps:
             row = self.train_step()
@@ -560,12 +613,15 @@ class PPOTrainer:
             logged = None
             if self.step % self.params.logging_steps == 0 or self.step == self.params.max_steps:
                 logged = self.sink.log(self.step, row)
-            flags = watch.check(self.step, logged, self.policy, measure=bool(every) and self.step % every == 0)
+            measure = bool(every) and self.step % every == 0
+            flags = on_main(lambda: watch.check(self.step, logged, self.policy, measure=measure))  # noqa: B023
             if watch.should_stop(flags):
                 log.warning("ppo stopped by the hacking watch at step %d: %s", self.step, flags)
                 break
             if self.step % self.params.save_steps == 0 and self.step < self.params.max_steps:
-                self.save_checkpoint()
+                if is_main_process():
+                    self.save_checkpoint()
+                barrier()  # a process that died past this point resumes from the checkpoint
 
         def save(model_dir: Path) -> None:
             save_final(self.policy, self.tokenizer, model_dir)
@@ -581,6 +637,7 @@ class PPOTrainer:
             train_loss=sum(losses) / len(losses) if losses else None,
             started=started,
             checkpoint=checkpoint,
+            weights_sha256=check_ranks_agree(self.model),
         )
 
 

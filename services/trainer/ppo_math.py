@@ -8,19 +8,25 @@ touches a model, so each formula can be checked against numbers worked out by ha
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 KLEstimator = Literal["k1", "k3"]
+# Sums a tensor over the processes that each hold a part of a batch (torch.distributed's
+# all_reduce); None: the batch is all here.
+AllReduce = Callable[[torch.Tensor], torch.Tensor] | None
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor | None = None, count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the masked entries; over `count` entries instead where the mean is over more
+    tokens than these (an update split into micro-batches and processes)."""
     if mask is None:
         return x.mean()
     # An all-padding batch has no tokens to average; 0 is the neutral value for a loss.
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum() / (mask.sum() if count is None else count).clamp(min=1)
 
 
 def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -30,15 +36,27 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tenso
 
 
 def whiten(
-    x: torch.Tensor, mask: torch.Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: AllReduce = None,
 ) -> torch.Tensor:
     """Scales `x` to unit variance over the masked entries; centres it unless `shift_mean` is False.
 
-    Advantages are fully whitened per batch; scores are not whitened here but normalised by
-    running statistics (`RunningMoments`). Masked entries come back as 0.
+    Advantages are fully whitened per batch (with `all_reduce`, by the moments of the whole
+    batch across processes); scores are not whitened here but normalised by running
+    statistics (`RunningMoments`). Masked entries come back as 0.
     """
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_var(x, mask) + eps)
+    if all_reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = torch.ones_like(x) if mask is None else mask
+        total, count = all_reduce(torch.stack([(x * m).sum(), m.sum()])).unbind()
+        mean = total / count.clamp(min=1)
+        var = all_reduce(((x - mean) ** 2 * m).sum()) / count.clamp(min=1)
+    out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
     return out if mask is None else out * mask
@@ -177,16 +195,21 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    count: torch.Tensor | None = None,
 ) -> PolicyLoss:
-    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = p/p_old."""
+    """PPO's clipped surrogate: mean over tokens of max(-A r, -A clip(r, 1-e, 1+e)), r = p/p_old.
+
+    The mean is over the masked tokens, or over `count` tokens when these are part of a larger
+    update (so every token weighs the same however the update is split).
+    """
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return PolicyLoss(
-        loss=masked_mean(torch.maximum(unclipped, clipped), mask),
-        clip_fraction=masked_mean((clipped > unclipped).float(), mask),
-        approx_kl=masked_mean(0.5 * log_ratio**2, mask),
+        loss=masked_mean(torch.maximum(unclipped, clipped), mask, count),
+        clip_fraction=masked_mean((clipped > unclipped).float(), mask, count),
+        approx_kl=masked_mean(0.5 * log_ratio**2, mask, count),
     )
 
 
@@ -202,14 +225,16 @@ def clipped_value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float = 0.2,
+    count: torch.Tensor | None = None,
 ) -> ValueLoss:
-    """0.5 * mean over tokens of max((v - R)^2, (v_clipped - R)^2), v_clipped within clip_range of v_old."""
+    """0.5 * mean over tokens of max((v - R)^2, (v_clipped - R)^2), v_clipped within clip_range of v_old
+    (over `count` tokens as in `clipped_policy_loss`)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_loss = (values - returns) ** 2
     clipped_loss = (clipped_values - returns) ** 2
     return ValueLoss(
-        loss=0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask),
-        clip_fraction=masked_mean((clipped_loss > unclipped_loss).float(), mask),
+        loss=0.5 * masked_mean(torch.maximum(unclipped_loss, clipped_loss), mask, count),
+        clip_fraction=masked_mean((clipped_loss > unclipped_loss).float(), mask, count),
     )
 
 

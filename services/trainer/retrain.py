@@ -675,12 +675,6 @@ def run_retrain(config: RetrainConfig | None = None, *, resume: Path | None = No
     opened = Run.open(Path(resume)) if resume is not None else None
     run_config = opened.config if opened is not None else config
     assert run_config is not None
-    if settings.processes > 1 and not algorithms.get(run_config.algorithm).data_parallel:
-        parallel = ", ".join(a.name for a in algorithms.policy_algorithms() if a.data_parallel)
-        raise ConfigError(
-            f"algorithm {run_config.algorithm} trains in one process (its loop is not data-parallel); "
-            f"TUNELOOP_TRAINER_PROCESSES_PER_NODE x _NODES is {settings.processes}: use {parallel}, or one process"
-        )
     if settings.node_rank > 0:
         return follow(run_config, settings)
     events = None

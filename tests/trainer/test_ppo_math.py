@@ -164,3 +164,34 @@ def test_response_mask() -> None:
     mask, ended = response_mask(responses, {eos, other_eos})
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]]
     assert ended.tolist() == [True, False, True, True]
+
+
+def test_token_means_over_an_update_split_into_micro_batches() -> None:
+    # Rows of 1 and 3 tokens: two micro-batch means would weigh the lone token like three.
+    logprobs = torch.tensor([[-1.0, 0.0, 0.0], [-2.0, -0.5, -1.5]])
+    old = torch.tensor([[-1.1, 0.0, 0.0], [-1.8, -0.5, -1.0]])
+    adv = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 2.0, 0.5]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    whole = pm.clipped_policy_loss(logprobs, old, adv, mask)
+    count = mask.sum()
+    parts = [pm.clipped_policy_loss(logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1], count=count) for i in range(2)]
+    assert torch.isclose(parts[0].loss + parts[1].loss, whole.loss)
+    assert torch.isclose(parts[0].approx_kl + parts[1].approx_kl, whole.approx_kl)
+    unweighted = sum(pm.clipped_policy_loss(logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1]).loss for i in range(2)) / 2
+    assert not torch.isclose(unweighted, whole.loss)
+
+
+def test_whiten_with_an_all_reduce_uses_the_global_moments() -> None:
+    x = torch.tensor([[1.0, 2.0, 0.0], [4.0, 8.0, 16.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    whole = pm.whiten(x, mask)
+    # The other "process" holds row 1: an all-reduce adds its sums to row 0's.
+    def other_sums(t: torch.Tensor) -> torch.Tensor:
+        if t.dim() == 1:  # (sum, count)
+            return t + torch.stack([(x[1] * mask[1]).sum(), mask[1].sum()])
+        mean = (x * mask).sum() / mask.sum()
+        return t + ((x[1] - mean) ** 2 * mask[1]).sum()
+
+    part = pm.whiten(x[:1], mask[:1], all_reduce=other_sums)
+    torch.testing.assert_close(part, whole[:1])
+    assert not torch.allclose(pm.whiten(x[:1], mask[:1]), whole[:1])

@@ -55,7 +55,6 @@ def test_retrain_names_the_policy_algorithms_each_with_its_section() -> None:
     assert {a.name for a in policy} == set(get_args(PolicyAlgorithm)) == {"dpo", "ppo", "rloo", "grpo"}
     for algorithm in policy:
         assert RetrainConfig.model_fields[algorithm.name].annotation is algorithm.params
-    assert [a.name for a in policy if not a.data_parallel] == ["ppo"]
     assert [a.name for a in policy if not a.needs_reward] == ["dpo"]
     with pytest.raises(ConfigError, match="unknown algorithm 'xyz'; known: sft, dpo"):
         algorithms.get("xyz")

@@ -216,17 +216,6 @@ def test_rendered_two_node_job_trains_over_c10d_and_registers_once(tmp_path: Pat
     print(f"two-node retrain: {seconds:.1f} s")  # noqa: T201 - the measured figure, in -s runs
 
 
-def test_ppo_refuses_several_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tuneloop.trainer.config import ConfigError, load_config
-    from tuneloop.trainer.retrain import RetrainConfig, run_retrain
-
-    monkeypatch.setenv("TUNELOOP_TRAINER_PROCESSES_PER_NODE", "2")
-    config = load_config(RetrainConfig, None, [f"preferences.path={tmp_path / 'p.jsonl'}",
-                                               f"criteria={tmp_path / 'c.yaml'}", "algorithm=ppo"])
-    with pytest.raises(ConfigError, match="ppo trains in one process"):
-        run_retrain(config)
-
-
 def test_launch_command_is_torchrun_with_c10d_on_several_nodes() -> None:
     from tuneloop.trainer.config import TrainerSettings
     from tuneloop.trainer.distributed import launch_command

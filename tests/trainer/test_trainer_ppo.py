@@ -57,6 +57,18 @@ def test_rollout_logprobs_are_the_sampling_distribution(policy: Path, tmp_path: 
     assert t.policy.generation_config.repetition_penalty == 1.8
 
 
+def test_a_rows_sample_depends_on_its_seed_not_on_its_batch(policy: Path, tmp_path: Path) -> None:
+    t = trainer(policy, tmp_path)
+    whole = t.rollout(PROMPTS, range(4))
+    halves = [t.rollout(PROMPTS[:2], range(2)), t.rollout(PROMPTS[2:], range(2, 4))]
+    tokens = [r[: int(m.sum())].tolist() for b in halves for r, m in zip(b.input_ids[:, b.prompt_len :], b.mask, strict=True)]
+    assert tokens == [r[: int(m.sum())].tolist() for r, m in zip(whole.input_ids[:, whole.prompt_len :], whole.mask, strict=True)]
+    torch.testing.assert_close(torch.cat([h.logprobs for h in halves]), whole.logprobs, atol=1e-5, rtol=0)
+    # Another step draws other tokens for the same rows.
+    t.step += 1
+    assert not torch.equal(t.rollout(PROMPTS, range(4)).input_ids, whole.input_ids)
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["copy", "lora"])
 def test_first_minibatch_sees_ratio_one(policy: Path, tmp_path: Path, lora: bool) -> None:
     extra = ["lora.enabled=true", "lora.r=4", "lora.dropout=0.5"] if lora else []
