@@ -245,6 +245,12 @@ class OnlineRLParams(TrainParams):
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
     max_completion_length: int = Field(64, ge=1, description="Most tokens sampled per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    rollout_engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="What samples the completions: 'transformers' (generate on the trained model) or 'vllm' "
+        "(an engine in each training process; the trained weights are pushed into it in place before every "
+        "step's sampling, and its log-probabilities checked against the trained model's).",
+    )
 
     @model_validator(mode="after")
     def _groups_fit(self) -> OnlineRLParams:

@@ -14,12 +14,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from tuneloop.common.durable import write_atomic
+from tuneloop.trainer import vllm_rollouts
 from tuneloop.trainer.config import (
     ConfigError,
     DPOParams,
@@ -32,8 +34,19 @@ from tuneloop.trainer.config import (
     StageBase,
     TrainParams,
 )
-from tuneloop.trainer.data import Messages, prompt_dataset, prompt_rows, sft_dataset, unique_prompts
-from tuneloop.trainer.distributed import barrier, check_ranks_agree, is_main_process, world_size
+from tuneloop.trainer.data import (
+    Messages,
+    prompt_dataset,
+    prompt_rows,
+    sft_dataset,
+    unique_prompts,
+)
+from tuneloop.trainer.distributed import (
+    barrier,
+    check_ranks_agree,
+    is_main_process,
+    world_size,
+)
 from tuneloop.trainer.metrics import MetricsCallback, StepMetrics
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
@@ -275,7 +288,6 @@ def run_dpo_on(params: DPOParams, data: StageData, run: StageRun) -> StageResult
     sets how often each row is drawn (weighting.py); `replay.prompts` adds the replay NLL
     term (replay.py)."""
     from trl import DPOConfig, DPOTrainer
-
     from tuneloop.trainer import replay as rp
 
     dataset = data.pairs("dpo")
@@ -322,6 +334,22 @@ def run_online_rl_on(algorithm: Algorithm, params: OnlineRLParams, data: StageDa
     config_cls, trainer_cls = (RLOOConfig, RLOOTrainer) if algorithm == "rloo" else (GRPOConfig, GRPOTrainer)
     prompts, reward = data.prompt_set(algorithm), data.reward_func(algorithm)
     model, tokenizer, path, observers = _setup(params, run, algorithm)
+    # Sampling wants left padding; the saved model keeps the tokenizer as loaded.
+    sampling_tokenizer = load_tokenizer(path, padding_side="left")
+    from_vllm = params.rollout_engine == "vllm"
+    rollouts: dict[str, Any] = {}
+    engine: Any = nullcontext()
+    if from_vllm:
+        from tuneloop.trainer.vllm_generator import kv_cache_bytes
+
+        prompt_ids = [prompt_token_ids(sampling_tokenizer, p) for p in prompts]
+        longest = max(map(len, prompt_ids)) + params.max_completion_length
+        rollouts = vllm_rollouts.trl_rollout_args(path, max(map(len, prompt_ids)), params.max_completion_length)
+        # One step's sequences at once: every process samples its batch's groups.
+        sequences = params.per_device_train_batch_size * params.gradient_accumulation_steps
+        engine = vllm_rollouts.engine_options(
+            "bfloat16" if params.bf16 else "float32", kv_cache_bytes(path, sequences * longest, longest)
+        )
     args = trl_args(
         config_cls,
         params,
@@ -331,12 +359,19 @@ def run_online_rl_on(algorithm: Algorithm, params: OnlineRLParams, data: StageDa
         num_generations=params.num_generations,
         max_completion_length=params.max_completion_length,
         temperature=params.temperature,
+        **rollouts,
     )
-    # Sampling wants left padding; the saved model keeps the tokenizer as loaded.
-    sampling_tokenizer = load_tokenizer(path, padding_side="left")
-    trainer = _trainer(trainer_cls, params, model, args, prompt_dataset(prompts), sampling_tokenizer, observers,
-                       reward_funcs=reward)
+    with engine:
+        trainer = _trainer(trainer_cls, params, model, args, prompt_dataset(prompts), sampling_tokenizer, observers,
+                           reward_funcs=reward)
+    if from_vllm and args.use_vllm and args.vllm_mode == "colocate":
+        vllm_rollouts.InPlacePush(trainer, prompt_ids[0])
     return _train(algorithm, trainer, tokenizer, run, observers)
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Messages) -> list[int]:
+    """A prompt's token ids as sampling sees them (through the chat template)."""
+    return list(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
 
 
 def online_rl_data(config: OnlineRLStageConfig | PPOStageConfig) -> StageData:

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 # answer of a call needs at once, more memory buys nothing.
 _KV_CAP_BYTES = 1 << 30
 _KV_FLOOR_BYTES = 16 << 20
-_BLOCK = 128  # slack per sequence for vLLM's partially filled cache blocks
+KV_BLOCK_SLACK = 128  # slack per sequence for vLLM's partially filled cache blocks
 CACHE_DIR = Path(".tuneloop/cache/vllm")
 
 
@@ -82,15 +82,20 @@ def parameter_count(model_dir: Path | str) -> int:
     return total
 
 
-def _kv_bytes_per_token(config: dict[str, Any]) -> int:
+def kv_cache_bytes(model_dir: Path | str, kv_tokens: int, max_model_len: int) -> int:
+    """KV cache for `kv_tokens` tokens at once (fp32), within 16 MiB-1 GiB, and never less
+    than one sequence of `max_model_len`, which vLLM refuses to start without."""
+    config = _config(Path(model_dir))
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv_heads = config.get("num_key_value_heads") or heads
-    return 2 * config["num_hidden_layers"] * kv_heads * head_dim * 4  # keys and values, fp32
+    per_token = 2 * config["num_hidden_layers"] * kv_heads * head_dim * 4  # keys and values, fp32
+    kv = min(max(per_token * kv_tokens, _KV_FLOOR_BYTES), _KV_CAP_BYTES)
+    return max(kv, per_token * (max_model_len + KV_BLOCK_SLACK))
 
 
 @contextlib.contextmanager
-def _environment(cache_dir: Path) -> Iterator[None]:
+def vllm_environment(cache_dir: Path = CACHE_DIR) -> Iterator[None]:
     """Settings vLLM reads at import and passes to the processes it spawns; TMPDIR is put
     back afterwards so the rest of this process keeps its own."""
     cache_dir = cache_dir.resolve()
@@ -129,18 +134,15 @@ class VllmGenerator:
         reason = unusable_reason(model_dir)
         if reason is not None:
             raise VllmUnavailable(reason)
+        from tuneloop.common.vllm_worker import WeightSwapExtension
         from vllm import LLM
-
-        from tuneloop.generation.engines.vllm_worker import WeightSwapExtension
 
         config = _config(Path(model_dir))
         limit = config.get("max_position_embeddings")
         self.max_model_len = min(max_model_len, limit) if limit else max_model_len
-        per_token = _kv_bytes_per_token(config)
-        kv = min(max(per_token * kv_tokens, _KV_FLOOR_BYTES), _KV_CAP_BYTES)
-        kv = max(kv, per_token * (self.max_model_len + _BLOCK))
+        kv = kv_cache_bytes(model_dir, kv_tokens, self.max_model_len)
         started = time.monotonic()
-        with _environment(cache_dir):
+        with vllm_environment(cache_dir):
             self._llm = LLM(
                 model=str(model_dir),
                 dtype="float32",

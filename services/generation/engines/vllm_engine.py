@@ -33,6 +33,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tuneloop.common.vllm_worker import WeightSwapExtension
 from tuneloop.generation import metrics
 from tuneloop.generation.adapters import lora_rank
 from tuneloop.generation.engines.base import (
@@ -45,12 +46,10 @@ from tuneloop.generation.engines.base import (
     Stream,
     SwapError,
 )
-from tuneloop.generation.engines.vllm_worker import WeightSwapExtension
 from tuneloop.generation.settings import VLLM_LORA_RANKS
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
-
     from tuneloop.generation.settings import GenerationSettings
 
 log = logging.getLogger(__name__)
