@@ -236,7 +236,25 @@ class RewardSource(Strict):
         return self
 
 
-class OnlineRLParams(TrainParams):
+class RolloutEngineParams(Strict):
+    """What samples an online-RL stage's responses."""
+
+    rollout_engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="'transformers': generate on the trained model. 'vllm': an engine in each training process, "
+        "in the trainer's dtype; the trained weights are pushed into it in place (no files) before every "
+        "step's sampling, and its log-probabilities of what it sampled are checked against the trained model's.",
+    )
+    max_rollout_logprob_gap: float | None = Field(
+        5e-3,
+        gt=0,
+        description="rollout_engine vllm: the largest |log p_vLLM - log p_trained| (nats) on sampled tokens before "
+        "the run stops (fp32 engines agree to ~1e-5; stale weights or another dtype differ by 1e-2 and more). "
+        "null: only log it (rollout_logprob_gap), e.g. for bf16 engines.",
+    )
+
+
+class OnlineRLParams(RolloutEngineParams, TrainParams):
     """RLOO and GRPO (TRL): sample a group per prompt, score, baseline within the group."""
 
     learning_rate: float = Field(1e-6, gt=0, description="Peak learning rate.")
@@ -245,12 +263,6 @@ class OnlineRLParams(TrainParams):
     num_generations: int = Field(4, ge=2, description="Completions sampled per prompt (the group).")
     max_completion_length: int = Field(64, ge=1, description="Most tokens sampled per completion.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    rollout_engine: Literal["transformers", "vllm"] = Field(
-        "transformers",
-        description="What samples the completions: 'transformers' (generate on the trained model) or 'vllm' "
-        "(an engine in each training process; the trained weights are pushed into it in place before every "
-        "step's sampling, and its log-probabilities checked against the trained model's).",
-    )
 
     @model_validator(mode="after")
     def _groups_fit(self) -> OnlineRLParams:
@@ -284,7 +296,7 @@ _RETIRED_PPO_FIELDS = (
 )
 
 
-class PPOParams(TrainParams):
+class PPOParams(RolloutEngineParams, TrainParams):
     """Classic RLHF PPO: policy with a value head, per-token KL penalty, GAE, clipped losses.
 
     One step samples `rollout_batch_size` responses (shared evenly by the training processes),

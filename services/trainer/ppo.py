@@ -3,7 +3,9 @@
 Per step:
 1. sample one response per prompt from the policy: softmax(logits / temperature) and nothing
    else, under the same autocast as the scoring passes, so the distribution the tokens come
-   from is the one the loss and the KL score; each row from its own seed (`sampling`);
+   from is the one the loss and the KL score; each row from its own seed (`sampling`), by
+   `generate` or, with rollout_engine vllm, by a vLLM engine holding this step's weights
+   (`vllm_rollouts`);
 2. score each (prompt, response) with the reward function and normalise the score by running
    statistics over the run (the reward model's scale then does not set beta's meaning);
 3. with the rollout's weights, compute token log-probs of the policy and of the frozen
@@ -37,7 +39,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +49,21 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import LogitsProcessorList
-
 from tuneloop.trainer import ppo_math as pm
-from tuneloop.trainer.config import ConfigError, MetricsParams, PPOParams, PPOStageConfig
-from tuneloop.trainer.distributed import barrier, check_ranks_agree, ddp_backend, is_main_process, on_main, world_size
+from tuneloop.trainer.config import (
+    ConfigError,
+    MetricsParams,
+    PPOParams,
+    PPOStageConfig,
+)
+from tuneloop.trainer.distributed import (
+    barrier,
+    check_ranks_agree,
+    ddp_backend,
+    is_main_process,
+    on_main,
+    world_size,
+)
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
     load_policy,
@@ -60,7 +73,12 @@ from tuneloop.trainer.modeling import (
     save_final,
 )
 from tuneloop.trainer.rewards import RewardFunc
-from tuneloop.trainer.sampling import SeededSampler, derived_seed, greedy_config, model_generation_defaults_off
+from tuneloop.trainer.sampling import (
+    SeededSampler,
+    derived_seed,
+    greedy_config,
+    model_generation_defaults_off,
+)
 from tuneloop.trainer.stages import (
     Observers,
     StageData,
@@ -70,6 +88,7 @@ from tuneloop.trainer.stages import (
     conclude,
     online_rl_data,
 )
+from tuneloop.trainer.vllm_rollouts import RolloutEngine, check_gap
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +308,15 @@ class PPOTrainer:
         self.eos_ids = {self.tokenizer.eos_token_id} | set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.eos_ids.discard(None)
         self.score_moments = pm.RunningMoments()
+        self.engine: RolloutEngine | None = None
+        self._pushed_at: int | None = None  # the step whose weights the engine holds
+        if params.rollout_engine == "vllm":
+            self.engine = RolloutEngine(
+                path,
+                dtype="bfloat16" if params.bf16 else "float32",
+                max_model_len=params.max_prompt_length + params.max_new_tokens,
+                sequences=share,
+            )
         self.step = 0
         self.observers = Observers("ppo", params, path, output_dir, metrics, criteria)
         self.sink = self.observers.sink
@@ -328,6 +356,13 @@ class PPOTrainer:
         x = x.detach().clone()
         dist.all_reduce(x)
         return x
+
+    def _max(self, x: torch.Tensor) -> float:
+        """The largest of `x` (a scalar) over the processes."""
+        x = x.detach().clone().float()
+        if self.world > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return float(x)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         """The global batch's rows of a per-row tensor, in row order."""
@@ -396,6 +431,42 @@ class PPOTrainer:
         kept = torch.stack(sampler.kept, dim=1) if sampler.kept is not None else None
         return sequences, kept
 
+    def _sample_vllm(self, enc: dict[str, torch.Tensor], rows: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt + sampled response ids, vLLM's log-probs of the sampled tokens [B, R]), from the
+        rollout engine holding this step's weights."""
+        p = self.params
+        assert self.engine is not None
+        if self._pushed_at != self.step:
+            self.engine.push(self._named_weights())
+            self._pushed_at = self.step
+        prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+        seeds = [derived_seed(p.seed, self.step, row) for row in rows]
+        sampled = self.engine.sample(prompts, seeds, p.temperature, p.max_new_tokens, self.eos_ids)
+        width = max(1, max(len(tokens) for tokens, _ in sampled))
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
+        # Only a response that ended at an eos is shorter than the longest: padding follows its eos.
+        responses = torch.full((len(sampled), width), pad, dtype=torch.long)
+        logprobs = torch.zeros(len(sampled), width)
+        for i, (tokens, lps) in enumerate(sampled):
+            responses[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            logprobs[i, : len(lps)] = torch.tensor(lps)
+        return torch.cat([enc["input_ids"], responses.to(self.device)], dim=1), logprobs.to(self.device)
+
+    def _named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The policy's weights under the names of the full model (adapters merged in while read)."""
+        if not self.params.lora.enabled:
+            for name, param in self.policy.named_parameters():
+                yield name, param.data
+            return
+        self.policy.merge_adapter()  # type: ignore[operator]
+        try:
+            for name, param in self.policy.named_parameters():
+                if "lora_" in name:
+                    continue
+                yield name.removeprefix("base_model.model.").replace(".base_layer", ""), param.data
+        finally:
+            self.policy.unmerge_adapter()  # type: ignore[operator]
+
     @torch.no_grad()
     def rollout(
         self, prompts: Sequence[Any], rows: Sequence[int] | None = None, *, keep_sample_logprobs: bool = False
@@ -404,7 +475,13 @@ class PPOTrainer:
         p = self.params
         enc = self._encode_prompts(prompts)
         self.policy.eval()
-        generated, sampled_from = self._sample(enc, rows or range(len(prompts)), keep=keep_sample_logprobs)
+        rows = rows or range(len(prompts))
+        engine_logprobs = None
+        if self.engine is not None:
+            generated, engine_logprobs = self._sample_vllm(enc, rows)
+            sampled_from = None
+        else:
+            generated, sampled_from = self._sample(enc, rows, keep=keep_sample_logprobs)
         prompt_len = enc["input_ids"].shape[1]
         responses = generated[:, prompt_len:]
         mask, ended = response_mask(responses, self.eos_ids)
@@ -420,7 +497,7 @@ class PPOTrainer:
         entropy = pm.entropy_from_logits(resp_logits / p.temperature)
         ref_logits = self._ref_logits(generated, attention_mask)[:, prompt_len - 1 : -1]
         ref_logprobs = response_logprobs(ref_logits, responses, p.temperature)
-        sample_logprobs = None
+        sample_logprobs = None if engine_logprobs is None else engine_logprobs * mask
         if sampled_from is not None:
             sample_logprobs = torch.gather(sampled_from, 2, responses.unsqueeze(-1)).squeeze(-1) * mask
         return Rollout(
@@ -512,6 +589,11 @@ class PPOTrainer:
         step_prompts = self._batch_prompts(self.step)
         batch = self.rollout([step_prompts[i] for i in rows], rows)
         mask = batch.mask
+        gap = None
+        if self.engine is not None and batch.sample_logprobs is not None:
+            # Checked before any update: rollouts from other weights must not be trained on.
+            gap = self._max(((batch.logprobs - batch.sample_logprobs).abs() * mask).max())
+            check_gap(gap, p.max_rollout_logprob_gap)
         scores = self.shaped_scores(batch)
         kl, advantages, returns = self.advantages(batch, scores)
 
@@ -548,6 +630,8 @@ class PPOTrainer:
             **dict(zip(("policy_loss", "value_loss", "clip_fraction", "value_clip_fraction", "approx_kl"), stats, strict=True)),
         }
         row["loss"] = row["policy_loss"] + p.vf_coef * row["value_loss"]
+        if gap is not None:
+            row["rollout_logprob_gap"] = gap
         return row
 
     # ---- checkpoints ------------------------------------------------------------------

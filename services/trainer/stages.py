@@ -365,7 +365,7 @@ def run_online_rl_on(algorithm: Algorithm, params: OnlineRLParams, data: StageDa
         trainer = _trainer(trainer_cls, params, model, args, prompt_dataset(prompts), sampling_tokenizer, observers,
                            reward_funcs=reward)
     if from_vllm and args.use_vllm and args.vllm_mode == "colocate":
-        vllm_rollouts.InPlacePush(trainer, prompt_ids[0])
+        vllm_rollouts.InPlacePush(trainer, prompt_ids[0], params.max_rollout_logprob_gap)
     return _train(algorithm, trainer, tokenizer, run, observers)
 
 
