@@ -1,5 +1,5 @@
-"""Seconds per optimizer step of each training stage (SFT, DPO, PPO, RLOO with rollouts from
-transformers and from vLLM), DPO and PPO on two processes against one, rollout generation
+"""Seconds per optimizer step of each training stage (SFT, DPO, PPO and RLOO with rollouts
+from transformers and from vLLM), DPO and PPO on two processes against one, rollout generation
 through vLLM against transformers `generate`, the DPO stage against TRL's DPOTrainer in a
 plain script, and the wall time of `retrain`, in one run.
 
@@ -85,10 +85,12 @@ def stage_settings(policy: Path, reward: Path, data: Path, steps: int, new_token
     common = [f"model={policy}", f"max_steps={steps + 1}", "save_steps=100000", "learning_rate=1e-6"]
     online = [*common, f"prompts={data / 'prompts.jsonl'}", f"reward.model={reward}"]
     rloo = [*online, "per_device_train_batch_size=4", "num_generations=2", f"max_completion_length={new_tokens}"]
+    ppo = [*online, "rollout_batch_size=4", "per_device_train_batch_size=4", "ppo_epochs=1", f"max_new_tokens={new_tokens}"]
     return {
         "sft": [*common, f"data={data / 'sft.jsonl'}", "per_device_train_batch_size=4"],
         "dpo": [*common, f"preferences.path={data / 'prefs.jsonl'}", "per_device_train_batch_size=4"],
-        "ppo": [*online, "rollout_batch_size=4", "per_device_train_batch_size=4", "ppo_epochs=1", f"max_new_tokens={new_tokens}"],
+        "ppo": ppo,
+        "ppo-vllm": [*ppo, "rollout_engine=vllm"],
         "rloo": rloo,
         "rloo-vllm": [*rloo, "rollout_engine=vllm"],
     }
@@ -98,6 +100,7 @@ RUNS: dict[str, Callable[[list[str]], Any]] = {
     "sft": lambda sets: run_sft(load_config(SFTStageConfig, None, sets)),
     "dpo": lambda sets: run_dpo(load_config(DPOStageConfig, None, sets)),
     "ppo": lambda sets: run_ppo(load_config(PPOStageConfig, None, sets)),
+    "ppo-vllm": lambda sets: run_ppo(load_config(PPOStageConfig, None, sets)),
     "rloo": lambda sets: run_online_rl("rloo", load_config(OnlineRLStageConfig, None, sets)),
     "rloo-vllm": lambda sets: run_online_rl("rloo", load_config(OnlineRLStageConfig, None, sets)),
 }
@@ -267,7 +270,7 @@ def main() -> None:
         for name, policy, reward in models:
             settings = stage_settings(policy, reward, root / "data", args.steps, args.new_tokens)
             for stage, sets in settings.items():
-                if stage == "rloo-vllm" and not use_vllm:
+                if stage.endswith("-vllm") and not use_vllm:
                     continue
                 out = root / "runs" / name / stage
                 RUNS[stage]([*sets, f"output_dir={out}"])
@@ -294,7 +297,7 @@ def main() -> None:
          "numerator": f"{by[(m, a)]:.3f} s/step", "denominator": f"{by[(m, b)]:.3f} s/step"}
         for m in dict.fromkeys(r["model"] for r in results)
         for a, b in (("dpo", "sft"), ("ppo", "rloo"), ("dpo x2 processes", "dpo"), ("ppo x2 processes", "ppo"),
-                     ("rloo", "rloo-vllm"))
+                     ("ppo", "ppo-vllm"), ("rloo", "rloo-vllm"))
         if (m, a) in by and (m, b) in by
     ]
     for m, r in rollouts.items():
