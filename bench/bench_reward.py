@@ -2,7 +2,8 @@
 many concurrent one-pair calls that the server batches dynamically.
 
 All three go through a real Reward server on a free loopback port (gRPC, validation,
-encoding, the batching thread), one after the other in one run, on the same pairs:
+encoding, the batching thread), called from a client process of its own, one after the
+other in one run, on the same pairs:
 
 - one at a time: one client, one pair per call, batch window 0 (nothing to wait for);
 - batched: one client, `--batch` pairs per call, batch window 0;
@@ -19,11 +20,11 @@ import argparse
 import json
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import grpc
-
 from tuneloop.common.registry import Registry
 from tuneloop.reward.formatting import to_proto_prompt
 from tuneloop.reward.server import build_server
@@ -55,18 +56,25 @@ def model_folder(spec: str, scratch: Path) -> Path:
     return Path(spec)
 
 
-def timed(stub: reward_pb2_grpc.RewardStub, requests: list[reward_pb2.ScoreRequest], concurrency: int) -> float:
-    """Seconds to answer every request, `concurrency` calls in flight."""
+def timed(target: str, requests: list[bytes], concurrency: int) -> float:
+    """Seconds to answer every request (serialised ScoreRequests), `concurrency` calls in flight.
 
-    def call(request: reward_pb2.ScoreRequest) -> int:
-        return len(stub.Score(request, timeout=600).scores)
+    Runs in a client process of its own, as the service's callers do: client threads in the
+    server's process would take the server's interpreter lock for every call they make.
+    """
+    parsed = [reward_pb2.ScoreRequest.FromString(r) for r in requests]
+    with grpc.insecure_channel(target) as channel:
+        stub = reward_pb2_grpc.RewardStub(channel)
 
-    stub.Score(requests[0], timeout=600)  # warm-up: first forward pass, connection
-    start = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        scored = sum(pool.map(call, requests))
-    elapsed = time.perf_counter() - start
-    assert scored == sum(len(r.items) for r in requests)
+        def call(request: reward_pb2.ScoreRequest) -> int:
+            return len(stub.Score(request, timeout=600).scores)
+
+        stub.Score(parsed[0], timeout=600)  # warm-up: first forward pass, connection
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            scored = sum(pool.map(call, parsed))
+        elapsed = time.perf_counter() - start
+    assert scored == sum(len(r.items) for r in parsed)
     return elapsed
 
 
@@ -89,8 +97,9 @@ def run_mode(
         max_batch_size=args.batch,
         max_request_items=args.batch,
     )
-    with build_server(settings, registry) as server, grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        return timed(reward_pb2_grpc.RewardStub(channel), requests, concurrency)
+    with build_server(settings, registry) as server, ProcessPoolExecutor(1, mp_context=get_context("spawn")) as client:
+        payload = [r.SerializeToString() for r in requests]
+        return client.submit(timed, f"127.0.0.1:{server.port}", payload, concurrency).result()
 
 
 def main() -> None:

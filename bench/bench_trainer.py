@@ -18,7 +18,7 @@ script (same model, data, steps; both timed from a log line per step), run alter
 evaluation before and after, 16 DPO steps, promotion) on SmolLM2 with 64 pairs.
 
     .venv/bin/python bench/bench_trainer.py [--steps 5] [--new-tokens 32] [--repeats 2] [--no-smollm2]
-                                            [--no-retrain] [--no-vllm] [--json PATH]
+                                            [--no-retrain] [--no-vllm] [--rollout-prompts 16] [--json PATH]
 
 Prints a table, then the results as one JSON object on the last line (and in PATH).
 """
@@ -123,16 +123,17 @@ def two_processes(stage: str, sets: list[str], out: Path) -> float:
     return seconds_per_step(out)
 
 
-def rollout_generation(policy: Path, data: Path, new_tokens: int, rounds: int = 3) -> dict[str, float]:
-    """Seconds to sample one RLOO step's completions (2 prompts x 2 samples, up to `new_tokens`
-    tokens, temperature 1, fp32) with transformers `generate` and with a vLLM engine (started
-    once, eager, as the rollout engine is); median of `rounds`."""
+def rollout_generation(policy: Path, data: Path, prompts: int, new_tokens: int, rounds: int = 3) -> dict[str, float]:
+    """Seconds to sample a rollout batch (`prompts` prompts x 2 samples, `new_tokens` tokens each,
+    temperature 1, fp32) with transformers `generate` (one padded batch) and with a vLLM engine
+    (started once, eager, as the rollout engine is); median of `rounds`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from tuneloop.trainer.vllm_generator import kv_cache_bytes, vllm_environment
     from vllm import LLM, SamplingParams
 
-    prompts = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()][:2]
+    rows = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()]
+    prompts = [rows[i % len(rows)] + ("" if i < len(rows) else f" ({i})") for i in range(prompts)]
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
@@ -149,7 +150,7 @@ def rollout_generation(policy: Path, data: Path, new_tokens: int, rounds: int = 
     started = time.perf_counter()
     with vllm_environment():
         llm = LLM(model=str(policy), dtype="float32", enforce_eager=True, max_model_len=length,
-                  kv_cache_memory_bytes=kv_cache_bytes(policy, 4 * length, length), disable_log_stats=True)
+                  kv_cache_memory_bytes=kv_cache_bytes(policy, 2 * len(ids) * length, length), disable_log_stats=True)
     start_s = time.perf_counter() - started
     params = SamplingParams(n=2, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, detokenize=False)
     vl: list[float] = []
@@ -159,7 +160,7 @@ def rollout_generation(policy: Path, data: Path, new_tokens: int, rounds: int = 
         vl.append(time.perf_counter() - started)
     llm.llm_engine.engine_core.shutdown()
     return {"transformers_s": statistics.median(hf), "vllm_s": statistics.median(vl), "vllm_start_s": start_s,
-            "tokens": 4 * new_tokens}
+            "sequences": 2 * len(ids), "tokens": 2 * len(ids) * new_tokens}
 
 
 def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:
@@ -250,6 +251,8 @@ def main() -> None:
     parser.add_argument("--no-smollm2", action="store_true", help="Skip SmolLM2 even if its package is installed.")
     parser.add_argument("--no-retrain", action="store_true", help="Skip the retrain wall time (SmolLM2 only).")
     parser.add_argument("--no-vllm", action="store_true", help="Skip the rollouts from vLLM.")
+    parser.add_argument("--rollout-prompts", type=int, default=16,
+                        help="Prompts (x 2 samples) of the larger rollout batch timed on both engines.")
     parser.add_argument("--json", type=Path, help="Also write the results here.")
     args = parser.parse_args()
 
@@ -279,7 +282,8 @@ def main() -> None:
                 seconds = two_processes(stage, settings[stage], root / "runs" / name / f"{stage}-2p")
                 results.append({"model": name, "stage": f"{stage} x2 processes", "seconds_per_step": seconds, "steps": args.steps})
             if use_vllm:
-                rollouts[name] = rollout_generation(policy, root / "data", args.new_tokens)
+                for count in (2, args.rollout_prompts):
+                    rollouts[f"{name}, {2 * count} sequences"] = rollout_generation(policy, root / "data", count, args.new_tokens)
             overhead[name] = stage_vs_plain(policy, root / "data", root / "overhead" / name, args.steps, args.repeats)
         if not args.no_retrain and len(models) > 1:
             retrain = retrain_wall_time(models[1][1], root / "retrain")
