@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
 from tuneloop.common.local_kafka import free_port
 from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer.config import DPOStageConfig, PPOStageConfig, load_config
 from tuneloop.trainer.ppo import run_ppo
 from tuneloop.trainer.stages import run_dpo
+
+from tests.support.policies import stopping_policy
 
 TOPICS = ["cats", "rain", "tea", "maps", "trains", "books", "music", "bread"]
 STEPS = 3
@@ -52,13 +53,9 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     prompts = root / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {t}."}) for t in TOPICS))
-    # A policy that stops on a quarter of its vocabulary: responses of varied length, so the
-    # processes' shares hold different numbers of tokens and token means must be global ones.
-    stopping = root / "models" / "stopping"
-    shutil.copytree(policy, stopping)
-    generation = json.loads((stopping / "generation_config.json").read_text())
-    generation["eos_token_id"] = [generation["eos_token_id"], *range(4, 437, 4)]
-    (stopping / "generation_config.json").write_text(json.dumps(generation))
+    # Responses of varied length: the processes' shares hold different numbers of tokens, so
+    # token means must be global ones.
+    stopping = stopping_policy(policy, root / "models" / "stopping")
     ppo = root / "ppo.yaml"
     # Two PPO epochs of one update each: the update is the whole global batch however it is split.
     ppo.write_text(

@@ -8,20 +8,25 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
-
 from tuneloop.common.local_kafka import free_port
 from tuneloop.common.tiny_models import make_tiny
 from tuneloop.trainer import vllm_rollouts
-from tuneloop.trainer.config import ConfigError, OnlineRLStageConfig, PPOStageConfig, load_config
+from tuneloop.trainer.config import (
+    ConfigError,
+    OnlineRLStageConfig,
+    PPOStageConfig,
+    load_config,
+)
 from tuneloop.trainer.ppo import run_ppo
 from tuneloop.trainer.stages import run_online_rl
+
+from tests.support.policies import stopping_policy
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")
 
@@ -34,13 +39,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     policy, reward = make_tiny(root / "models")
     prompts = root / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about {t}."}) for t in TOPICS))
-    # A policy that stops on a quarter of its vocabulary: responses that end at an eos, of
-    # varied length, beside responses cut at the token limit.
-    stopping = root / "models" / "stopping"
-    shutil.copytree(policy, stopping)
-    generation = json.loads((stopping / "generation_config.json").read_text())
-    generation["eos_token_id"] = [generation["eos_token_id"], *range(4, 437, 4)]
-    (stopping / "generation_config.json").write_text(json.dumps(generation))
+    stopping = stopping_policy(policy, root / "models" / "stopping")
     return {"policy": policy, "stopping": stopping, "reward": reward, "prompts": prompts, "root": root}
 
 
