@@ -125,42 +125,39 @@ def two_processes(stage: str, sets: list[str], out: Path) -> float:
 
 def rollout_generation(policy: Path, data: Path, prompts: int, new_tokens: int, rounds: int = 3) -> dict[str, float]:
     """Seconds to sample a rollout batch (`prompts` prompts x 2 samples, `new_tokens` tokens each,
-    temperature 1, fp32) with transformers `generate` (one padded batch) and with a vLLM engine
-    (started once, eager, as the rollout engine is); median of `rounds`."""
+    temperature 1, fp32) with transformers `generate` (one padded batch) and with the rollout
+    engine PPO uses (vLLM in this process, eager, one seed per row); median of `rounds`."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from tuneloop.trainer.vllm_generator import kv_cache_bytes, vllm_environment
-    from vllm import LLM, SamplingParams
+    from tuneloop.trainer.vllm_rollouts import RolloutEngine
 
     rows = [json.loads(line)["prompt"] for line in (data / "prompts.jsonl").read_text().splitlines()]
-    prompts = [rows[i % len(rows)] + ("" if i < len(rows) else f" ({i})") for i in range(prompts)]
+    texts = [rows[i % len(rows)] + ("" if i < len(rows) else f" ({i})") for i in range(prompts)]
     tokenizer = AutoTokenizer.from_pretrained(policy, padding_side="left")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False) for p in prompts]
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+             for t in texts for _ in range(2)]  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
     hf: list[float] = []
     for _ in range(rounds):
-        batch = tokenizer([t for t in texts for _ in range(2)], return_tensors="pt", padding=True, add_special_tokens=False)
+        batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
         started = time.perf_counter()
         with torch.no_grad():
             model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                            min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
         hf.append(time.perf_counter() - started)
-    ids = [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-    length = max(map(len, ids)) + new_tokens
+    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in chats]
     started = time.perf_counter()
-    with vllm_environment():
-        llm = LLM(model=str(policy), dtype="float32", enforce_eager=True, max_model_len=length,
-                  kv_cache_memory_bytes=kv_cache_bytes(policy, 2 * len(ids) * length, length), disable_log_stats=True)
+    engine = RolloutEngine(policy, dtype="float32", max_model_len=max(map(len, ids)) + new_tokens, sequences=len(ids))
     start_s = time.perf_counter() - started
-    params = SamplingParams(n=2, temperature=1.0, max_tokens=new_tokens, min_tokens=new_tokens, detokenize=False)
     vl: list[float] = []
-    for _ in range(rounds):
+    for round_ in range(rounds):
         started = time.perf_counter()
-        llm.generate([{"prompt_token_ids": i} for i in ids], params, use_tqdm=False)
+        # Every sequence runs to new_tokens, as in the transformers pass.
+        engine.sample(ids, [round_ * len(ids) + i for i in range(len(ids))], 1.0, new_tokens, set(), ignore_eos=True)
         vl.append(time.perf_counter() - started)
-    llm.llm_engine.engine_core.shutdown()
+    del engine
     return {"transformers_s": statistics.median(hf), "vllm_s": statistics.median(vl), "vllm_start_s": start_s,
-            "sequences": 2 * len(ids), "tokens": 2 * len(ids) * new_tokens}
+            "sequences": len(ids), "tokens": len(ids) * new_tokens}
 
 
 def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:

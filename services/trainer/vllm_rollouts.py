@@ -177,14 +177,22 @@ class RolloutEngine:
         push_weights(self.llm, weights)
 
     def sample(
-        self, prompts: list[list[int]], seeds: list[int], temperature: float, max_tokens: int, stop_ids: set[int]
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        temperature: float,
+        max_tokens: int,
+        stop_ids: set[int],
+        *,
+        ignore_eos: bool = False,
     ) -> list[tuple[list[int], list[float]]]:
-        """(token ids, their log-probabilities) per prompt: softmax(logits / temperature), nothing else."""
+        """(token ids, their log-probabilities) per prompt: softmax(logits / temperature), nothing else;
+        every response runs to `max_tokens` with `ignore_eos` and no `stop_ids` (benchmarks)."""
         from vllm import SamplingParams
 
         params = [
             SamplingParams(temperature=temperature, top_p=1.0, top_k=0, seed=seed, max_tokens=max_tokens,
-                           stop_token_ids=sorted(stop_ids), logprobs=0, detokenize=False)
+                           stop_token_ids=sorted(stop_ids), ignore_eos=ignore_eos, logprobs=0, detokenize=False)
             for seed in seeds
         ]  # fmt: skip
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
