@@ -1,6 +1,6 @@
 """DPO and PPO on two CPU processes (torchrun, gloo) against one process with the same global
-batch and seed: the same per-step losses, the same weights in every process, one writer; and a
-PPO checkpoint written by two processes resumed by one."""
+batch and seed: the same per-step losses, the same weights in every process, one writer; and
+checkpoints written by two processes resumed by one."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     config = root / "dpo.yaml"
     config.write_text(
-        f"model: {policy}\npreferences:\n  path: {prefs}\nmax_steps: {STEPS}\nsave_steps: {STEPS}\n"
+        f"model: {policy}\npreferences:\n  path: {prefs}\nmax_steps: {STEPS}\nsave_steps: 1\nsave_total_limit: {STEPS}\n"
         "logging_steps: 1\nlearning_rate: 0.01\nseed: 3\n"
     )
     prompts = root / "prompts.jsonl"
@@ -97,7 +97,7 @@ def max_weight_difference(a_dir: Path, b_dir: Path) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_dpo_two_processes_match_one(setup: dict[str, Path]) -> None:
+def test_dpo_two_processes_match_one_and_resume_in_one(setup: dict[str, Path]) -> None:
     one_out, two_out = setup["root"] / "one", setup["root"] / "two"
     one = run_dpo(
         load_config(
@@ -126,6 +126,18 @@ def test_dpo_two_processes_match_one(setup: dict[str, Path]) -> None:
     # The runs trained: the comparison means something.
     assert max_weight_difference(one_out / "model", setup["root"] / "models" / "policy") > 100 * WEIGHT_TOLERANCE
     assert len((two_out / "metrics.jsonl").read_text().splitlines()) == STEPS  # one writer
+
+    # The two-process run as a kill after its second checkpoint leaves it, resumed by one
+    # process (TRL's trainer, resuming on another process count): the same last step.
+    resumed_out = setup["root"] / "resumed"
+    shutil.copytree(two_out / "checkpoints" / "checkpoint-2", resumed_out / "checkpoints" / "checkpoint-2")
+    resumed = run_dpo(
+        load_config(DPOStageConfig, setup["config"], [f"output_dir={resumed_out}", f"per_device_train_batch_size={GLOBAL_BATCH}"]),
+        resume=True,
+    )
+    assert resumed.resumed_from and resumed.resumed_from.endswith("checkpoint-2") and resumed.steps == STEPS
+    assert abs(losses(resumed_out)[-1] - single[-1]) < LOSS_TOLERANCE
+    assert max_weight_difference(one_out / "model", resumed_out / "model") < WEIGHT_TOLERANCE
 
 
 def ppo_rows(out: Path) -> list[dict[str, float]]:

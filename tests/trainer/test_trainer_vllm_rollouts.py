@@ -126,3 +126,13 @@ def test_ppo_stops_when_a_push_does_not_land(tiny: dict[str, Path], tmp_path: Pa
     sets = [*ppo_sets(tiny, tmp_path / "stale", 4), "learning_rate=0.1"]
     with pytest.raises(RuntimeError, match="differ from the trained model's by .* after a weight push"):
         run_ppo(load_config(PPOStageConfig, None, sets))
+
+
+def test_ppo_with_lora_pushes_the_merged_weights(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "lora"
+    sets = [*ppo_sets(tiny, out, 4), "lora.enabled=true", "lora.r=4", "learning_rate=5e-2"]
+    run_ppo(load_config(PPOStageConfig, None, sets))
+    rows = ppo_rows(out)
+    # The adapters moved the policy (KL to the base > 0) and vLLM sampled from base + adapters.
+    assert rows[-1]["kl"] > 1e-3
+    assert max(r["rollout_logprob_gap"] for r in rows) < 1e-4
