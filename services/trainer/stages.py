@@ -34,19 +34,8 @@ from tuneloop.trainer.config import (
     StageBase,
     TrainParams,
 )
-from tuneloop.trainer.data import (
-    Messages,
-    prompt_dataset,
-    prompt_rows,
-    sft_dataset,
-    unique_prompts,
-)
-from tuneloop.trainer.distributed import (
-    barrier,
-    check_ranks_agree,
-    is_main_process,
-    world_size,
-)
+from tuneloop.trainer.data import Messages, prompt_dataset, prompt_rows, sft_dataset, unique_prompts
+from tuneloop.trainer.distributed import barrier, check_ranks_agree, is_main_process, world_size
 from tuneloop.trainer.metrics import MetricsCallback, StepMetrics
 from tuneloop.trainer.modeling import (
     CHECKPOINTS_DIR,
@@ -288,6 +277,7 @@ def run_dpo_on(params: DPOParams, data: StageData, run: StageRun) -> StageResult
     sets how often each row is drawn (weighting.py); `replay.prompts` adds the replay NLL
     term (replay.py)."""
     from trl import DPOConfig, DPOTrainer
+
     from tuneloop.trainer import replay as rp
 
     dataset = data.pairs("dpo")
@@ -343,8 +333,9 @@ def run_online_rl_on(algorithm: Algorithm, params: OnlineRLParams, data: StageDa
         from tuneloop.trainer.vllm_generator import kv_cache_bytes
 
         prompt_ids = [prompt_token_ids(sampling_tokenizer, p) for p in prompts]
-        longest = max(map(len, prompt_ids)) + params.max_completion_length
-        rollouts = vllm_rollouts.trl_rollout_args(path, max(map(len, prompt_ids)), params.max_completion_length)
+        longest_prompt = max(map(len, prompt_ids))
+        longest = longest_prompt + params.max_completion_length
+        rollouts = vllm_rollouts.trl_rollout_args(path, longest_prompt, params.max_completion_length)
         # One step's sequences at once: every process samples its batch's groups.
         sequences = params.per_device_train_batch_size * params.gradient_accumulation_steps
         engine = vllm_rollouts.engine_options(
