@@ -6,6 +6,8 @@ export PATH := $(CURDIR)/.tools/bin:$(CURDIR)/.venv/bin:$(PATH)
 export HF_HOME := $(CURDIR)/.tuneloop/cache/hf
 export HF_HUB_OFFLINE := 1
 export VLLM_CACHE_ROOT := $(CURDIR)/.tuneloop/cache/vllm
+# What `make demo` teaches: tldr (a format) or concise (a natural preference).
+BEHAVIOUR ?= tldr
 
 
 .PHONY: setup proto docs chart-schema test test-heavy drill demo bench clean
@@ -32,7 +34,7 @@ drill: setup
 	$(PY) -m pytest -q -m heavy tests/release/test_drills.py
 
 demo: setup
-	.venv/bin/tuneloop demo
+	.venv/bin/tuneloop demo --behaviour $(BEHAVIOUR)
 
 bench: setup
 	$(PY) bench/run_all.py

@@ -7,9 +7,12 @@ image only loads what it runs.
 from __future__ import annotations
 
 import importlib
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
+
+from tuneloop.demo_behaviours import BEHAVIOURS
 
 app = typer.Typer(help="tuneloop: preferences in, a better model out.", no_args_is_help=True)
 serve = typer.Typer(help="Run one service (the entrypoint of its Deployment).", no_args_is_help=True)
@@ -82,12 +85,18 @@ _mount("tuneloop.store.admin_cli", "store", "The preference store's tables: migr
 _mount("tuneloop.trainer.jobs", "jobs", "Retrain runs on Kubernetes.")
 
 
+DemoBehaviour = Enum("DemoBehaviour", {name: name for name in BEHAVIOURS}, type=str)
+
+
 @app.command("demo")
-def demo() -> None:
+def demo(
+    behaviour: Annotated[DemoBehaviour, typer.Option(help="What the feedback asks for: " + "; ".join(
+        f"{b.name}: {b.declared}" for b in BEHAVIOURS.values()))] = DemoBehaviour.tldr,
+) -> None:
     """The whole loop on local defaults: Kafka, every service, feedback, a retrain, promotion."""
     from tuneloop.demo import main
 
-    main()
+    main(behaviour.value)
 
 
 if __name__ == "__main__":

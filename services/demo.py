@@ -1,13 +1,15 @@
 """`tuneloop demo`: the whole loop on local defaults, as local processes.
 
 A real Kafka broker and every service start with the entrypoints the images run. SmolLM2-135M-
-Instruct becomes the production policy. The product team's declared behaviour is that answers
-open with a one-line summary, "TL;DR: ...". They train an SFT candidate from demonstrations of
-it; the app then shows its users A/B comparisons between production and the candidate, and a
-pool of simulated annotators (declared noise, one careless annotator, a calibration round and
-anchor items) judges the pairs. One scheduled `retrain` turns those preferences into a DPO
-update of production, evaluates it against the declared success criteria and promotes it; the
-generation service hot-swaps to it. Nothing keeps running afterwards, also after Ctrl-C.
+Instruct becomes the production policy. The product team declares a behaviour
+(`demo_behaviours`). For `tldr` (answers open with a one-line summary, "TL;DR: ...") they train
+an SFT candidate from demonstrations of it, and the app shows its users A/B comparisons between
+production and the candidate; for `concise` (a natural preference: say it in few words) the app
+shows two of production's own answers per prompt. A pool of simulated annotators (declared
+noise, one careless annotator, a calibration round and anchor items) judges the pairs. One
+scheduled `retrain` turns those preferences into a DPO update of production, evaluates it
+against the declared success criteria and promotes it; the generation service hot-swaps to it.
+Nothing keeps running afterwards, also after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tuneloop.common.processes import ServiceProcess, free_port
+from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer, Behaviour, with_tldr
 
 console = Console()
-BEHAVIOUR = re.compile(r"^\s*TL;DR:", re.IGNORECASE)
 SEED = 7
 TENANT = "demo"
-MAX_TOKENS = 64  # answers are cut here, in the demonstrations, the comparisons and the evaluation
 CONCURRENCY = 16
 ANCHOR_BAR = 0.7  # annotators below this accuracy on anchors leave the queue after calibration
 
@@ -58,31 +58,10 @@ def _prompts() -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
 
 
-def with_tldr(answer: str) -> str:
-    """The declared behaviour applied to an answer: its first sentence becomes the TL;DR line
-    and the rest follows (a first sentence too long for one line is cut there and kept below)."""
-    text = " ".join(answer.split())
-    m = re.match(r"(.+?[.!?])(\s|$)", text)
-    first = m.group(1) if m else text
-    if len(first) > 160:
-        return f"TL;DR: {first[:157].rsplit(' ', 1)[0]}...\n\n{answer.strip()}"
-    rest = text[len(first):].strip()
-    return f"TL;DR: {first}" + (f"\n\n{rest}" if rest else "")
-
-
-def guideline_choice(a: str, b: str) -> str:
-    """The rubric the annotators apply: the answer that opens with a TL;DR line is better."""
-    has_a, has_b = bool(BEHAVIOUR.match(a)), bool(BEHAVIOUR.match(b))
-    if has_a and not has_b:
-        return "a"
-    if has_b and not has_a:
-        return "b"
-    return "tie" if has_a else "both_bad"
-
-
 class Demo:
-    def __init__(self, root: Path, fast: bool = False) -> None:
+    def __init__(self, root: Path, behaviour: Behaviour, fast: bool = False) -> None:
         self.root = root
+        self.behaviour = behaviour
         self.fast = fast
         self.rng = random.Random(SEED)
         self.env = {
@@ -91,8 +70,10 @@ class Demo:
             "TUNELOOP_TRAINER_RUNS_DIR": str(root / "runs"),
             # Production and the candidate generate at the same time during the A/B comparisons:
             # a thread each, since two threads each on two cores left both waiting in OpenMP
-            # barriers (a batch took several times longer than one process alone).
-            "TUNELOOP_GENERATION_TORCH_THREADS": "1",
+            # barriers (a batch took several times longer than one process alone). Without a
+            # candidate, production has the cores to itself.
+            "TUNELOOP_GENERATION_TORCH_THREADS": "1" if behaviour.sft_candidate else "2",
+            "TUNELOOP_GENERATION_ENGINE": behaviour.engine,
             "TUNELOOP_REWARD_TORCH_THREADS": "2",
             "TUNELOOP_GENERATION_ALIAS_POLL_S": "2",
         }
@@ -133,50 +114,61 @@ class Demo:
     # ---- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
         t0 = time.monotonic()
+        behaviour = self.behaviour
         prompts = _prompts()
         self.rng.shuffle(prompts)
-        probes = {"What is the capital of France?", "What is the capital of Japan?", "How many days are there in a week?"}
+        probes = {p["prompt"] for p in PROBES}
         pool = [p for p in prompts if p not in probes]
-        n_held, n_sft = (12, 12) if self.fast else (24, 24)
+        n_held = 12 if self.fast else 24
+        n_sft = n_held if behaviour.sft_candidate else 0
         held_out, sft_prompts, traffic = pool[:n_held], pool[n_held:n_held + n_sft], pool[n_held + n_sft:]
         if self.fast:
             traffic = traffic[:32]
         for folder in ("logs", "models", "projects"):
             (self.root / folder).mkdir(parents=True, exist_ok=True)
+        total = 8 if behaviour.sft_candidate else 7
+        number = iter(range(1, total + 1))
 
+        def step(text: str) -> None:
+            self.step(f"{next(number)}/{total} {text}")
+
+        console.print(f"declared behaviour ({behaviour.name}): {behaviour.declared}")
         with ExitStack() as stack:
-            self.step("1/8 Kafka: a real Apache Kafka broker (KRaft) on loopback")
+            step("Kafka: a real Apache Kafka broker (KRaft) on loopback")
             from tuneloop.common.local_kafka import LocalBroker, install
 
             broker = stack.enter_context(LocalBroker(self.root / "kafka", home=install()))
             self.env["TUNELOOP_KAFKA_BOOTSTRAP_SERVERS"] = broker.bootstrap
             console.print(f"broker at {broker.bootstrap}")
 
-            self.step("2/8 Models: SmolLM2-135M-Instruct becomes policy@production")
+            step("Models: SmolLM2-135M-Instruct becomes policy@production")
             registry = self.import_models()
 
-            self.step("3/8 Services: generation, feedback, store, gateway (the images' entrypoints)")
+            step("Services: generation, feedback, store, gateway (the images' entrypoints)")
             self.start_services(stack)
 
-            self.step("4/8 SFT candidate from demonstrations of the declared behaviour")
-            self.train_candidate(sft_prompts, registry)
-            cand = ServiceProcess("generation", ["--model", "policy@candidate"], self.env, self.root / "logs",
-                                  port=self.candidate_port)
-            stack.callback(cand.stop)
-            cand.start(timeout=300)
-
-            self.step("5/8 The app: A/B comparisons through the gateway, feedback from users and annotators")
+            if behaviour.sft_candidate:
+                step("SFT candidate from demonstrations of the declared behaviour")
+                self.train_candidate(sft_prompts, registry)
+                cand = ServiceProcess("generation", ["--model", "policy@candidate"], self.env, self.root / "logs",
+                                      port=self.candidate_port)
+                stack.callback(cand.stop)
+                cand.start(timeout=300)
+                step("The app: A/B comparisons through the gateway, feedback from users and annotators")
+            else:
+                step("The app: two of production's answers per prompt through the gateway, feedback from annotators")
             comparisons = self.app_traffic(traffic)
             agreement = self.annotate(comparisons)
 
-            self.step("6/8 Scheduled retrain: gates → reward model → DPO → criteria → promotion")
-            criteria = self.write_criteria(held_out)
+            step("Scheduled retrain: gates → reward model → DPO → criteria → promotion")
+            criteria = self.root / "criteria.yaml"
+            criteria.write_text(yaml.safe_dump(behaviour.criteria(held_out), sort_keys=False))
             run_dir = self.retrain(criteria)
 
-            self.step("7/8 Hot swap: the generation service now serves the promoted version")
+            step("Hot swap: the generation service now serves the promoted version")
             live = self.live_answers(held_out[:4], registry)
 
-            self.step("8/8 Results")
+            step("Results")
             self.results(run_dir, agreement, live, time.monotonic() - t0)
 
     def import_models(self):
@@ -238,7 +230,8 @@ class Demo:
 
         def demonstrate(p: str) -> dict:
             answer = client.chat.completions.create(
-                model="production", messages=[{"role": "user", "content": p}], temperature=0, max_tokens=MAX_TOKENS,
+                model="production", messages=[{"role": "user", "content": p}], temperature=0,
+                max_tokens=self.behaviour.max_tokens,
             ).choices[0].message.content.strip()
             ideal = with_tldr(answer)
             return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ideal}]}
@@ -261,18 +254,29 @@ class Demo:
         console.print(f"policy@candidate = {card.version}")
 
     def app_traffic(self, prompts: list[str]) -> list[dict]:
-        """Each prompt: one A/B comparison (production vs candidate, order shuffled)."""
-        seeds = {p: self.rng.randrange(2**31) for p in prompts}
-        swap = {p: self.rng.random() < 0.5 for p in prompts}
+        """Each prompt: `comparisons_per_prompt` comparisons, production vs the candidate (order
+        shuffled) or, without a candidate, two samples of production."""
+        asks = [p for p in prompts for _ in range(self.behaviour.comparisons_per_prompt)]
+        seeds = [self.rng.randrange(2**31) for _ in asks]
+        swaps = [self.rng.random() < 0.5 for _ in asks]
+        work = list(zip(asks, seeds, swaps, strict=True))
+        second = {"model_b": "candidate"} if self.behaviour.sft_candidate else {}
 
-        def compare(p: str) -> dict:
+        def compare(item: tuple[str, int, bool]) -> dict:
+            p, seed, swap = item
             r = self.http("/v1/comparisons", {"messages": [{"role": "user", "content": p}], "model": "production",
-                                              "model_b": "candidate", "temperature": 0.7, "max_tokens": MAX_TOKENS,
-                                              "seed": seeds[p]})
+                                              **second, "temperature": 0.7, "max_tokens": self.behaviour.max_tokens,
+                                              "seed": seed})
             a, b = r["candidates"]
-            return {"prompt": p, "a": b, "b": a} if swap[p] else {"prompt": p, "a": a, "b": b}
+            return {"prompt": p, "a": b, "b": a} if swap else {"prompt": p, "a": a, "b": b}
 
-        return _concurrently(compare, prompts, "A/B comparisons, production vs candidate")
+        what = "A/B comparisons, production vs candidate" if second else "two samples of production per comparison"
+        return _concurrently(compare, work, what)
+
+    def truth(self, c: dict) -> str:
+        """What the rubric says of a comparison, without noise."""
+        a, b = (Answer(c[k]["content"], c[k].get("finish_reason") == "length") for k in ("a", "b"))
+        return self.behaviour.choice(a, b)
 
     def annotate(self, comparisons: list[dict]) -> Table:
         """Round one: every annotator judges the calibration items and the anchors (known
@@ -280,10 +284,9 @@ class Demo:
         accuracy is below the bar off the queue; round two: the rest of the pairs, two of the
         remaining annotators each. Returns the final agreement table."""
         calibration = comparisons[:8]
-        anchors = [c for c in comparisons[8:] if guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b")][:20]
+        anchors = [c for c in comparisons[8:] if self.truth(c) in ("a", "b")][:20]
         regular = [c for c in comparisons[8:] if c not in anchors]
-        answers = {self.item_id(c): c[guideline_choice(c["a"]["content"], c["b"]["content"])]["completion_id"]
-                   for c in anchors}
+        answers = {self.item_id(c): c[self.truth(c)]["completion_id"] for c in anchors}
         store = self.root / "store"
         store.mkdir(parents=True, exist_ok=True)
         (store / "anchors.json").write_text(json.dumps({"answers": answers}, indent=1))
@@ -301,7 +304,7 @@ class Demo:
         console.print(f"anchor accuracy below {ANCHOR_BAR}: {', '.join(dropped) or 'nobody'} — taken off the queue")
         sent += self.judge([(c, self.rng.sample(kept, min(2, len(kept))), False, False) for c in regular])
         self.wait_for_store(sent)
-        truth_share = sum(guideline_choice(c["a"]["content"], c["b"]["content"]) in ("a", "b") for c in comparisons)
+        truth_share = sum(self.truth(c) in ("a", "b") for c in comparisons)
         console.print(f"{sent} judgements on {len(comparisons)} pairs ({truth_share} pairs where exactly one "
                       "answer follows the guideline)")
         console.print("[bold]All judgements")
@@ -312,13 +315,14 @@ class Demo:
         through the gateway as a batch per annotator."""
         batches: dict[str, list[dict]] = {a.name: [] for a in ANNOTATORS}
         for c, judges, calibration, anchor in work:
-            truth = guideline_choice(c["a"]["content"], c["b"]["content"])
+            truth = self.truth(c)
             for a in judges:
                 choice = self.rng.choice(CHOICES) if self.rng.random() < a.noise else truth
                 batches[a.name].append({
-                    "type": "pairwise", "event_id": uuid.uuid4().hex, "user": a.name, "project": "tldr",
-                    "completion_ids": [c["a"]["completion_id"], c["b"]["completion_id"]], "choice": choice,
-                    "criteria": ["opens-with-tldr", "helpfulness"], "calibration": calibration,
+                    "type": "pairwise", "event_id": uuid.uuid4().hex, "user": a.name,
+                    "project": self.behaviour.name, "choice": choice,
+                    "completion_ids": [c["a"]["completion_id"], c["b"]["completion_id"]],
+                    "criteria": self.behaviour.feedback_criteria, "calibration": calibration,
                     "anchor": anchor, "item_id": self.item_id(c),
                 })
         sent = 0
@@ -332,9 +336,8 @@ class Demo:
             sent += len(events)
         return sent
 
-    @staticmethod
-    def item_id(c: dict) -> str:
-        return "tldr/" + "|".join(sorted([c["a"]["completion_id"], c["b"]["completion_id"]]))
+    def item_id(self, c: dict) -> str:
+        return f"{self.behaviour.name}/" + "|".join(sorted([c["a"]["completion_id"], c["b"]["completion_id"]]))
 
     def wait_for_store(self, sent: int) -> None:
         from tuneloop.store.read import load_judgements
@@ -368,51 +371,8 @@ class Demo:
         console.print(table)
         return table
 
-    def write_criteria(self, held_out: list[str]) -> Path:
-        criteria = {
-            "name": "tldr-v1",
-            "generation": {"max_new_tokens": 64, "batch_size": 8},
-            "held_out_prompts": held_out,
-            "behaviour": [
-                {"name": "opens-with-tldr", "kind": "regex", "pattern": BEHAVIOUR.pattern, "min_pass_rate": 0.9},
-                {"name": "answers-not-refusals", "kind": "refusal", "expect_refusal": False, "min_pass_rate": 0.9},
-            ],
-            "probes": {"items": [
-                {"prompt": "What is the capital of France?", "expect": "Paris"},
-                {"prompt": "What is the capital of Japan?", "expect": "Tokyo"},
-                {"prompt": "How many days are there in a week?", "expect": "7"},
-            ], "min_pass_rate": 0.66},
-            "degeneration": {"ngram": 3, "max_repeated_ngram_ratio": 0.3, "max_non_ascii_ratio": 0.05,
-                             "language": "en", "max_wrong_language_rate": 0.1},
-            "reward": {"min_win_rate": 0.55},
-            # The TL;DR line is a deliberate change of the answers' opening tokens: a KL bound
-            # that allows it but catches a collapse.
-            "kl": {"max_kl": 60.0},
-            "length_drift": {"min_ratio": 0.5, "max_ratio": 1.6},
-        }
-        path = self.root / "criteria.yaml"
-        path.write_text(yaml.safe_dump(criteria, sort_keys=False))
-        return path
-
     def retrain(self, criteria: Path) -> Path:
-        config = {
-            "policy_name": "policy", "reward_name": "reward",
-            # Answers stop at MAX_TOKENS, and the behaviour is judged on an answer's first line: a
-            # cut answer shows it as well as a complete one, so cut pairs are kept (the default,
-            # "drop", is for preferences about whole answers).
-            "preferences": {"store_root": str(self.root / "store"), "tenants": [TENANT], "snapshot": "latest",
-                            "tie_policy": "drop", "both_bad_policy": "drop", "cut_answers": "keep"},
-            "criteria": str(criteria),
-            "gates": {"min_new_pairs": 16, "min_agreement": 0.65, "min_kappa": 0.4, "min_anchor_accuracy": 0.75},
-            "reward_model": {"base_model": "reward@v0001", "min_accuracy": 0.6, "max_steps": 60, "batch_size": 8},
-            "algorithm": "dpo",
-            # DPO's pairwise loss plus an NLL term on the chosen answers (RPO): plain DPO mostly
-            # pushed the rejected answers down, and a 135M model drifted to other personas
-            # before its greedy answers opened with the TL;DR line.
-            "dpo": {"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 5e-5,
-                    "max_steps": 12 if self.fast else 24, "per_device_train_batch_size": 4, "max_length": 256,
-                    "save_steps": 8, "watch": {"eval_every": 12, "eval_prompts": 6, "min_change": 0.1}},
-        }
+        config = self.behaviour.retrain_config(self.root / "store", TENANT, criteria, fast=self.fast)
         path = self.root / "retrain.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         with console.status("retrain (reward model, DPO, evaluation before and after) — the longest step"):
@@ -436,7 +396,7 @@ class Demo:
         out = []
         for p in prompts:
             r = client.chat.completions.create(model="production", messages=[{"role": "user", "content": p}],
-                                               temperature=0, max_tokens=64)
+                                               temperature=0, max_tokens=self.behaviour.max_tokens)
             out.append((p, r.model, r.choices[0].message.content))
         console.print(f"the gateway now answers with {out[0][1]}")
         return out
@@ -508,7 +468,7 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def main(fast: bool = False) -> None:
+def main(behaviour: str = "tldr", fast: bool = False) -> None:
     # The demo prints its own progress; the libraries' bars and load reports would bury it.
     os.environ.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_PROGRESS_BARS="1", TRANSFORMERS_VERBOSITY="error",
                       TOKENIZERS_PARALLELISM="false")
@@ -517,7 +477,7 @@ def main(fast: bool = False) -> None:
         shutil.rmtree(root)
     root.mkdir(parents=True)
     try:
-        Demo(root, fast=fast).run()
+        Demo(root, BEHAVIOURS[behaviour], fast=fast).run()
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: every process the demo started has been stopped")
         raise SystemExit(130) from None

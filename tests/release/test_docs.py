@@ -125,7 +125,8 @@ def _problems() -> Iterator[str]:
             continue
         head = words[0]
         if head == "make":
-            for target in (w for w in words[1:] if not w.startswith("-")):
+            # Words with "=" set make variables (`make demo BEHAVIOUR=concise`).
+            for target in (w for w in words[1:] if not w.startswith("-") and "=" not in w):
                 if target not in make_targets():
                     yield f"{doc}: `{line}`: no make target {target!r}"
         elif head == "tuneloop" or (head == "torchrun" and "tuneloop.trainer.cli" in words):
