@@ -276,7 +276,7 @@ class Demo:
     def truth(self, c: dict) -> str:
         """What the rubric says of a comparison, without noise."""
         a, b = (Answer(c[k]["content"], c[k].get("finish_reason") == "length") for k in ("a", "b"))
-        return self.behaviour.choice(a, b)
+        return self.behaviour.rubric(a, b)
 
     def annotate(self, comparisons: list[dict]) -> Table:
         """Round one: every annotator judges the calibration items and the anchors (known

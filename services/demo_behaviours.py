@@ -10,7 +10,8 @@ answers: two samples per prompt, and the annotators prefer the one that says it 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ class Behaviour:
     name: str
     declared: str  # what the product team asks for, in a sentence
     feedback_criteria: list[str]
+    # The rubric the annotators apply to a pair: "a", "b", "tie" or "both_bad".
+    rubric: Callable[[Answer, Answer], str]
     # Answers stop here in the samples, the comparisons and the evaluation.
     max_tokens: int
     # True: an SFT candidate trained from demonstrations is compared with production;
@@ -53,11 +56,6 @@ class Behaviour:
     steps: int
     fast_steps: int
     cut_answers: str  # PreferenceSource.cut_answers
-    retrain_extra: dict[str, Any] = field(default_factory=dict)  # further top-level retrain fields
-
-    def choice(self, a: Answer, b: Answer) -> str:
-        """The rubric the annotators apply: "a", "b", "tie" or "both_bad"."""
-        return RUBRICS[self.name](a, b)
 
     def criteria(self, held_out: list[str]) -> dict[str, Any]:
         return {
@@ -82,7 +80,6 @@ class Behaviour:
             "algorithm": "dpo",
             "dpo": {**self.recipe, "max_steps": self.fast_steps if fast else self.steps,
                     "watch": {"eval_every": 12, "eval_prompts": 6, "min_change": 0.1}},
-            **self.retrain_extra,
         }
 
 
@@ -125,13 +122,12 @@ def _concise_choice(a: Answer, b: Answer) -> str:
     return "a" if wa < wb else "b"
 
 
-RUBRICS = {"tldr": _tldr_choice, "concise": _concise_choice}
-
 BEHAVIOURS = {
     "tldr": Behaviour(
         name="tldr",
         declared='answers open with a one-line summary, "TL;DR: ..."',
         feedback_criteria=["opens-with-tldr", "helpfulness"],
+        rubric=_tldr_choice,
         max_tokens=64,
         sft_candidate=True,
         comparisons_per_prompt=1,
@@ -163,6 +159,7 @@ BEHAVIOURS = {
         name="concise",
         declared="answers say what was asked in few words and end, rather than run on",
         feedback_criteria=["concise", "complete"],
+        rubric=_concise_choice,
         max_tokens=128,
         sft_candidate=False,
         # About four in ten comparisons have exactly one complete answer or two of clearly

@@ -20,8 +20,8 @@ from tuneloop.trainer.config import load_config
 from tuneloop.trainer.retrain import RetrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-concise = BEHAVIOURS["concise"].choice
-tldr = BEHAVIOURS["tldr"].choice
+concise = BEHAVIOURS["concise"].rubric
+tldr = BEHAVIOURS["tldr"].rubric
 SHORT = "Water boils at 100 degrees Celsius at sea level."
 LONG = SHORT + " At higher altitudes the air pressure is lower, so it boils at a lower temperature than that."
 
