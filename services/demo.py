@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tuneloop.common.processes import ServiceProcess, free_port
-from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer, Behaviour, with_tldr
+from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer, Behaviour
 
 console = Console()
 SEED = 7
@@ -233,10 +233,11 @@ class Demo:
                 model="production", messages=[{"role": "user", "content": p}], temperature=0,
                 max_tokens=self.behaviour.max_tokens,
             ).choices[0].message.content.strip()
-            ideal = with_tldr(answer)
+            ideal = self.behaviour.demonstrate(answer)
             return {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": ideal}]}
 
-        demos = _concurrently(demonstrate, prompts, "demonstrations (production's answers, given a TL;DR line)")
+        demos = _concurrently(demonstrate, prompts,
+                              "demonstrations (production's answers, rewritten to show the behaviour)")
         data = self.root / "sft.jsonl"
         data.write_text("".join(json.dumps(d) + "\n" for d in demos))
         config = self.root / "sft.yaml"
@@ -248,7 +249,7 @@ class Demo:
         with console.status("SFT on the demonstrations (TRL SFTTrainer)"):
             self.tuneloop("train", "sft", "--config", str(config), log="sft.log")
         card = registry.register("policy", self.root / "runs" / "sft" / "model", kind="policy", parent="policy@production",
-                                 description="SFT candidate: demonstrations of the TL;DR behaviour",
+                                 description=f"SFT candidate: demonstrations of the {self.behaviour.name} behaviour",
                                  training_config=yaml.safe_load(config.read_text()))
         registry.promote("policy", card.version, alias="candidate")
         console.print(f"policy@candidate = {card.version}")

@@ -44,9 +44,10 @@ class Behaviour:
     rubric: Callable[[Answer, Answer], str]
     # Answers stop here in the samples, the comparisons and the evaluation.
     max_tokens: int
-    # True: an SFT candidate trained from demonstrations is compared with production;
-    # False: two of production's own answers are compared (on-policy pairs).
-    sft_candidate: bool
+    # Production's answer rewritten to show the behaviour: demonstrations for an SFT candidate
+    # that production is compared with. None: two of production's own answers are compared
+    # (on-policy pairs).
+    demonstrate: Callable[[str], str] | None
     comparisons_per_prompt: int
     # The generation services' engine (TUNELOOP_GENERATION_ENGINE).
     engine: str
@@ -56,6 +57,10 @@ class Behaviour:
     steps: int
     fast_steps: int
     cut_answers: str  # PreferenceSource.cut_answers
+
+    @property
+    def sft_candidate(self) -> bool:
+        return self.demonstrate is not None
 
     def criteria(self, held_out: list[str]) -> dict[str, Any]:
         return {
@@ -129,7 +134,7 @@ BEHAVIOURS = {
         feedback_criteria=["opens-with-tldr", "helpfulness"],
         rubric=_tldr_choice,
         max_tokens=64,
-        sft_candidate=True,
+        demonstrate=with_tldr,
         comparisons_per_prompt=1,
         # 79 comparisons of 64 tokens on two services: vLLM's start would cost more than it saves.
         engine="transformers",
@@ -161,7 +166,7 @@ BEHAVIOURS = {
         feedback_criteria=["concise", "complete"],
         rubric=_concise_choice,
         max_tokens=128,
-        sft_candidate=False,
+        demonstrate=None,
         # About four in ten comparisons have exactly one complete answer or two of clearly
         # different lengths: two per prompt give the retrain about 80 pairs.
         comparisons_per_prompt=2,
