@@ -19,6 +19,7 @@ import ctypes
 import fcntl
 import hashlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -85,11 +86,34 @@ def default_home(root: Path | None = None) -> Path:
     return (root or repo_root()) / ".tools" / "kafka"
 
 
+_PORTS = random.SystemRandom()  # not the seeded global generator: tests seed it
+
+
 def free_port() -> int:
-    """A TCP port free on loopback right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((_LOOPBACK, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on loopback right now, below the kernel's ephemeral range.
+
+    The port is handed to a process that binds it later, sometimes a minute later (after a
+    model loads). A port from the ephemeral range could meanwhile be given by the kernel to any
+    other socket (a client connection, vLLM's engine sockets), and the bind then fails; the
+    kernel never hands out ports below that range on its own."""
+    low, _ = _ephemeral_range()
+    for _ in range(200):
+        port = _PORTS.randrange(max(1024, low - 12000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((_LOOPBACK, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port found below the ephemeral range (from {low})")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def install(root: Path | None = None) -> Path:
