@@ -14,8 +14,10 @@ installed (imported to a temporary folder first) unless --no-smollm2.
 
 Overhead of the stage: `tuneloop`'s DPO stage and the same DPOTrainer configuration in a plain
 script (same model, data, steps; both timed from a log line per step), run alternately
---repeats times each, the fastest run of each compared. Retrain: the whole pipeline (gates,
-evaluation before and after, 16 DPO steps, promotion) on SmolLM2 with 64 pairs.
+--repeats times each, the fastest run of each compared, in steps and in tokens per second.
+Retrain: the whole pipeline (gates, evaluation before and after, 16 DPO steps with the watch
+measuring every 8, promotion) on SmolLM2 with 64 pairs in the demo's TL;DR format, and its DPO
+tokens per second against plain TRL's.
 
     .venv/bin/python bench/bench_trainer.py [--steps 5] [--new-tokens 32] [--repeats 2] [--no-smollm2]
                                             [--no-retrain] [--no-vllm] [--rollout-prompts 16] [--json PATH]
@@ -78,6 +80,15 @@ def seconds_per_step(out: Path) -> float:
     if len(times) < 3:
         raise RuntimeError(f"{out}: need at least 3 logged steps, got {len(times)}")
     return (times[-1] - times[0]) / (len(times) - 1)
+
+
+def tokens_per_second(rows: list[dict[str, Any]]) -> float:
+    """Tokens trained on (TRL's `num_tokens`, padding excluded) per second, from the first logged
+    step to the last: the time between includes whatever ran between steps (a watch measurement)."""
+    steps = [r for r in rows if r.get("num_tokens") is not None]
+    if len(steps) < 3:
+        raise RuntimeError(f"need at least 3 logged steps with num_tokens, got {len(steps)}")
+    return (steps[-1]["num_tokens"] - steps[0]["num_tokens"]) / (steps[-1]["time"] - steps[0]["time"])
 
 
 def stage_settings(policy: Path, reward: Path, data: Path, steps: int, new_tokens: int) -> dict[str, list[str]]:
@@ -160,7 +171,7 @@ def rollout_generation(policy: Path, data: Path, prompts: int, new_tokens: int, 
             "sequences": len(ids), "tokens": len(ids) * new_tokens}
 
 
-def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:
+def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> dict[str, float]:
     """The same DPO steps through TRL alone: the baseline the stage's overhead is measured by."""
 
     from datasets import load_dataset
@@ -172,12 +183,12 @@ def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:
     )
     from trl import DPOConfig, DPOTrainer
 
-    times: list[float] = []
+    rows: list[dict[str, Any]] = []
 
     class Clock(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001, ANN003 - transformers' signature
             if logs and "train_runtime" not in logs:
-                times.append(time.time())
+                rows.append({"time": time.time(), "num_tokens": logs.get("num_tokens")})
 
     set_seed(0)
     args = DPOConfig(
@@ -190,7 +201,7 @@ def plain_trl_dpo(policy: Path, prefs: Path, out: Path, steps: int) -> float:
         train_dataset=load_dataset("json", data_files=str(prefs), split="train"), callbacks=[Clock()],
     )
     trainer.train()
-    return (times[-1] - times[0]) / (len(times) - 1)
+    return {"s_per_step": (rows[-1]["time"] - rows[0]["time"]) / (len(rows) - 1), "tokens_per_s": tokens_per_second(rows)}
 
 
 def stage_vs_plain(policy: Path, data: Path, root: Path, steps: int, repeats: int) -> dict[str, float]:
@@ -201,16 +212,18 @@ def stage_vs_plain(policy: Path, data: Path, root: Path, steps: int, repeats: in
     for i in range(repeats):
         out = root / f"stage-{i}"
         run_dpo(load_config(DPOStageConfig, None, [*common, f"output_dir={out}"]))
-        stage.append(seconds_per_step(out))
+        stage.append({"s_per_step": seconds_per_step(out), "tokens_per_s": tokens_per_second(read_metrics(out))})
         plain.append(plain_trl_dpo(policy, data / "prefs.jsonl", root / f"plain-{i}", steps))
-    return {"stage_s_per_step": min(stage), "plain_s_per_step": min(plain)}
+    fastest_stage, fastest_plain = (min(runs, key=lambda r: r["s_per_step"]) for runs in (stage, plain))
+    return {"stage_s_per_step": fastest_stage["s_per_step"], "plain_s_per_step": fastest_plain["s_per_step"],
+            "stage_tokens_per_s": fastest_stage["tokens_per_s"], "plain_tokens_per_s": fastest_plain["tokens_per_s"]}
 
 
 def retrain_wall_time(policy: Path, root: Path, pairs: int = 64) -> dict[str, Any]:
     """`retrain` with DPO on `pairs` preference pairs (the demo's TL;DR format), end to end."""
     import yaml
     from tuneloop.common.registry import Registry
-    from tuneloop.trainer.retrain import RetrainConfig, run_retrain
+    from tuneloop.trainer.retrain import TRAIN_DIR, RetrainConfig, run_retrain
 
     reg = Registry(root / "registry")
     reg.promote("policy", reg.register("policy", policy, kind="policy").version)
@@ -222,7 +235,8 @@ def retrain_wall_time(policy: Path, root: Path, pairs: int = 64) -> dict[str, An
     prefs.write_text("\n".join(json.dumps(r) for r in rows))
     criteria = root / "criteria.yaml"
     criteria.write_text(yaml.safe_dump({
-        "name": "bench", "generation": {"max_new_tokens": 64, "batch_size": 8},
+        # As the demo's TL;DR retrain answers: transformers, which finishes before vLLM has started.
+        "name": "bench", "generation": {"max_new_tokens": 64, "batch_size": 8, "engine": "transformers"},
         "held_out_prompts": [f"Tell me about {t}, briefly." for t in TOPICS[:8]],
         "behaviour": [{"name": "tldr", "kind": "regex", "pattern": "^TL;DR:", "min_pass_rate": 0.0}],
         "probes": {"items": [{"prompt": "What is the capital of France?", "expect": "Paris"}]},
@@ -232,12 +246,14 @@ def retrain_wall_time(policy: Path, root: Path, pairs: int = 64) -> dict[str, An
         f"registry_root={reg.root}", f"runs_dir={root / 'runs'}", f"preferences.path={prefs}", f"criteria={criteria}",
         "gates.min_new_pairs=16", "dpo.learning_rate=5e-5", "dpo.loss_type=[sigmoid,sft]", "dpo.max_steps=16",
         "dpo.per_device_train_batch_size=4", "dpo.max_length=256", "dpo.save_steps=8",
+        "dpo.watch.eval_every=8", "dpo.watch.eval_prompts=7",
     ])
     started = time.monotonic()
     report = run_retrain(config)
     full = json.loads((Path(report["run_dir"]) / "report.json").read_text())
     return {"seconds": time.monotonic() - started, "pairs": pairs, "status": report["status"],
-            "train_seconds": (full.get("train") or {}).get("seconds")}
+            "train_seconds": (full.get("train") or {}).get("seconds"),
+            "dpo_tokens_per_s": tokens_per_second(read_metrics(Path(report["run_dir"]) / TRAIN_DIR))}
 
 
 def main() -> None:
@@ -309,6 +325,14 @@ def main() -> None:
         # Steps/s of the stage over plain TRL's (target >= 0.95).
         ratios.append({"name": f"{m}: DPO stage / plain TRL steps per second", "value": o["plain_s_per_step"] / o["stage_s_per_step"],
                        "numerator": f"{1 / o['stage_s_per_step']:.3f} steps/s", "denominator": f"{1 / o['plain_s_per_step']:.3f} steps/s"})
+    if retrain and "smollm2-135m" in overhead:
+        # The retrain's pairs are the demo's TL;DR format (about 100 tokens a sequence, against
+        # about 40 in the overhead runs' pairs), and its step times include the watch's
+        # measurements: per token is what compares.
+        plain = overhead["smollm2-135m"]["plain_tokens_per_s"]
+        ratios.append({"name": "smollm2-135m: retrain DPO (watch included) / plain TRL tokens per second",
+                       "value": retrain["dpo_tokens_per_s"] / plain,
+                       "numerator": f"{retrain['dpo_tokens_per_s']:.0f} tokens/s", "denominator": f"{plain:.0f} tokens/s"})
     if retrain:
         Console(stderr=True).print(f"retrain on SmolLM2, {retrain['pairs']} pairs: {retrain['seconds']:.0f} s wall "
                                    f"({retrain['train_seconds']} s of DPO), {retrain['status']}")

@@ -25,6 +25,9 @@ PROBES = [
     {"prompt": "How many days are there in a week?", "expect": "7"},
 ]
 
+# The watch's held-out prompts per measurement: with the probes, one batch of the criteria's 8.
+PROMPTS_PER_MEASUREMENT = 8 - len(PROBES)
+
 DEGENERATION = {"ngram": 3, "max_repeated_ngram_ratio": 0.3, "max_non_ascii_ratio": 0.05, "language": "en",
                 "max_wrong_language_rate": 0.1}
 
@@ -49,13 +52,14 @@ class Behaviour:
     # (on-policy pairs).
     demonstrate: Callable[[str], str] | None
     comparisons_per_prompt: int
-    # The generation services' engine (TUNELOOP_GENERATION_ENGINE).
+    # The generation services' engine (TUNELOOP_GENERATION_ENGINE), and the criteria's.
     engine: str
     checks: list[dict[str, Any]]
     criteria_extra: dict[str, Any]
     recipe: dict[str, Any]  # the retrain's `dpo` section, less max_steps
     steps: int
     fast_steps: int
+    reward_steps: int  # the reward model's training steps (batch 8)
     cut_answers: str  # PreferenceSource.cut_answers
 
     @property
@@ -65,7 +69,9 @@ class Behaviour:
     def criteria(self, held_out: list[str]) -> dict[str, Any]:
         return {
             "name": f"{self.name}-v1",
-            "generation": {"max_new_tokens": self.max_tokens, "batch_size": 8},
+            # The criteria answer on the services' engine: what pays for the comparisons pays
+            # for these answers too.
+            "generation": {"max_new_tokens": self.max_tokens, "batch_size": 8, "engine": self.engine},
             "held_out_prompts": held_out,
             "behaviour": self.checks,
             "probes": {"items": PROBES, "min_pass_rate": 0.66},
@@ -75,16 +81,20 @@ class Behaviour:
 
     def retrain_config(self, store_root: Path, tenant: str, criteria: Path, fast: bool = False) -> dict[str, Any]:
         """The scheduled retrain's config (RetrainConfig) for this behaviour."""
+        steps = self.fast_steps if fast else self.steps
         return {
             "policy_name": "policy", "reward_name": "reward",
             "preferences": {"store_root": str(store_root), "tenants": [tenant], "snapshot": "latest",
                             "tie_policy": "drop", "both_bad_policy": "drop", "cut_answers": self.cut_answers},
             "criteria": str(criteria),
             "gates": {"min_new_pairs": 16, "min_agreement": 0.65, "min_kappa": 0.4, "min_anchor_accuracy": 0.75},
-            "reward_model": {"base_model": "reward@v0001", "min_accuracy": 0.6, "max_steps": 60, "batch_size": 8},
+            "reward_model": {"base_model": "reward@v0001", "min_accuracy": 0.6, "max_steps": self.reward_steps,
+                             "batch_size": 8},
             "algorithm": "dpo",
-            "dpo": {**self.recipe, "max_steps": self.fast_steps if fast else self.steps,
-                    "watch": {"eval_every": 12, "eval_prompts": 6, "min_change": 0.1}},
+            # The watch measures before training, halfway and at the end.
+            "dpo": {**self.recipe, "max_steps": steps,
+                    "watch": {"eval_every": max(steps // 2, 1), "eval_prompts": PROMPTS_PER_MEASUREMENT,
+                              "min_change": 0.1}},
         }
 
 
@@ -136,7 +146,10 @@ BEHAVIOURS = {
         max_tokens=64,
         demonstrate=with_tldr,
         comparisons_per_prompt=1,
-        # 79 comparisons of 64 tokens on two services: vLLM's start would cost more than it saves.
+        # 79 comparisons of 64 tokens on two services: vLLM's start would cost more than it
+        # saves. The same for the retrain's 27 answers of the criteria (transformers 30 s, vLLM
+        # 53 s to start and 8 s to answer), and an engine kept for the watch's measurements
+        # made the DPO steps around it about a quarter slower on two cores.
         engine="transformers",
         checks=[
             {"name": "opens-with-tldr", "kind": "regex", "pattern": TLDR.pattern, "min_pass_rate": 0.9},
@@ -154,8 +167,14 @@ BEHAVIOURS = {
         # its greedy answers opened with the TL;DR line.
         recipe={"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 5e-5, "per_device_train_batch_size": 4,
                 "max_length": 256, "save_steps": 8},
-        steps=24,
+        # All held-out answers opened with the TL;DR line after 12 steps as after 24, but one
+        # 12-step run of two also turned the France probe into a French-speaking persona (and was
+        # refused for it); 16 steps passed every criterion.
+        steps=16,
         fast_steps=12,
+        # About an epoch of the judgements: the reward model's held-out pair accuracy was 0.89
+        # after half of one, 0.975 after two.
+        reward_steps=24,
         # Answers stop at max_tokens, and the behaviour is judged on an answer's first line: a
         # cut answer shows it as well as a complete one.
         cut_answers="keep",
@@ -189,6 +208,7 @@ BEHAVIOURS = {
                 "max_length": 384, "save_steps": 8, "save_total_limit": 3},
         steps=24,
         fast_steps=12,
+        reward_steps=60,
         # A cut answer is the rejected side of most pairs, which is what the rubric means; a
         # cut chosen answer would teach running on.
         cut_answers="drop_if_chosen_cut",

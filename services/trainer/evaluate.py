@@ -7,8 +7,11 @@ tokens, and the answer's token ids end at its first eos either way."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -105,16 +108,99 @@ def choose_engine(spec: cr.Generation, model_dir: Path | str) -> str:
     return "vllm"
 
 
+def _engine_size(tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> tuple[int, int]:
+    """(max_model_len, KV cache tokens) for answering `prompts` all at once under `spec`."""
+    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts)]
+    return max(lengths) + spec.max_new_tokens, sum(lengths) + len(lengths) * spec.max_new_tokens
+
+
 def start_engine(model_dir: Path | str, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> VllmGenerator:
     """A vLLM engine sized for answering `prompts` (all at once) under `spec`."""
     from tuneloop.trainer.vllm_generator import VllmGenerator
 
-    lengths = [len(ids) for ids in prompt_ids(tokenizer, prompts)]
-    return VllmGenerator(
-        model_dir,
-        max_model_len=max(lengths) + spec.max_new_tokens,
-        kv_tokens=sum(lengths) + len(lengths) * spec.max_new_tokens,
-    )
+    max_model_len, kv_tokens = _engine_size(tokenizer, prompts, spec)
+    return VllmGenerator(model_dir, max_model_len=max_model_len, kv_tokens=kv_tokens)
+
+
+# Config keys that differ between a model and its fine-tuned descendants without changing the
+# tensors an engine holds.
+_UNSHAPED_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def _shape(model_dir: Path | str) -> dict[str, Any]:
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return {k: v for k, v in config.items() if k not in _UNSHAPED_KEYS}
+
+
+class EngineKeeper:
+    """One vLLM engine for several evaluations of models of one shape: a retrain evaluates the
+    parent, measures the live model during training (the watch) and evaluates the candidate,
+    and an engine's start (about 50 s for a 135M model on two cores) costs more than any of
+    those answers. A model of another shape, or prompts that need a larger engine, start a
+    new one; weights are swapped in place (about a second) otherwise."""
+
+    def __init__(self) -> None:
+        self._engine: VllmGenerator | None = None
+        self._shape: dict[str, Any] | None = None
+        self._size = (0, 0)
+        self._weights: Path | None = None
+        self.starts = 0
+
+    def engine(self, model_dir: Path | str, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> VllmGenerator:
+        """An engine for models shaped as `model_dir` that can answer `prompts` at once under
+        `spec`. A new one holds `model_dir`'s weights; one kept holds what it was last given
+        (see `load`)."""
+        from tuneloop.trainer.vllm_generator import VllmGenerator
+
+        max_model_len, kv_tokens = _engine_size(tokenizer, prompts, spec)
+        shape = _shape(model_dir)
+        fits = max_model_len <= self._size[0] and kv_tokens <= self._size[1]
+        if self._engine is None or shape != self._shape or not fits:
+            self.close()
+            self._engine = VllmGenerator(model_dir, max_model_len=max_model_len, kv_tokens=kv_tokens)
+            self._shape, self._size, self._weights = shape, (max_model_len, kv_tokens), Path(model_dir)
+            self.starts += 1
+        return self._engine
+
+    def load(self, weights_dir: Path | str, *, changed: bool = True) -> None:
+        """Puts `weights_dir`'s weights in the engine; unless `changed`, not when it already holds them."""
+        assert self._engine is not None
+        if changed or Path(weights_dir) != self._weights:
+            self._engine.load_weights(weights_dir)
+            self._weights = Path(weights_dir)
+
+    def close(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+        self._engine, self._shape, self._size, self._weights = None, None, (0, 0), None
+
+
+_kept: EngineKeeper | None = None
+
+
+@contextlib.contextmanager
+def keep_engine() -> Iterator[EngineKeeper]:
+    """Within this block, evaluations and watch measurements of this process share one engine
+    (`EngineKeeper`); it stops at the end of the block."""
+    global _kept
+    outer, _kept = _kept, EngineKeeper()
+    try:
+        yield _kept
+    finally:
+        _kept.close()
+        _kept = outer
+
+
+def kept_engine() -> EngineKeeper | None:
+    """The keeper of the enclosing `keep_engine` block, if any."""
+    return _kept
+
+
+def release_engine() -> None:
+    """Stops the kept engine now (a later evaluation starts another): before processes that
+    need the memory it holds, such as a training stage on several processes."""
+    if _kept is not None:
+        _kept.close()
 
 
 @torch.no_grad()
@@ -182,7 +268,9 @@ def evaluate(
     model = None
     if engine_name == "vllm":
         held, probes = criteria_prompts(spec, spec.held_out_prompts)
-        with start_engine(model_dir, tokenizer, held + probes, spec.generation) as engine:
+        with contextlib.nullcontext(_kept) if _kept is not None else keep_engine() as keeper:
+            engine = keeper.engine(model_dir, tokenizer, held + probes, spec.generation)
+            keeper.load(model_dir, changed=False)
             held_answers, probe_answers = answer(None, tokenizer, spec, spec.held_out_prompts, engine=engine)
     else:
         model = load_policy(Path(model_dir)).eval()
@@ -196,7 +284,7 @@ def evaluate(
 
     kl = None
     if reference_dir is not None:
-        # Loaded after vLLM has stopped: the two never hold the weights at once.
+        # Loaded after vLLM has stopped (unless a retrain keeps its engine for the next evaluation).
         model = model if model is not None else load_policy(Path(model_dir)).eval()
         reference = load_policy(Path(reference_dir)).eval()
         kl = kl_to_reference(model, reference, tokenizer, held, [ids for _, ids in held_answers], spec.generation.batch_size)

@@ -50,9 +50,10 @@ class CriteriaEval:
     probes' pass rate, on the first `prompts` held-out prompts plus every probe, greedy.
 
     With vLLM (the criteria's `generation.engine`), one engine answers every measurement of
-    the stage: it starts at the first one, and before each the live model's weights are saved
-    to a scratch folder and loaded into it in place (about a second for a 135M model, against
-    tens of seconds for a start). `close()` stops it (the watch does at the end of training).
+    the stage: a retrain's (`evaluate.keep_engine`), else one that starts at the first
+    measurement; before each the live model's weights are saved to a scratch folder and loaded
+    into it in place (about a second for a 135M model, against tens of seconds for a start).
+    `close()` stops an engine of the watch's own (the watch does at the end of training).
     """
 
     def __init__(self, criteria_path: Path, model_ref: Path, prompts: int) -> None:
@@ -70,22 +71,27 @@ class CriteriaEval:
             # Every process measures; one engine each would share the cores several ways.
             log.info("watch: measuring with transformers, not vLLM: %d training processes", world_size())
             self.engine_name = "transformers"
-        self._engine: Any = None
+        self._keeper: Any = None
+        self._own_keeper: Any = None
         self._scratch: Any = None
 
     def _vllm_answers(self, model: Any) -> Any:
         import tempfile
 
-        from tuneloop.trainer.evaluate import answer, criteria_prompts, start_engine
+        from tuneloop.trainer.evaluate import EngineKeeper, answer, criteria_prompts, kept_engine
 
-        if self._engine is None:
+        if self._keeper is None:
             self._scratch = tempfile.TemporaryDirectory(prefix="watch-weights-")
-            held, probes = criteria_prompts(self.spec, self.held)
-            self._engine = start_engine(self.model_ref, self.tokenizer, held + probes, self.spec.generation)
+            # A retrain's engine (it evaluated the parent just before), else one of the watch's own.
+            self._keeper = kept_engine()
+            if self._keeper is None:
+                self._keeper = self._own_keeper = EngineKeeper()
+        held, probes = criteria_prompts(self.spec, self.held)
+        engine = self._keeper.engine(self.model_ref, self.tokenizer, held + probes, self.spec.generation)
         scratch = Path(self._scratch.name)
         model.save_pretrained(scratch, safe_serialization=True)
-        self._engine.load_weights(scratch)
-        return answer(None, self.tokenizer, self.spec, self.held, engine=self._engine)
+        self._keeper.load(scratch)
+        return answer(None, self.tokenizer, self.spec, self.held, engine=engine)
 
     def __call__(self, model: Any) -> float:
         from tuneloop.trainer import criteria as cr
@@ -111,9 +117,9 @@ class CriteriaEval:
         return sum(scores) / len(scores) if scores else 0.0
 
     def close(self) -> None:
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        if self._own_keeper is not None:
+            self._own_keeper.close()
+        self._keeper = self._own_keeper = None
         if self._scratch is not None:
             self._scratch.cleanup()
             self._scratch = None

@@ -15,7 +15,7 @@ import yaml
 
 from tuneloop.trainer import criteria as cr
 from tuneloop.trainer.config import ConfigError
-from tuneloop.trainer.evaluate import answer, choose_engine, criteria_prompts, evaluate, start_engine
+from tuneloop.trainer.evaluate import answer, choose_engine, criteria_prompts, evaluate, keep_engine, start_engine
 from tuneloop.trainer.modeling import load_policy, load_tokenizer
 from tuneloop.trainer.watch import CriteriaEval
 
@@ -154,9 +154,10 @@ def test_watch_reuses_one_engine_and_loads_the_live_weights(policies: tuple[Path
                 values.append(measure(model))
                 assert model.training  # left as the trainer had it
                 if name == "vllm":
-                    engines.add(id(measure._engine))
+                    engine = measure._keeper._engine
+                    engines.add(id(engine))
                     # What the engine now holds is the live model's weights.
-                    got = answer(None, measure.tokenizer, measure.spec, measure.held, engine=measure._engine)
+                    got = answer(None, measure.tokenizer, measure.spec, measure.held, engine=engine)
                     assert got == answer(model.eval(), measure.tokenizer, measure.spec, measure.held)
             if name == "vllm":
                 assert len(engines) == 1
@@ -164,6 +165,33 @@ def test_watch_reuses_one_engine_and_loads_the_live_weights(policies: tuple[Path
             measure.close()
         results[name] = values
     assert results["vllm"] == results["transformers"]
+
+
+def test_a_retrain_s_evaluations_and_watch_share_one_engine(policies: tuple[Path, Path], tmp_path: Path) -> None:
+    """Within `keep_engine` (a retrain), the parent's evaluation, the watch and the candidate's
+    evaluation take one engine, each with the right weights: the answers are transformers'."""
+    a, b = policies
+    spec = cr.Criteria.model_validate(_criteria(engine="vllm"))
+    path = tmp_path / "criteria.yaml"
+    path.write_text(yaml.safe_dump(_criteria(engine="vllm")))
+    with keep_engine() as keeper:
+        before = evaluate(a, spec)
+        measure = CriteriaEval(path, a, prompts=5)
+        watched = measure(load_policy(b))
+        measure.close()  # the retrain's engine outlives the watch
+        after = evaluate(b, spec, reference_dir=a)
+        again = evaluate(a, spec)
+        assert keeper.starts == 1
+    assert keeper._engine is None  # stopped at the end of the block
+    plain = cr.Criteria.model_validate(_criteria(engine="transformers"))
+    expected = [evaluate(a, plain), evaluate(b, plain, reference_dir=a), evaluate(a, plain)]
+    for got, want in zip([before, after, again], expected, strict=True):
+        for result in (got, want):
+            result.pop("engine"), result.pop("seconds")
+        assert got == want
+    transformers_path = tmp_path / "transformers.yaml"
+    transformers_path.write_text(yaml.safe_dump(_criteria(engine="transformers")))
+    assert watched == CriteriaEval(transformers_path, a, prompts=5)(load_policy(b))
 
 
 def test_auto_uses_transformers_for_a_model_below_vllm_min_parameters(
