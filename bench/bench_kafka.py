@@ -1,7 +1,7 @@
 """Producer throughput: kafka-python (as tuneloop configures it) against Kafka's own Java producer.
 
 Both send the same number of 1 KiB records with acks=all and idempotence on, the same
-linger.ms, no keys and no compression, to fresh 3-partition topics on one local broker, one
+linger.ms and batch.size, no keys and no compression, to fresh 3-partition topics on one local broker, one
 after the other in one run. Prints records/s and MB/s for each and the Python/Java ratio,
 then the results as one JSON object on the last line (and in PATH with --json).
 
@@ -54,7 +54,7 @@ def java_producer(home: Path, settings: KafkaSettings, topic: str, records: int)
         "--topic", topic, "--num-records", str(records), "--record-size", str(RECORD_BYTES),
         "--throughput", "-1", "--producer-props",
         f"bootstrap.servers={settings.bootstrap_servers}", "acks=all", "enable.idempotence=true",
-        f"linger.ms={settings.linger_ms}", "max.in.flight.requests.per.connection=5",
+        f"linger.ms={settings.linger_ms}", "max.in.flight.requests.per.connection=5", f"batch.size={settings.batch_size}",
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     # The summary line: "N records sent, X records/sec (Y MB/sec), ..."

@@ -7,7 +7,7 @@ one and with two store processes, event-to-store latency, and reading a 100k-pai
    and `--streams` calls in flight. A call answers once the broker acknowledged every event
    (idempotent producer, acks=all). Then `org.apache.kafka.tools.ProducerPerformance` sends the
    same number of records of the same size with the same producer settings (acks=all,
-   idempotence, linger.ms) to a fresh topic on the same broker. The ratio service/Java is
+   idempotence, linger.ms, batch.size) to a fresh topic on the same broker. The ratio service/Java is
    the share of the broker's capacity one Feedback process delivers durably, validation,
    deduplication and gRPC included (target: at least 0.25).
 2. Materialisation, one store against two. A feedback topic and a completions topic of
