@@ -415,9 +415,9 @@ def _train(run: Run, reg: Registry, pairs: Any, reward: Any) -> dict[str, Any]:
 
     settings = TrainerSettings()
     if settings.processes > 1 or not run.config.params().watch.eval_every:
-        # Kept only for the watch: an idle engine holds memory (on a GPU, what training needs)
-        # and, on a CPU, its processes' wake-ups made the training steps beside it about a
-        # quarter slower on two cores. The candidate's evaluation then starts another.
+        # Kept only for the watch: an idle engine holds memory (on a GPU, what training needs),
+        # and on two CPU cores the same training step took about a quarter longer beside it.
+        # The candidate's evaluation then starts another.
         release_engine()
     if settings.processes == 1:
         return _train_here(run, pairs, reward)
