@@ -243,7 +243,7 @@ class Demo:
         config = self.root / "sft.yaml"
         config.write_text(yaml.safe_dump({
             "model": "policy@production", "output_dir": str(self.root / "runs" / "sft"), "data": str(data),
-            "max_steps": 12 if self.fast else 16, "learning_rate": 3e-5, "per_device_train_batch_size": 4,
+            "max_steps": 12 if self.fast else 24, "learning_rate": 3e-5, "per_device_train_batch_size": 4,
             "max_length": 256, "save_steps": 1000,
         }))
         with console.status("SFT on the demonstrations (TRL SFTTrainer)"):

@@ -167,10 +167,11 @@ BEHAVIOURS = {
         # its greedy answers opened with the TL;DR line.
         recipe={"beta": 0.1, "loss_type": ["sigmoid", "sft"], "learning_rate": 5e-5, "per_device_train_batch_size": 4,
                 "max_length": 256, "save_steps": 8},
-        # All held-out answers opened with the TL;DR line after 12 steps as after 24, but one
-        # 12-step run of two also turned the France probe into a French-speaking persona (and was
-        # refused for it); 16 steps passed every criterion.
-        steps=16,
+        # All held-out answers opened with the TL;DR line after 12 and 16 steps too, but such
+        # runs (with a 16-step SFT candidate) turned "What is the capital of France?" into a
+        # French-speaking persona and were refused in 2 of 5; the 24-step recipe is the one
+        # with the record.
+        steps=24,
         fast_steps=12,
         # About an epoch of the judgements: the reward model's held-out pair accuracy was 0.89
         # after half of one, 0.975 after two.
