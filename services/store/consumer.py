@@ -136,6 +136,7 @@ ANCHOR_ACCURACY = Gauge(
 )
 
 _RATING_KINDS = ("rating", "thumbs")
+_LEAVE_GROUP_TIMEOUT_MS = 5000
 _JUDGEMENT_INDEX_COLUMNS = [
     "event_id",
     "tenant",
@@ -762,7 +763,11 @@ class PreferenceStore:
     # --- lifetime ---
 
     def close(self) -> None:
-        self.consumer.close(autocommit=False)
+        # Leaving the group is a courtesy that speeds the next rebalance, and it may wait: the
+        # coordinator answers a connection's requests in order, so a LeaveGroup queues behind
+        # this member's own JoinGroup, which it holds until every member has rejoined or timed
+        # out (45 s for a killed one). Give up after a few seconds; the session expires anyway.
+        self.consumer.close(autocommit=False, timeout_ms=_LEAVE_GROUP_TIMEOUT_MS)
         self.producer.close()
 
     def __enter__(self) -> PreferenceStore:

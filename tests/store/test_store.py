@@ -649,6 +649,35 @@ def test_exactly_once_across_kill_9(
     assert committed == done
 
 
+def test_a_store_stopped_while_its_group_waits_for_a_killed_member_exits_promptly(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender, tmp_path: Path
+) -> None:
+    """A writer killed -9 stays in the group until its session expires (45 s); a new writer's
+    JoinGroup waits for it, and a SIGTERM in that window must still end the process cleanly
+    well within a pod's grace period (the LeaveGroup queues behind that JoinGroup)."""
+    env = _store_env(kafka_settings, store_settings)
+    first = ServiceProcess("store", env=env, log_dir=tmp_path / "first").start(timeout=120)
+    second = None
+    try:
+        c = [cid() for _ in range(2)]
+        send.completions(*(completion(x, x) for x in c))
+        send.feedback(event(pairwise=(c[0], c[1], A)))
+        deadline = time.monotonic() + 60
+        while len(load_judgements(store_settings.root)) < 1:  # the first writer owns the partitions
+            assert time.monotonic() < deadline, first.log_tail()
+            time.sleep(0.1)
+        first.kill()
+        second = ServiceProcess("store", env=env, log_dir=tmp_path / "second").start(timeout=120)
+        time.sleep(2)  # its first poll has sent the JoinGroup the coordinator now holds
+        began = time.monotonic()
+        assert second.stop(timeout=20) == 0, second.log_tail()
+        assert time.monotonic() - began < 15
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
 def test_a_reader_holding_a_version_sees_the_same_rows_while_writes_go_on(
     store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender, tmp_path: Path
 ) -> None:
