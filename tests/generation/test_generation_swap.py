@@ -1,4 +1,4 @@
-"""Dynamic batching of the transformers engine, and the Kafka fast path of the hot swap."""
+"""Continuous batching of the transformers engine, and the Kafka fast path of the hot swap."""
 
 from __future__ import annotations
 
@@ -56,6 +56,32 @@ def test_concurrent_requests_are_batched(app: GenerationApp) -> None:
     for prompt, batched in zip(prompts[:3], answers[:3], strict=True):
         alone = stub.Generate(raw(prompt, temperature=0, max_tokens=16), timeout=60)
         assert alone.completions[0].text == batched.completions[0].text
+
+
+def test_requests_join_a_running_batch_between_steps(app: GenerationApp) -> None:
+    """A request that arrives while a batch is generating joins it at the next step (one
+    batch ran them all), with a longer prompt and a shorter one than the running row's, and
+    no answer changes: each equals the same prompt generated alone."""
+    served = _served(app)
+    stub = served.stub()
+    running, joiners = "Cats and dogs", ["The capital of France is a city of bridges and", "1"]
+    alone = {p: stub.Generate(raw(p, temperature=0, max_tokens=8), timeout=60).completions[0].text for p in joiners}
+    long_alone = stub.Generate(raw(running, temperature=0, max_tokens=200), timeout=60).completions[0].text
+    batches = served.metric("tuneloop_generation_batch_size_count")
+    singles = served.metric("tuneloop_generation_batch_size_bucket", le="1.0")
+
+    stream = stub.GenerateStream(raw(running, temperature=0, max_tokens=1000), timeout=120)
+    chunks = [next(stream)]  # the batch is running
+    joined = [stub.Generate(raw(p, temperature=0, max_tokens=8), timeout=60).completions[0].text for p in joiners]
+    while chunks[-1].completion_tokens < 48:
+        chunks.append(next(stream))
+    assert not chunks[-1].finish_reason, "the running request was still generating when the others ended"
+    stream.cancel()
+
+    assert joined == [alone[p] for p in joiners]
+    assert long_alone.startswith("".join(c.delta for c in chunks))
+    wait_for(lambda: served.metric("tuneloop_generation_batch_size_count") == batches + 1, 30, "the batch to end")
+    assert served.metric("tuneloop_generation_batch_size_bucket", le="1.0") == singles
 
 
 def test_model_event_triggers_the_swap_without_waiting_for_the_poll(app: GenerationApp, kafka_bootstrap: str) -> None:

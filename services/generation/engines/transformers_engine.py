@@ -1,11 +1,17 @@
-"""transformers on the CPU with dynamic batching.
+"""transformers on the CPU with continuous batching.
 
 One scheduler thread owns the model. Requests that arrive within `batch_window_ms` of the
-first waiting one (up to `max_batch_size` candidates) are generated together: prompts are
+first waiting one (up to `max_batch_size` candidates) start together: prompts are
 left-padded, then a manual decode loop with a KV cache takes one step for every live
 candidate at a time. Each candidate stops on its own (end-of-sequence, stop string, token
 budget, cancellation) and is pruned from the batch, so a short answer does not wait for a
-long one and streamed deltas leave after every step.
+long one and streamed deltas leave after every step. Requests that arrive while a batch runs
+join it between two steps while there is room: their prompts are prefilled on their own,
+and their KV cache is left-padded to the batch's length and stacked onto it.
+
+transformers' own `ContinuousBatchingManager` is not used: it has one random generator for
+all requests (a seeded request's answer would depend on its neighbours), no per-row LoRA
+adapter (`use_base`), and no way to finish a batch on one version while the next one loads.
 
 A swap loads the new version beside the old one in the caller's thread and replaces the
 reference the scheduler reads when it forms the next batch: a batch in progress finishes on
@@ -112,17 +118,92 @@ class _Pending:
 
 
 @dataclass
+class _Started:
+    """A request in a running batch: its stream finishes with its last candidate."""
+
+    pending: _Pending
+    unfinished: int
+
+    def candidate_done(self) -> None:
+        self.unfinished -= 1
+        if self.unfinished == 0:
+            self.pending.stream.finish()
+
+
+@dataclass
 class _Candidate:
     """One sequence of a batch."""
 
-    stream: Stream
+    started: _Started
     index: int
-    request: EngineRequest
     generator: torch.Generator | None
     text: TextTracker
     budget: int
     tokens: int = 0
     finished: bool = False
+
+    @property
+    def stream(self) -> Stream:
+        return self.started.pending.stream
+
+    @property
+    def request(self) -> EngineRequest:
+        return self.started.pending.request
+
+
+@dataclass
+class _Rows:
+    """The live sequences of a batch and their KV cache: the cache holds `mask.shape[1]`
+    positions per row, left-padded where `mask` is 0."""
+
+    cands: list[_Candidate]
+    cache: Any  # transformers DynamicCache
+    mask: torch.Tensor
+    last_pos: torch.Tensor  # per row, the position of its newest token
+    logits: torch.Tensor  # per row, the next token's logits
+
+    def select(self, keep: list[int]) -> None:
+        index = torch.tensor(keep, dtype=torch.long)
+        self.cache.batch_select_indices(index)
+        self.mask, self.last_pos, self.logits = self.mask[index], self.last_pos[index], self.logits[index]
+        self.cands = [self.cands[row] for row in keep]
+        # Columns that are padding in every row left now cost attention for nothing; without
+        # this a batch that others keep joining would grow one column a step for ever.
+        start = int(self.mask.any(dim=0).nonzero()[0])
+        if start and _stackable(self.cache):
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+            self.mask = self.mask[:, start:]
+
+    def stack(self, other: _Rows) -> None:
+        """Appends `other`'s rows, left-padding whichever cache is shorter."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        self.last_pos = torch.cat([self.last_pos, other.last_pos])
+        self.logits = torch.cat([self.logits, other.logits])
+        self.cands += other.cands
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Zeros before the sequence axis (the last of a mask, the one before last of keys and values)."""
+    axis = -1 if t.dim() == 2 else -2
+    missing = width - t.shape[axis]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[axis] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=axis)
+
+
+def _stackable(cache: Any) -> bool:
+    """Caches whose layers keep every position (no sliding window or recurrent state) can be
+    padded and stacked."""
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [None]))
 
 
 def _load(ref: ModelRef, dtype: torch.dtype, max_model_len: int | None) -> _Weights:
@@ -371,16 +452,37 @@ class TransformersEngine(Engine):
                 if size >= self._max_batch or remaining <= 0:
                     break
                 self._cond.wait(remaining)
-            batch: list[_Pending] = []
-            size = 0
-            # Whole requests only: all candidates of a request share one batch and one version.
-            while self._pending:
-                n = self._pending[0].request.sampling.n
-                if batch and size + n > self._max_batch:
-                    break
-                batch.append(self._pending.popleft())
-                size += n
-            return batch
+            return self._take(self._max_batch, at_least_one=True)
+
+    def _take(self, room: int, at_least_one: bool = False) -> list[_Pending]:
+        """Waiting requests, oldest first, while their candidates fit in `room` (call with
+        `_cond` held). Whole requests only: all candidates of a request share one batch and
+        one version."""
+        taken: list[_Pending] = []
+        while self._pending:
+            n = self._pending[0].request.sampling.n
+            if n > room and not (at_least_one and not taken):
+                break
+            taken.append(self._pending.popleft())
+            room -= n
+        return taken
+
+    def _joining(self, bundle: _Bundle, room: int) -> list[_Pending]:
+        """Requests that join the running batch now: none while a swap or another change
+        waits for the batch to end (so it ends), or once the served version changed."""
+        if room <= 0 or not self._pending:
+            return []
+        with self._cond:
+            if self._closed or self._ops or self._bundle is not bundle:
+                return []
+            taken = self._take(room)
+        joining = []
+        for pending in taken:
+            if pending.stream.cancelled:
+                self._abort_unstarted(pending)
+            else:
+                joining.append(pending)
+        return joining
 
     def _run(self) -> None:
         while True:
@@ -396,16 +498,56 @@ class TransformersEngine(Engine):
             if not live:
                 continue
             bundle = self._current()
+            started: list[_Started] = []
             try:
                 with torch.inference_mode():
-                    self._generate(bundle, live)
+                    self._generate(bundle, live, started)
             except Exception as err:  # a failed batch fails its requests, not the server
                 log.exception("batch generation failed")
-                for pending in live:
+                begun = {id(request.pending) for request in started}
+                failed = [r.pending for r in started if r.unfinished] + [p for p in live if id(p) not in begun]
+                for pending in failed:
                     pending.stream.fail(err)
                     pending.stream.finish()
 
-    def _generate(self, bundle: _Bundle, batch: list[_Pending]) -> None:
+    def _generate(self, bundle: _Bundle, batch: list[_Pending], started: list[_Started]) -> None:
+        """Runs `batch` and whatever joins it until every sequence has finished; `started`
+        lists the requests begun so far (the caller fails them if a step raises)."""
+        rows = self._prefill(bundle, batch, started)
+        peak = len(rows.cands)
+        while True:
+            tokens, logprobs = self._pick(rows.logits, rows.cands)
+            for row, cand in enumerate(rows.cands):
+                self._advance(bundle, cand, int(tokens[row]), None if logprobs is None else float(logprobs[row]))
+            for cand in rows.cands:
+                if not cand.finished and cand.stream.cancelled:
+                    self._finish(cand, "aborted")
+            keep = [row for row, cand in enumerate(rows.cands) if not cand.finished]
+            if not keep:
+                break
+            if len(keep) < len(rows.cands):
+                tokens = tokens[keep]
+                rows.select(keep)
+            rows.mask = torch.cat([rows.mask, torch.ones((len(rows.cands), 1), dtype=torch.long)], dim=1)
+            rows.last_pos = rows.last_pos + 1
+            out = bundle.forward(
+                rows.cands,
+                input_ids=tokens[:, None],
+                attention_mask=rows.mask,
+                position_ids=rows.last_pos[:, None],
+                past_key_values=rows.cache,
+                use_cache=True,
+            )
+            rows.logits = out.logits[:, -1, :].float()
+            if _stackable(rows.cache):
+                joining = self._joining(bundle, self._max_batch - len(rows.cands))
+                if joining:
+                    rows.stack(self._prefill(bundle, joining, started))
+                    peak = max(peak, len(rows.cands))
+        metrics.BATCH_SIZE.observe(peak)
+
+    def _prefill(self, bundle: _Bundle, batch: list[_Pending], started: list[_Started]) -> _Rows:
+        """The candidates of `batch` with their prompts run through the model."""
         cands: list[_Candidate] = []
         for pending in batch:
             base = bundle.ref.base if pending.request.use_base else None
@@ -413,6 +555,8 @@ class TransformersEngine(Engine):
             req = pending.request
             sampling = req.sampling
             budget = min(sampling.max_tokens, bundle.max_len - len(req.prompt_ids))
+            request = _Started(pending, sampling.n)
+            started.append(request)
             for index in range(sampling.n):
                 gen = None
                 if sampling.temperature > 0:
@@ -420,10 +564,7 @@ class TransformersEngine(Engine):
                     # seeded answer does not depend on what else shares the batch.
                     seed = sampling.seed + index if sampling.seed is not None else secrets.randbits(63)
                     gen = torch.Generator().manual_seed(seed % (1 << 63))
-                cands.append(
-                    _Candidate(pending.stream, index, req, gen, TextTracker(bundle.tokenizer, sampling.stop), budget)
-                )
-        metrics.BATCH_SIZE.observe(len(cands))
+                cands.append(_Candidate(request, index, gen, TextTracker(bundle.tokenizer, sampling.stop), budget))
 
         width = max(len(c.request.prompt_ids) for c in cands)
         ids = torch.full((len(cands), width), bundle.pad_id, dtype=torch.long)
@@ -437,38 +578,7 @@ class TransformersEngine(Engine):
         out = bundle.forward(
             cands, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
         )
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        last_pos = positions[:, -1]
-        rows = cands
-        while True:
-            tokens, logprobs = self._pick(logits, rows)
-            for row, cand in enumerate(rows):
-                self._advance(bundle, cand, int(tokens[row]), None if logprobs is None else float(logprobs[row]))
-            for cand in rows:
-                if not cand.finished and cand.stream.cancelled:
-                    self._finish(cand, "aborted")
-            keep = [row for row, cand in enumerate(rows) if not cand.finished]
-            if not keep:
-                break
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index)
-                mask, tokens, last_pos = mask[index], tokens[index], last_pos[index]
-                rows = [rows[row] for row in keep]
-            mask = torch.cat([mask, torch.ones((len(rows), 1), dtype=torch.long)], dim=1)
-            last_pos = last_pos + 1
-            out = bundle.forward(
-                rows,
-                input_ids=tokens[:, None],
-                attention_mask=mask,
-                position_ids=last_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :].float()
-        for pending in batch:
-            pending.stream.finish()
+        return _Rows(cands, out.past_key_values, mask, positions[:, -1], out.logits[:, -1, :].float())
 
     @staticmethod
     def _pick(logits: torch.Tensor, rows: list[_Candidate]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -516,3 +626,4 @@ class TransformersEngine(Engine):
         cand.finished = True
         text = delta + cand.text.flush()
         cand.stream.push(Delta(cand.index, text, cand.tokens, logprobs, reason))
+        cand.started.candidate_done()
