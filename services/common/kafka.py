@@ -5,10 +5,11 @@ with no C toolchain or librdkafka to match, and 3.x covers what the platform rel
 idempotent producer (on by default, acks=all, up to 5 requests in flight without reordering),
 transactions, read_committed consumers, consumer groups with manual commits, and an admin
 client (topic creation, ListOffsets). The price is throughput: a Python producer spends CPU per
-record where librdkafka (confluent-kafka) would not. Our streams are human feedback and one
-record per completion, orders of magnitude below what a single Python producer sustains, so
-the simpler dependency wins; `bench/bench_kafka.py` measures the gap against Kafka's own Java
-producer on the same broker.
+record where librdkafka (confluent-kafka) does not. Most of our streams (one record per
+completion, model events, dead letters) are far below what a Python producer sustains; the
+one that is not, the Feedback service's ingestion, produces through librdkafka
+(`tuneloop.common.native_producer`, the same settings). `bench/bench_kafka.py` measures
+kafka-python against Kafka's own Java producer on the same broker.
 
 Keys are bytes (they pick the partition, so one prompt's events stay in order); values are
 serialized protobuf messages, passed in and out as bytes.

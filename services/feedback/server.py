@@ -3,26 +3,26 @@
 An event is acknowledged ACCEPTED only once the broker has it (idempotent producer,
 acks=all). A Kafka failure answers UNAVAILABLE for the whole call: the client retries with
 the same event ids, which is safe because accepted ids come back as DUPLICATE here and the
-preference store deduplicates by event id in any case.
+preference store deduplicates by event id in any case. The producer is librdkafka's
+(`tuneloop.common.native_producer`): this is the one hot Kafka path of the platform.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 import prometheus_client
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
-from kafka.producer.future import FutureRecordMetadata
 from prometheus_client import Histogram
 
 from tuneloop.common.errors import FieldError, abort_invalid
 from tuneloop.common.grpc_server import GrpcServer, serving_options
-from tuneloop.common.kafka import KafkaSettings, ensure_topics, make_producer
+from tuneloop.common.kafka import KafkaSettings, ensure_topics
+from tuneloop.common.native_producer import DeliveryFailed, NativeProducer
 from tuneloop.common.logs import configure_logging
 from tuneloop.common.settings import load_or_exit
 from tuneloop.feedback.dedup import RecentIds, warm_from_topic
@@ -60,8 +60,53 @@ def _kind(event: feedback_pb2.FeedbackEvent) -> str:
     return event.WhichOneof("judgement") or "none"
 
 
+class _Acks:
+    """The deliveries one call waits for. Callbacks run in the producer's delivery thread.
+
+    A record that lands is remembered in `recent` at once, also after its call answered
+    UNAVAILABLE: the client's retry then gets DUPLICATE instead of producing a second copy.
+    """
+
+    def __init__(self, recent: RecentIds) -> None:
+        self.recent = recent
+        self.delivered: Counter[str] = Counter()
+        self.error: Exception | None = None
+        self._waiting = 0
+        self._sealed = False
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def expect(self, event_id: str, kind: str) -> Callable[[Exception | None], None]:
+        with self._lock:
+            self._waiting += 1
+
+        def delivered(error: Exception | None) -> None:
+            if error is None:
+                self.recent.add(event_id)
+            with self._lock:
+                self._waiting -= 1
+                if error is None:
+                    self.delivered[kind] += 1
+                elif self.error is None:
+                    self.error = error
+                if self.error is not None or (self._sealed and self._waiting == 0):
+                    self._done.set()
+
+        return delivered
+
+    def wait(self, timeout_s: float) -> Exception | None:
+        """The first delivery error, or a timeout error, or None once every record landed."""
+        with self._lock:
+            self._sealed = True
+            if self._waiting == 0 or self.error is not None:
+                self._done.set()
+        if not self._done.wait(timeout_s):
+            return DeliveryFailed(f"not acknowledged within {timeout_s:.1f} s")
+        return self.error
+
+
 class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
-    def __init__(self, settings: FeedbackSettings, producer: KafkaProducer, recent: RecentIds) -> None:
+    def __init__(self, settings: FeedbackSettings, producer: NativeProducer, recent: RecentIds) -> None:
         self.settings = settings
         self.producer = producer
         self.recent = recent
@@ -113,10 +158,9 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
 
     def close(self) -> None:
         """Deliver what the producer still holds (records of calls that timed out), then close it."""
-        try:
-            self.producer.close(timeout=self.settings.produce_timeout_s)
-        except KafkaError as err:
-            log.warning("producer closed with records undelivered", extra={"fields": {"error": str(err)}})
+        undelivered = self.producer.close(self.settings.produce_timeout_s)
+        if undelivered:
+            log.warning("producer closed with records undelivered", extra={"fields": {"records": undelivered}})
 
     def _submit(
         self, events: Sequence[feedback_pb2.FeedbackEvent], context: grpc.ServicerContext
@@ -124,7 +168,8 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         """Validate each event, produce the valid new ones, wait for every ack, answer in order."""
         now = time.time()
         results = [feedback_pb2.SubmitResult(event_id=event.event_id) for event in events]
-        sent: list[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]] = []
+        sent: list[tuple[feedback_pb2.SubmitResult, str]] = []
+        acks = _Acks(self.recent)
         in_call: set[str] = set()
         start = time.perf_counter()
         for event, result in zip(events, results, strict=True):
@@ -142,13 +187,14 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
                 continue
             in_call.add(event.event_id)
             try:
-                sent.append((result, kind, self._produce(event)))
-            except KafkaError as err:
-                self._abort_unavailable(context, sent, err)
-        self._await_acks(context, sent, start)
+                self._produce(event, acks.expect(event.event_id, kind))
+            except DeliveryFailed as err:
+                self._abort_unavailable(context, sent, acks, err)
+            sent.append((result, kind))
+        self._await_acks(context, sent, acks, start)
         return results
 
-    def _produce(self, event: feedback_pb2.FeedbackEvent) -> FutureRecordMetadata:
+    def _produce(self, event: feedback_pb2.FeedbackEvent, on_delivery: Callable[[Exception | None], None]) -> None:
         # The request message is this call's own, so it is completed in place: a copy per
         # event cost as much as its validation.
         fill_item_id(event)
@@ -159,26 +205,23 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
         # item id is the stable name of what is judged (by default the sorted completion ids,
         # so A/B shown swapped is the same key); an item gets a handful of judgements, so no
         # key grows hot enough to skew the partitions.
-        return self.producer.send(self.settings.topic, key=event.item_id.encode(), value=event.SerializeToString())
+        self.producer.send(self.settings.topic, event.item_id.encode(), event.SerializeToString(), on_delivery)
 
     def _await_acks(
         self,
         context: grpc.ServicerContext,
-        sent: list[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]],
+        sent: list[tuple[feedback_pb2.SubmitResult, str]],
+        acks: _Acks,
         start: float,
     ) -> None:
         if not sent:
             return
-        deadline = time.monotonic() + self.settings.produce_timeout_s
-        for _result, _kind_name, future in sent:
-            try:
-                future.get(timeout=max(0.0, deadline - time.monotonic()))
-            except KafkaError as err:
-                self._abort_unavailable(context, sent, err)
+        error = acks.wait(self.settings.produce_timeout_s)
+        if error is not None:
+            self._abort_unavailable(context, sent, acks, error)
         PRODUCE_SECONDS.observe(time.perf_counter() - start)
         accepted: Counter[str] = Counter()
-        for result, kind, _future in sent:
-            self.recent.add(result.event_id)
+        for result, kind in sent:
             result.status = _ACCEPTED
             accepted[kind] += 1
         # One increment per kind and call: a labelled child's lookup per event showed in profiles.
@@ -188,15 +231,17 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
     def _abort_unavailable(
         self,
         context: grpc.ServicerContext,
-        sent: Iterable[tuple[feedback_pb2.SubmitResult, str, FutureRecordMetadata]],
-        err: KafkaError,
+        sent: Sequence[tuple[feedback_pb2.SubmitResult, str]],
+        acks: _Acks,
+        err: Exception,
     ) -> None:
-        for result, kind, future in sent:
-            EVENTS.labels(kind, "accepted" if future.succeeded() else "unavailable").inc()
-            # A record of this call may still land after it answered UNAVAILABLE; remembering
-            # it then turns the client's retry into DUPLICATE instead of a second copy. Only
-            # this path needs the callback (it runs at once for a record already acknowledged).
-            future.add_callback(lambda _metadata, event_id=result.event_id: self.recent.add(event_id))
+        # What landed by now counts as accepted (a retry will be answered DUPLICATE), the rest
+        # as unavailable; records still in flight may land later and are remembered then.
+        landed = Counter(acks.delivered)
+        for kind, count in Counter(kind for _result, kind in sent).items():
+            accepted = min(count, landed[kind])
+            EVENTS.labels(kind, "accepted").inc(accepted)
+            EVENTS.labels(kind, "unavailable").inc(count - accepted)
         log.warning("kafka did not acknowledge", extra={"fields": {"error": repr(err), "topic": self.settings.topic}})
         context.abort(
             grpc.StatusCode.UNAVAILABLE,
@@ -208,11 +253,11 @@ def build_server(settings: FeedbackSettings, kafka: KafkaSettings) -> GrpcServer
     """A Feedback server bound to its ports, connected to Kafka, not yet started."""
     if settings.create_topic:
         ensure_topics(kafka, [settings.topic])
-    producer = make_producer(kafka)
+    producer = NativeProducer(kafka)
     try:
-        # Fetch the topic's metadata now: a send then never blocks on it, even with the
-        # broker down, and a missing topic fails the start instead of the first call.
-        producer.partitions_for(settings.topic)
+        # Fetch the topic's metadata now: a missing topic fails the start instead of the
+        # first call.
+        producer.partitions_for(settings.topic, timeout_s=kafka.request_timeout_ms / 1000)
         recent = RecentIds(settings.dedup_window_size, settings.dedup_ttl_s)
         if settings.warm_dedup_records and settings.dedup_window_size:
             loaded = warm_from_topic(recent, kafka, settings.topic, settings.warm_dedup_records)
@@ -225,7 +270,7 @@ def build_server(settings: FeedbackSettings, kafka: KafkaSettings) -> GrpcServer
 
         return GrpcServer("feedback", register, **serving_options(settings), on_stop=service.close)
     except BaseException:
-        producer.close(timeout=0)
+        producer.close(0)
         raise
 
 

@@ -21,6 +21,7 @@ from tuneloop.common.kafka import (
     snapshot_offsets,
 )
 from tuneloop.common.local_kafka import BrokerError, LocalBroker, free_port
+from tuneloop.common.native_producer import DeliveryFailed, NativeProducer
 from typer.testing import CliRunner
 
 # A guard against hanging, not a timing assertion: a healthy broker delivers in well under a second.
@@ -74,6 +75,47 @@ def test_keyed_records_keep_order_and_a_second_consumer_resumes_after_the_commit
     assert sorted((r.partition, r.offset) for r in rest) == sorted(
         (p, o) for p, offsets in per_partition.items() for o in offsets if o >= committed[p]
     )
+
+
+def test_the_native_producer_puts_each_key_where_kafka_python_does(
+    kafka_settings: KafkaSettings, unique_topic: str
+) -> None:
+    """The Feedback service produces through librdkafka, other writers and tests through
+    kafka-python: one key must land in one partition whichever wrote it (librdkafka's default
+    partitioner would not), and every delivery is reported once."""
+    ensure_topics(kafka_settings.model_copy(update={"partitions": 4}), [unique_topic])
+    keys = [f"item-{i}".encode() for i in range(40)]
+    native = NativeProducer(kafka_settings)
+    delivered: list[Exception | None] = []
+    for key in keys:
+        native.send(unique_topic, key, b"native", delivered.append)
+    assert native.close(30) == 0
+    assert delivered == [None] * len(keys)
+    python = make_producer(kafka_settings)
+    for key in keys:
+        python.send(unique_topic, key=key, value=b"python")
+    python.flush()
+    python.close()
+
+    consumer = KafkaConsumer(bootstrap_servers=kafka_settings.bootstrap_servers, auto_offset_reset="earliest")
+    consumer.assign([TopicPartition(unique_topic, p) for p in range(4)])
+    records = drain(consumer, 2 * len(keys))
+    consumer.close()
+    where: dict[bytes, dict[bytes, int]] = defaultdict(dict)
+    for record in records:
+        where[record.value][record.key] = record.partition
+    assert len(records) == 2 * len(keys)
+    assert where[b"native"] == where[b"python"]
+    assert len(set(where[b"native"].values())) > 1
+
+
+def test_the_native_producer_refuses_a_topic_that_does_not_exist(kafka_settings: KafkaSettings) -> None:
+    native = NativeProducer(kafka_settings)
+    try:
+        with pytest.raises(DeliveryFailed, match="no-such-topic"):
+            native.partitions_for("tuneloop.test.no-such-topic", timeout_s=10)
+    finally:
+        native.close(0)
 
 
 def test_ensure_topics_creates_once_and_waits_for_leaders(kafka_settings: KafkaSettings, unique_topic: str) -> None:
