@@ -514,7 +514,7 @@ class TransformersEngine(Engine):
         """Runs `batch` and whatever joins it until every sequence has finished; `started`
         lists the requests begun so far (the caller fails them if a step raises)."""
         rows = self._prefill(bundle, batch, started)
-        peak = len(rows.cands)
+        peak, stackable = len(rows.cands), _stackable(rows.cache)
         while True:
             tokens, logprobs = self._pick(rows.logits, rows.cands)
             for row, cand in enumerate(rows.cands):
@@ -539,7 +539,7 @@ class TransformersEngine(Engine):
                 use_cache=True,
             )
             rows.logits = out.logits[:, -1, :].float()
-            if _stackable(rows.cache):
+            if stackable:
                 joining = self._joining(bundle, self._max_batch - len(rows.cands))
                 if joining:
                     rows.stack(self._prefill(bundle, joining, started))
