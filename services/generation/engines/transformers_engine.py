@@ -11,7 +11,9 @@ and their KV cache is left-padded to the batch's length and stacked onto it.
 
 transformers' own `ContinuousBatchingManager` is not used: it has one random generator for
 all requests (a seeded request's answer would depend on its neighbours), no per-row LoRA
-adapter (`use_base`), and no way to finish a batch on one version while the next one loads.
+adapter (`use_base`), and no way to finish a batch on one version while the next one loads;
+and on the CPU (its paged eager attention; paged SDPA is not offered) `generate_batch` of 16
+SmolLM2 prompts ran at 22-32 tokens/s where one `generate` call on them ran at 113-115.
 
 A swap loads the new version beside the old one in the caller's thread and replaces the
 reference the scheduler reads when it forms the next batch: a batch in progress finishes on
