@@ -94,6 +94,11 @@ class _Acks:
 
         return delivered
 
+    def landed(self) -> Counter[str]:
+        """Records acknowledged so far, by kind."""
+        with self._lock:
+            return Counter(self.delivered)
+
     def wait(self, timeout_s: float) -> Exception | None:
         """The first delivery error, or a timeout error, or None once every record landed."""
         with self._lock:
@@ -237,7 +242,7 @@ class FeedbackService(feedback_pb2_grpc.FeedbackServicer):
     ) -> None:
         # What landed by now counts as accepted (a retry will be answered DUPLICATE), the rest
         # as unavailable; records still in flight may land later and are remembered then.
-        landed = Counter(acks.delivered)
+        landed = acks.landed()
         for kind, count in Counter(kind for _result, kind in sent).items():
             accepted = min(count, landed[kind])
             EVENTS.labels(kind, "accepted").inc(accepted)
