@@ -19,7 +19,7 @@ TOKENS_GENERATED = Counter("tuneloop_generation_tokens_generated_total", "Tokens
 PROMPT_TOKENS = Counter("tuneloop_generation_prompt_tokens_total", "Tokens in rendered prompts.")
 BATCH_SIZE = Histogram(
     "tuneloop_generation_batch_size",
-    "Candidates generated together in one batch (transformers engine).",
+    "Most candidates one batch held at once, requests that joined it while it ran included (transformers engine).",
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64, 128, 256),
 )
 COMPLETIONS = Counter(
