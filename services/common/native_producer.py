@@ -77,7 +77,10 @@ class NativeProducer:
 
     def _poll(self) -> None:
         while not self._closing.is_set():
-            self._producer.poll(0.05)
+            try:
+                self._producer.poll(0.05)
+            except Exception:  # a failing callback must not stop every later delivery report
+                log.exception("a delivery callback failed")
 
     def send(self, topic: str, key: bytes, value: bytes, on_delivery: Callable[[Exception | None], None]) -> None:
         def delivered(error: Any, _message: Any) -> None:
