@@ -478,25 +478,24 @@ class TransformersEngine(Engine):
             if self._closed or self._ops or self._bundle is not bundle:
                 return []
             taken = self._take(room)
-        joining = []
+        return self._live(taken)
+
+    def _live(self, taken: list[_Pending]) -> list[_Pending]:
+        """`taken` without the requests cancelled while they waited (those end 'aborted' now)."""
+        live = []
         for pending in taken:
             if pending.stream.cancelled:
                 self._abort_unstarted(pending)
             else:
-                joining.append(pending)
-        return joining
+                live.append(pending)
+        return live
 
     def _run(self) -> None:
         while True:
             batch = self._next_batch()
             if batch is None:
                 return
-            live = []
-            for pending in batch:
-                if pending.stream.cancelled:
-                    self._abort_unstarted(pending)
-                else:
-                    live.append(pending)
+            live = self._live(batch)
             if not live:
                 continue
             bundle = self._current()
