@@ -52,7 +52,7 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 from deltalake.fs import DeltaStorageHandler
 
 from tuneloop.store.migrate import LEGACY_INDEX, LEGACY_JUDGEMENTS, legacy_files
-from tuneloop.store.tables import COMPLETIONS, JUDGEMENTS, PAIRS, TABLES, is_url, open_table
+from tuneloop.store.tables import COMPLETIONS, JUDGEMENTS, PAIRS, TABLES, dataset, is_url, open_table
 
 ERASURES_FILE = "erasures.jsonl"
 LOG_DIR, CHANGE_DATA_DIR = "_delta_log", "_change_data"
@@ -140,7 +140,7 @@ def _predicate(name: str, tenant: str, user: str | None, tables: dict[str, Delta
 def _scan(table: DeltaTable, columns: list[str], where: pc.Expression) -> pa.Table:
     """Rows matching `where`, filtered after the scan, not in it: files a delete rewrote
     carry string_view columns (delta-rs 1.6), on which pyarrow's scan filters fail."""
-    return table.to_pyarrow_dataset().to_table(columns=columns).filter(where)
+    return dataset(table).to_table(columns=columns).filter(where)
 
 
 def _event_ids(tables: dict[str, DeltaTable], tenant: str, user: str) -> set[str]:
@@ -308,5 +308,5 @@ def sizes(root: str | Path) -> dict[str, tuple[int, int]]:
     out = {}
     for name in TABLES:
         table = open_table(root, name)
-        out[name] = (-1, 0) if table is None else (table.version(), table.to_pyarrow_dataset().count_rows())
+        out[name] = (-1, 0) if table is None else (table.version(), dataset(table).count_rows())
     return out

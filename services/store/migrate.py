@@ -51,6 +51,7 @@ from tuneloop.store.tables import (
     PAIRS,
     PAIRS_SCHEMA,
     app_id,
+    dataset,
     ensure_tables,
     is_url,
     open_table,
@@ -338,7 +339,7 @@ def _refuse_foreign_data(root: str | Path, old: _OldStore) -> None:
         table = open_table(root, name)
         if table is None:
             continue
-        rows = table.to_pyarrow_dataset().count_rows()
+        rows = dataset(table).count_rows()
         held = sorted(a for a in (app_id(t, p) for t, p in versions) if table.transaction_version(a) is not None)
         if (rows or held) and _migrated_from(table) != str(old.src):
             what = f"{rows} rows" + (f" and positions of {', '.join(held)}" if held else "")
@@ -408,7 +409,7 @@ def _verify(
     table: DeltaTable, name: str, key: str, expected: Counter, marks: Mapping[tuple[str, int], int]
 ) -> None:
     actual: Counter[tuple[str, bytes]] = Counter()
-    for batch in table.to_pyarrow_dataset().to_batches():
+    for batch in dataset(table).to_batches():
         actual.update(_digests(batch, key))
     problems = []
     ids = Counter(i for i, _ in actual.elements())

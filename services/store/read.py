@@ -31,6 +31,7 @@ from tuneloop.store.tables import (
     PAIRS_SCHEMA,
     SCHEMAS,
     app_id,
+    dataset,
     is_url,
     open_table,
     scan,
@@ -105,7 +106,7 @@ def snapshot_at(root: str | Path, version: int, topics: Iterable[str] = ()) -> S
     if table is None:
         raise ValueError(f"store at {root} has no pairs table")
     names = list(topics) or sorted(
-        set(table.to_pyarrow_dataset().to_table(columns=["topic"]).column("topic").unique().to_pylist())
+        set(dataset(table).to_table(columns=["topic"]).column("topic").unique().to_pylist())
     )
     offsets: dict[str, dict[int, int]] = {}
     for topic in names:
@@ -184,7 +185,7 @@ def load_row_ids(root: str | Path, version: int) -> set[str]:
     table = open_table(root, PAIRS, version)
     if table is None:
         return set()
-    return set(table.to_pyarrow_dataset().to_table(columns=["row_id"]).column("row_id").to_pylist())
+    return set(dataset(table).to_table(columns=["row_id"]).column("row_id").to_pylist())
 
 
 def load_judgements(root: str | Path, version: int | None = None) -> pd.DataFrame:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
@@ -363,18 +365,35 @@ def partition_version(table: DeltaTable, topic: str, partition: int) -> int | No
     return table.transaction_version(app_id(topic, partition))
 
 
+def dataset(table: DeltaTable) -> ds.Dataset:
+    """The Arrow dataset of `table`'s loaded version, its files read through pyarrow's own
+    filesystem (local, or S3 with the same AWS_* settings delta-rs reads).
+
+    Not delta-rs's default, a Python filesystem over its object store: a process that read
+    through it aborts at exit now and then ("terminate called without an active exception",
+    deltalake 1.6 with pyarrow 26; most single reads in a bare interpreter), and a trainer
+    Job that exits so counts as failed. A scheme pyarrow has no filesystem for keeps the default.
+    """
+    uri = table.table_uri
+    try:
+        files, path = pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return table.to_pyarrow_dataset()
+    return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, files))
+
+
 def scan(table: DeltaTable, columns: list[str] | None = None, where: pc.Expression | None = None) -> pa.Table:
     """Rows of `table` (its loaded version), with Parquet statistics skipping files where they can.
 
     Files a Delta delete rewrote hold string_view columns that pyarrow's filter kernels do
     not take: then read the columns as strings and filter after.
     """
-    dataset = table.to_pyarrow_dataset()
+    files = dataset(table)
     try:
-        return dataset.to_table(columns=columns, filter=where)
+        return files.to_table(columns=columns, filter=where)
     except pa.ArrowNotImplementedError:
         if where is None:
             raise
-        data = dataset.to_table(columns=columns)
+        data = files.to_table(columns=columns)
         plain = pa.schema([f.with_type(pa.string()) if f.type == pa.string_view() else f for f in data.schema])
         return data.cast(plain).filter(where)
