@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="Also write the result here.")
     args = parser.parse_args()
 
-    from tuneloop.trainer.evaluate import answer, criteria_prompts, start_engine
+    from tuneloop.trainer.evaluate import EngineKeeper, answer, criteria_prompts
     from tuneloop.trainer.modeling import load_policy, load_tokenizer
 
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -93,7 +93,7 @@ def main() -> None:
         spec = criteria(args, "vllm")
         held, probes = criteria_prompts(spec, spec.held_out_prompts)
         t0 = time.monotonic()
-        engine = start_engine(folder, tokenizer, held + probes, spec.generation)
+        engine = EngineKeeper().engine(folder, tokenizer, held + probes, spec.generation)
         try:
             t1 = time.monotonic()
             by_vllm, _ = answer(None, tokenizer, spec, spec.held_out_prompts, engine=engine)

@@ -169,6 +169,17 @@ def render(results: dict[str, dict[str, Any]]) -> Table:
     return table
 
 
+def write_report(out: Path, results: dict[str, dict[str, Any]], *, complete: bool) -> None:
+    report = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "complete": complete,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                    "load_average": os.getloadavg()},
+        "benchmarks": results,
+    }
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=1800, help="seconds each benchmark may take")
@@ -200,13 +211,8 @@ def main() -> None:
         console.print(f"running {script.name} (timeout {args.timeout:.0f} s) ...")
         results[name] = run_one(script, args.timeout, extra.get(name, []))
         console.print(f"  {results[name]['status']} in {results[name].get('seconds', 0):.0f} s")
-    report = {
-        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-                    "load_average": os.getloadavg()},
-        "benchmarks": results,
-    }
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+        # Written after each benchmark: a run stopped part way keeps what it measured.
+        write_report(args.out, results, complete=len(results) == len(scripts))
     out = Console(width=max(Console().width, 150))
     out.print(render(results))
     out.print(f"results: {args.out}")

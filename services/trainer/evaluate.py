@@ -114,14 +114,6 @@ def _engine_size(tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -
     return max(lengths) + spec.max_new_tokens, sum(lengths) + len(lengths) * spec.max_new_tokens
 
 
-def start_engine(model_dir: Path | str, tokenizer: Any, prompts: list[Messages], spec: cr.Generation) -> VllmGenerator:
-    """A vLLM engine sized for answering `prompts` (all at once) under `spec`."""
-    from tuneloop.trainer.vllm_generator import VllmGenerator
-
-    max_model_len, kv_tokens = _engine_size(tokenizer, prompts, spec)
-    return VllmGenerator(model_dir, max_model_len=max_model_len, kv_tokens=kv_tokens)
-
-
 # Config keys that differ between a model and its fine-tuned descendants without changing the
 # tensors an engine holds.
 _UNSHAPED_KEYS = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}

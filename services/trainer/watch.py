@@ -71,6 +71,7 @@ class CriteriaEval:
             # Every process measures; one engine each would share the cores several ways.
             log.info("watch: measuring with transformers, not vLLM: %d training processes", world_size())
             self.engine_name = "transformers"
+        self._prompts: Any = None  # the held-out prompts and probes as chats, at first use
         self._keeper: Any = None
         self._own_keeper: Any = None
         self._scratch: Any = None
@@ -86,8 +87,9 @@ class CriteriaEval:
             self._keeper = kept_engine()
             if self._keeper is None:
                 self._keeper = self._own_keeper = EngineKeeper()
-        held, probes = criteria_prompts(self.spec, self.held)
-        engine = self._keeper.engine(self.model_ref, self.tokenizer, held + probes, self.spec.generation)
+            held, probes = criteria_prompts(self.spec, self.held)
+            self._prompts = held + probes
+        engine = self._keeper.engine(self.model_ref, self.tokenizer, self._prompts, self.spec.generation)
         scratch = Path(self._scratch.name)
         model.save_pretrained(scratch, safe_serialization=True)
         self._keeper.load(scratch)

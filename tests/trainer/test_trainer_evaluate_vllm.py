@@ -15,7 +15,7 @@ import yaml
 
 from tuneloop.trainer import criteria as cr
 from tuneloop.trainer.config import ConfigError
-from tuneloop.trainer.evaluate import answer, choose_engine, criteria_prompts, evaluate, keep_engine, start_engine
+from tuneloop.trainer.evaluate import EngineKeeper, answer, choose_engine, criteria_prompts, evaluate, keep_engine
 from tuneloop.trainer.modeling import load_policy, load_tokenizer
 from tuneloop.trainer.watch import CriteriaEval
 
@@ -89,7 +89,7 @@ def engine(policies: tuple[Path, Path]) -> Iterator[Any]:
     tokenizer = load_tokenizer(policies[0], padding_side="left")
     held, probes = criteria_prompts(spec, spec.held_out_prompts)
     try:
-        started = start_engine(policies[0], tokenizer, held + probes, spec.generation)
+        started = EngineKeeper().engine(policies[0], tokenizer, held + probes, spec.generation)
     except Exception as err:  # noqa: BLE001 (any failure to start means no vLLM on this machine)
         pytest.skip(f"vLLM cannot start on this machine: {type(err).__name__}: {err}")
     with started:
