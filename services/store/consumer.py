@@ -27,7 +27,8 @@ Feedback waits for its completion at most `join_timeout_s` from when this proces
 read it, then it is dead-lettered; at most `pending_max` events (`pending_max_bytes` of
 serialized events) wait, then feedback partitions pause until some resolve, and at most
 `pending_max_per_tenant` of one tenant's (`pending_max_bytes_per_tenant`; its oldest beyond
-that are dead-lettered). No record stops the consumer: whatever cannot become rows goes to
+that are dead-lettered, once the completions partitions are read to their end: a backlog's
+events whose completions are still to be read wait for them instead). No record stops the consumer: whatever cannot become rows goes to
 tuneloop.feedback.dlq.v1 naming the field and the reason.
 """
 
@@ -459,6 +460,10 @@ class PreferenceStore:
         in events and in bytes."""
         if self._tenant_overflow("", self.pending_count(), self.pending_bytes()) is None:
             return  # all together are within one tenant's share: skip the walk over every waiting event
+        if not self._completions_read_to_end():
+            # Their completions may be in the log still to read (a store catching up on a
+            # backlog): those events would join. The global bound pauses feedback meanwhile.
+            return
         by_tenant: dict[str, list[tuple[tuple[str, int], int, Waiting]]] = {}
         for key, waiting in self.pending.items():
             for offset, item in waiting.items():
@@ -474,6 +479,28 @@ class PreferenceStore:
                 del self.pending[key][offset]
                 batch.resolved += 1
                 batch.dead.append((item.record, Unusable("pending_limit", "tenant", reason)))
+
+    def _completions_read_to_end(self) -> bool:
+        """Whether every completions partition is read up to the broker's end offset, by this
+        replica (its position) or by another (the completions table's version for it, as
+        loaded for this step's joins): then the waiting events wait for completions not yet
+        written, not for ones still to be read."""
+        topic = self.completions_topic
+        partitions = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
+        if not partitions:
+            return True
+        try:
+            ends = self.consumer.end_offsets(partitions)
+            starts = self.consumer.beginning_offsets(partitions)
+        except KafkaError as err:
+            log.warning("completions end offsets unknown (%s): no waiting event is shed now", err)
+            return False
+        for tp in partitions:
+            read = [starts[tp], self.positions.get((topic, tp.partition)),
+                    partition_version(self.tables[COMPLETIONS], topic, tp.partition)]
+            if max(x for x in read if x is not None) < ends[tp]:
+                return False
+        return True
 
     def _tenant_overflow(self, tenant: str, count: int, size: int) -> str | None:
         """Why a tenant with `count` events of `size` bytes waiting is over its share; None if it is not."""

@@ -57,7 +57,8 @@ class StoreSettings(GrpcServiceSettings):
         1_000,
         ge=1,
         description="Most of one tenant's feedback events held waiting; beyond it that tenant's oldest waiting "
-        "event is dead-lettered (reason pending_limit), so one tenant naming completions that never come "
+        "event is dead-lettered (reason pending_limit) once the completions partitions are read to their end, "
+        "so one tenant naming completions that never come "
         "cannot fill the waiting room and pause everyone's feedback.",
     )
     pending_max_bytes: int = Field(
@@ -72,7 +73,7 @@ class StoreSettings(GrpcServiceSettings):
         ge=1,
         description="Most bytes of one tenant's feedback events held waiting, 8 MiB by default (eight events "
         "of Kafka's default 1 MiB largest message); beyond it that tenant's oldest waiting event is "
-        "dead-lettered (reason pending_limit), so one tenant's large events cannot fill the waiting room.",
+        "dead-lettered (reason pending_limit) like at pending_max_per_tenant, so one tenant's large events cannot fill the waiting room.",
     )
     completion_cache_max: int = Field(
         100_000,

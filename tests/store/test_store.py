@@ -777,6 +777,31 @@ def test_one_tenant_cannot_fill_the_waiting_room(
     assert shed == [e.event_id for e in flood[:3]], "the oldest go first"
 
 
+def test_a_backlog_whose_completions_are_still_to_read_is_not_shed(
+    store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
+) -> None:
+    """A store catching up reads one tenant's feedback ahead of the completions it names
+    (here: the completions partitions held paused). Those events are past the tenant's share of
+    the waiting room, but their completions are in the log: they wait and join, none is shed."""
+    settings = store_settings.model_copy(update={"pending_max_per_tenant": 2})
+    c = [cid() for _ in range(10)]
+    backlog = [event(pairwise=(c[i], c[i + 1], A), item_id=f"backlog-{i}") for i in range(0, 10, 2)]
+    shed_before = metric("tuneloop_store_dead_letters_total", reason="pending_limit")
+    with PreferenceStore(settings, kafka_settings) as store:
+        drive(store, lambda: any(tp.topic == settings.completions_topic for tp in store.consumer.assignment()))
+        held = [tp for tp in store.consumer.assignment() if tp.topic == settings.completions_topic]
+        store.consumer.pause(*held)
+        send.completions(*(completion(x, x) for x in c))
+        send.feedback(*backlog)
+        drive(store, lambda: store.pending_count() == len(backlog))
+        for _ in range(3):
+            store.step()
+        assert store.pending_count() == len(backlog), "past the tenant's share, and all kept"
+        store.consumer.resume(*held)
+        drive(store, lambda: len(rows_of(store)) == len(backlog))
+        assert metric("tuneloop_store_dead_letters_total", reason="pending_limit") == shed_before
+
+
 def test_waiting_feedback_is_bounded_in_bytes_and_reading_goes_on_once_it_joins(
     store_settings: StoreSettings, kafka_settings: KafkaSettings, send: Sender
 ) -> None:
