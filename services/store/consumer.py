@@ -489,18 +489,18 @@ class PreferenceStore:
         partitions = [TopicPartition(topic, p) for p in sorted(self.consumer.partitions_for_topic(topic) or ())]
         if not partitions:
             return True
+        read = {tp: max((x for x in (self.positions.get((topic, tp.partition)),
+                                     partition_version(self.tables[COMPLETIONS], topic, tp.partition))
+                         if x is not None), default=None) for tp in partitions}
         try:
             ends = self.consumer.end_offsets(partitions)
-            starts = self.consumer.beginning_offsets(partitions)
+            # Read by no one yet: at its first offset (0 unless retention removed some).
+            unread = [tp for tp, done in read.items() if done is None]
+            read |= self.consumer.beginning_offsets(unread) if unread else {}
         except KafkaError as err:
             log.warning("completions end offsets unknown (%s): no waiting event is shed now", err)
             return False
-        for tp in partitions:
-            read = [starts[tp], self.positions.get((topic, tp.partition)),
-                    partition_version(self.tables[COMPLETIONS], topic, tp.partition)]
-            if max(x for x in read if x is not None) < ends[tp]:
-                return False
-        return True
+        return all(read[tp] >= ends[tp] for tp in partitions)
 
     def _tenant_overflow(self, tenant: str, count: int, size: int) -> str | None:
         """Why a tenant with `count` events of `size` bytes waiting is over its share; None if it is not."""

@@ -30,6 +30,7 @@ writers AWS_CONDITIONAL_PUT=etag), read by delta-rs itself.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -374,12 +375,19 @@ def dataset(table: DeltaTable) -> ds.Dataset:
     deltalake 1.6 with pyarrow 26; most single reads in a bare interpreter), and a trainer
     Job that exits so counts as failed. A scheme pyarrow has no filesystem for keeps the default.
     """
-    uri = table.table_uri
+    files = _filesystem(table.table_uri)
+    return table.to_pyarrow_dataset() if files is None else table.to_pyarrow_dataset(filesystem=files)
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(uri: str) -> pafs.FileSystem | None:
+    """pyarrow's filesystem rooted at `uri` (None: no such scheme in pyarrow), built once per
+    table: the store scans its tables every step, and an S3 client is not free to make."""
     try:
         files, path = pafs.FileSystem.from_uri(uri)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        return table.to_pyarrow_dataset()
-    return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, files))
+        return None
+    return pafs.SubTreeFileSystem(path, files)
 
 
 def scan(table: DeltaTable, columns: list[str] | None = None, where: pc.Expression | None = None) -> pa.Table:
