@@ -9,6 +9,8 @@ other in one run, on the same pairs:
 - batched: one client, `--batch` pairs per call, batch window 0;
 - dynamic: `--concurrency` clients, one pair per call each, batch window `--window-ms`.
 
+The three modes run in turn `--rounds` times, and each mode's figure is its median round: on a
+shared two-core machine one pass of a few seconds moves by a third from one minute to the next.
 Prints pairs/s for each and the batched / one-at-a-time and dynamic / one-at-a-time ratios.
 
     .venv/bin/python bench/bench_reward.py [--model tiny|minilm|FOLDER] [--pairs 512] [--device cpu|cuda]
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -111,6 +114,7 @@ def main() -> None:
     parser.add_argument("--window-ms", type=float, default=5.0, help="Server batch window in the dynamic mode.")
     parser.add_argument("--device", default="cpu", help="torch device of the reward model (cpu, cuda).")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default).")
+    parser.add_argument("--rounds", type=int, default=3, help="Times each mode runs, in turn; its median counts.")
     args = parser.parse_args()
 
     items = workload(args.pairs)
@@ -119,14 +123,20 @@ def main() -> None:
         registry = Registry(Path(scratch) / "registry")
         singles = [reward_pb2.ScoreRequest(items=[item]) for item in items]
         batches = [reward_pb2.ScoreRequest(items=items[i : i + args.batch]) for i in range(0, len(items), args.batch)]
-        seconds = {
-            "one_at_a_time": run_mode(folder, registry, singles, 1, 0.0, args),
-            "batched": run_mode(folder, registry, batches, 1, 0.0, args),
-            "dynamic": run_mode(folder, registry, singles, args.concurrency, args.window_ms, args),
+        modes = {
+            "one_at_a_time": (singles, 1, 0.0),
+            "batched": (batches, 1, 0.0),
+            "dynamic": (singles, args.concurrency, args.window_ms),
         }
+        rounds: dict[str, list[float]] = {mode: [] for mode in modes}
+        for _ in range(args.rounds):
+            for mode, (requests, concurrency, window_ms) in modes.items():
+                rounds[mode].append(run_mode(folder, registry, requests, concurrency, window_ms, args))
+    seconds = {mode: statistics.median(times) for mode, times in rounds.items()}
     rates = {mode: args.pairs / s for mode, s in seconds.items()}
     for mode, rate in rates.items():
-        print(f"{mode:>14}: {rate:9.1f} pairs/s  ({seconds[mode]:.2f} s for {args.pairs} pairs)")
+        spread = ", ".join(f"{args.pairs / s:.0f}" for s in rounds[mode])
+        print(f"{mode:>14}: {rate:9.1f} pairs/s  (median of {spread}; {args.pairs} pairs a round)")
     batched_ratio = rates["batched"] / rates["one_at_a_time"]
     dynamic_ratio = rates["dynamic"] / rates["one_at_a_time"]
     print(f"batched / one at a time: {batched_ratio:.1f}x")
@@ -138,7 +148,9 @@ def main() -> None:
                 "model": args.model,
                 "device": args.device,
                 "pairs": args.pairs,
+                "rounds": args.rounds,
                 "pairs_per_s": rates,
+                "pairs_per_s_rounds": {mode: [args.pairs / s for s in times] for mode, times in rounds.items()},
                 "batched_ratio": batched_ratio,
                 "dynamic_ratio": dynamic_ratio,
             }

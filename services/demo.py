@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from tuneloop.common.processes import ServiceProcess, free_port
-from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer, Behaviour
+from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer, Behaviour, native_bf16
 
 console = Console()
 SEED = 7
@@ -244,7 +244,7 @@ class Demo:
         config.write_text(yaml.safe_dump({
             "model": "policy@production", "output_dir": str(self.root / "runs" / "sft"), "data": str(data),
             "max_steps": 12 if self.fast else 24, "learning_rate": 3e-5, "per_device_train_batch_size": 4,
-            "max_length": 256, "save_steps": 1000,
+            "max_length": 256, "save_steps": 1000, "bf16": native_bf16(),
         }))
         with console.status("SFT on the demonstrations (TRL SFTTrainer)"):
             self.tuneloop("train", "sft", "--config", str(config), log="sft.log")

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from tuneloop.common.registry import Registry
-from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer
+from tuneloop.demo_behaviours import BEHAVIOURS, PROBES, Answer, native_bf16
 from tuneloop.trainer import criteria as cr
 from tuneloop.trainer.config import load_config
 from tuneloop.trainer.retrain import RetrainConfig
@@ -57,6 +57,8 @@ def test_what_the_demo_writes_for_the_trainer_is_accepted_by_its_models(tmp_path
     assert config.criteria == criteria
     assert config.preferences.cut_answers == behaviour.cut_answers
     assert config.dpo.max_steps == (behaviour.fast_steps if fast else behaviour.steps)
+    # bf16 only where the hardware has it: emulated, it would make every step slower.
+    assert config.dpo.bf16 is native_bf16()
 
 
 @pytest.mark.heavy  # every service, SmolLM2 sampled through the gateway, a retrain: about 18 minutes on two cores
