@@ -75,7 +75,7 @@ def ratios_of(result: dict[str, Any]) -> list[Ratio]:
             parts = [
                 f"{name}: " + ", ".join(f"{k}={v:.4g}" for k, v in numbers(table).items())
                 for name, table in node.items()
-                if isinstance(table, dict) and stem in table
+                if isinstance(table, dict) and stem in table and numbers(table)
             ]
             parts.append(", ".join(f"{k}={v:g}" for k, v in here.items() if "ratio" not in k.lower()))
             found.append({"name": f"{path}{key}", "value": value, "figures": "; ".join(p for p in parts if p)})

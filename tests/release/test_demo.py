@@ -61,7 +61,7 @@ def test_what_the_demo_writes_for_the_trainer_is_accepted_by_its_models(tmp_path
     assert config.dpo.bf16 is native_bf16()
 
 
-@pytest.mark.heavy  # every service, SmolLM2 sampled through the gateway, a retrain: about 18 minutes on two cores
+@pytest.mark.heavy  # every service, SmolLM2 sampled through the gateway, a retrain: about 13 minutes on two cores
 @pytest.mark.timeout(2700)
 def test_a_natural_preference_is_learned_end_to_end_with_the_probes_kept(tmp_path: Path) -> None:
     """`tuneloop demo --behaviour concise`: production's own answers, two per prompt through the
